@@ -1,0 +1,74 @@
+"""The `k1rl` command line. Each command is a thin wrapper over a library call."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="k1rl",
+    help="k1rl: the Kimi k1.5 RL recipe as services.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+@app.command("init-model")
+def init_model_cmd(
+    out_dir: Path = typer.Argument(..., help="Directory to write the HF model into."),
+    seed: int = typer.Option(0, help="Seeds the tokenizer corpus and the weights."),
+    hidden_size: int = typer.Option(256, help="Model width."),
+    layers: int = typer.Option(4, help="Number of transformer layers."),
+    heads: int = typer.Option(8, help="Attention (query) heads."),
+    kv_heads: int = typer.Option(2, help="Key/value heads (grouped-query attention)."),
+    intermediate_size: int = typer.Option(704, help="MLP width."),
+    vocab_size: int = typer.Option(512, help="BPE vocabulary budget of the tokenizer."),
+    vocab_multiple: int = typer.Option(64, help="Pad the embedding rows to a multiple."),
+    max_position: int = typer.Option(1024, help="Maximum sequence length."),
+    tie_embeddings: bool = typer.Option(False, help="Share input and output embeddings."),
+    corpus_size: int = typer.Option(200, help="Tokenizer corpus: tasks per level."),
+) -> None:
+    """Build the tokenizer and a random-init tiny Qwen2 (deterministic for the seed)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from k1rl.data.tiny_model import init_model
+
+    try:
+        summary = init_model(
+            out_dir, seed=seed, hidden_size=hidden_size, num_layers=layers, num_heads=heads,
+            num_kv_heads=kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
+            vocab_multiple=vocab_multiple, max_position=max_position,
+            tie_word_embeddings=tie_embeddings, corpus_size=corpus_size,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    table = Table(title="tiny model", show_header=False)
+    for key, value in summary.model_dump().items():
+        table.add_row(key, f"{value:,}" if key == "params" else str(value))
+    console.print(table)
+
+
+@app.command("gen-tasks")
+def gen_tasks_cmd(
+    out: Path = typer.Argument(..., help="JSONL file to write."),
+    family: str = typer.Option("add", help="add | sub | mul | multi"),
+    difficulty: int = typer.Option(1, help="Digits (add/sub/mul) or operations - 1 (multi)."),
+    count: int = typer.Option(100, help="Number of distinct tasks."),
+    seed: int = typer.Option(0, help="Random seed."),
+    split: str = typer.Option("all", help="all | train | heldout (hash split on task id)."),
+    heldout_fraction: float = typer.Option(0.1, help="Share of ids in the held-out split."),
+) -> None:
+    """Generate synthetic arithmetic tasks with a verifiable answer."""
+    from k1rl.data.tasks import generate_tasks, write_jsonl
+
+    try:
+        tasks = generate_tasks(family, difficulty, count, seed, split=split,
+                               heldout_fraction=heldout_fraction)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    n = write_jsonl(tasks, out)
+    console.print(f"wrote [bold]{n}[/bold] {family} tasks (difficulty {difficulty}) to {out}")

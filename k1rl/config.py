@@ -1,0 +1,334 @@
+"""The run configuration: one typed, documented pydantic model per service, loaded from YAML.
+
+Every field has a default and a description, so an empty file is a valid config and
+``RunConfig.model_json_schema()`` documents every knob. Bad input fails at load time with
+a :class:`ConfigError` naming the dotted field path, the value and the reason, e.g.
+``trainer.tp: 0 — input should be greater than or equal to 1``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; ``problems`` holds one line per bad field."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"invalid config {source}:\n{lines}")
+
+
+# tcp://host:port (host may be a name, an IPv4/IPv6 literal or * for "all interfaces"),
+# or ipc://<path> for same-host services
+_TCP_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.*-]+):(\d{1,5})$")
+
+
+def check_address(address: str) -> str:
+    """Return ``address`` if it is ``tcp://host:port`` (port 1-65535) or ``ipc://path``."""
+    if address.startswith("ipc://") and len(address) > len("ipc://"):
+        return address
+    m = _TCP_RE.match(address)
+    if not m:
+        raise ValueError("must look like tcp://host:port or ipc://path")
+    if not 1 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"port {m.group(2)} is outside 1-65535")
+    return address
+
+
+class Section(BaseModel):
+    # strict: YAML already types values, so "2" for an int is a mistake, not a number
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class ServiceSection(Section):
+    """A section for a service reachable over k1rl.rpc."""
+
+    @field_validator("address", check_fields=False)
+    @classmethod
+    def _address_form(cls, v: str) -> str:
+        return check_address(v)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "artifacts/tiny-model",
+        min_length=1,
+        description="HF model directory (config.json, safetensors, tokenizer) of the initial "
+        "policy; the trainer builds the Megatron model from it and vLLM serves it.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Parameter and compute dtype for training and rollout. float32 on CPU "
+        "(bfloat16 is 3-30x slower without AVX512).",
+    )
+
+
+class TrainerConfig(ServiceSection):
+    address: str = Field("tcp://127.0.0.1:5701", description="RPC address of trainer_svc.")
+    tp: int = Field(1, ge=1, description="Megatron tensor-parallel size (trainer ranks).")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Device the trainer runs on.")
+    dist_backend: Literal["gloo", "nccl"] = Field(
+        "gloo",
+        description="torch.distributed backend. cpu requires gloo; cuda normally uses nccl "
+        "(gloo is allowed there for debugging).",
+    )
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clipping threshold.")
+    seq_length: int = Field(
+        512,
+        ge=2,
+        description="Training sequence length in tokens; SFT packs several examples into "
+        "one sequence of this length (k1.5 'vanilla SFT' packing).",
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass.")
+    sft_steps: int = Field(200, ge=0, description="Optimizer steps of the SFT warm-up stage.")
+
+    @field_validator("dist_backend")
+    @classmethod
+    def _backend_fits_device(cls, v: str, info: ValidationInfo) -> str:
+        if v == "nccl" and info.data.get("device") == "cpu":
+            raise ValueError("nccl needs device 'cuda'; trainer.device is 'cpu' (use gloo)")
+        return v
+
+
+class RolloutConfig(ServiceSection):
+    address: str = Field("tcp://127.0.0.1:5702", description="RPC address of rollout_svc.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Device vLLM runs on.")
+    max_model_len: int = Field(
+        512, ge=2, description="vLLM context length: prompt plus generated tokens."
+    )
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="KV-cache size in GiB on CPU (sets VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="Fraction of GPU memory vLLM may take (cuda only)."
+    )
+    enforce_eager: bool = Field(
+        True, description="Disable CUDA graphs / compilation: faster engine start."
+    )
+    in_process: bool = Field(
+        True,
+        description="Run the vLLM engine core in the service process "
+        "(VLLM_ENABLE_V1_MULTIPROCESSING=0): engine start 4-6 s instead of ~30 s on CPU, "
+        "which matters for restart-per-iteration.",
+    )
+    n: int = Field(
+        8, ge=1, description="k: samples per prompt (the group of the mirror-descent baseline)."
+    )
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus-sampling probability mass.")
+    max_tokens: int = Field(
+        64,
+        ge=1,
+        description="Output-token budget per trajectory per iteration (k1.5 partial rollouts: "
+        "longer trajectories continue next iteration). Must be < max_model_len.",
+    )
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _fits_context(cls, v: int, info: ValidationInfo) -> int:
+        max_len = info.data.get("max_model_len")
+        if max_len is not None and v >= max_len:
+            raise ValueError(
+                f"must be < rollout.max_model_len ({max_len}) to leave room for the prompt"
+            )
+        return v
+
+
+class WeightSyncConfig(Section):
+    transport: Literal["mooncake", "shm"] = Field(
+        "mooncake",
+        description="How the checkpoint engine moves weights trainer -> vLLM: Mooncake "
+        "transfer engine (as in k1.5) or a same-host shared-memory segment.",
+    )
+    mooncake_protocol: Literal["tcp", "rdma"] = Field(
+        "tcp", description="Mooncake transport protocol (rdma needs an HCA)."
+    )
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="Address the weight sender advertises to peers."
+    )
+    rdma_device: str = Field(
+        "", description="Comma-separated RDMA HCA names for Mooncake; empty = auto-detect."
+    )
+    bucket_mb: int = Field(
+        64, ge=1, description="Bucket size in MiB: weights are sent and loaded bucket by bucket."
+    )
+    verify: Literal["checksum", "none"] = Field(
+        "checksum", description="Verify every weight sync with a checksum over all buckets."
+    )
+
+
+class RewardConfig(ServiceSection):
+    address: str = Field("tcp://127.0.0.1:5703", description="RPC address of reward_svc.")
+    length_penalty_weight: float = Field(
+        0.1,
+        ge=0,
+        description="Weight of the k1.5 length reward added to the task reward "
+        "(value not given by the report; 0 disables).",
+    )
+    length_penalty_warmup_iters: int = Field(
+        0,
+        ge=0,
+        description="RL iterations trained without the length penalty before it switches on "
+        "(k1.5 warm-up; switch point not given by the report).",
+    )
+
+
+class CheckpointEngineConfig(ServiceSection):
+    address: str = Field(
+        "tcp://127.0.0.1:5704", description="RPC address of the checkpoint_engine sidecar."
+    )
+    engine_lifecycle: Literal["restart", "persistent"] = Field(
+        "restart",
+        description="restart: halt vLLM after each rollout and start it again (k1.5, frees "
+        "all memory); persistent: keep it running and reload weights in place.",
+    )
+
+
+_SERVICES = ("trainer", "rollout", "reward", "checkpoint_engine")
+
+
+class RunConfig(Section):
+    run_id: str = Field("k1rl", min_length=1, description="Name of the run; tags messages.")
+    seed: int = Field(0, ge=0, description="Global random seed.")
+    run_dir: str = Field(
+        "runs/default", min_length=1, description="Directory for checkpoints, logs and metrics."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="trainer_svc.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="rollout_svc.")
+    weights: WeightSyncConfig = Field(
+        default_factory=WeightSyncConfig, description="Weight sync trainer -> rollout."
+    )
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="reward_svc.")
+    checkpoint_engine: CheckpointEngineConfig = Field(
+        default_factory=CheckpointEngineConfig, description="The checkpoint-engine sidecar."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_addresses(self) -> RunConfig:
+        seen: dict[str, str] = {}
+        for name in _SERVICES:
+            addr = getattr(self, name).address
+            if addr in seen:
+                raise ValueError(f"{name}.address: {addr!r} — same as {seen[addr]}.address")
+            seen[addr] = name
+        return self
+
+    @classmethod
+    def from_yaml_text(cls, text: str, source: str = "<text>") -> RunConfig:
+        """Parse and validate YAML text; raise ConfigError naming every bad field."""
+        try:
+            data = yaml.load(text, Loader=_StrictLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(source, [_yaml_problem(e)]) from e
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(source, [f"top level must be a mapping, got {type(data).__name__}"])
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(source, _problems(e)) from e
+
+    def dump_yaml(self) -> str:
+        """YAML text that loads back to an equal RunConfig."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load a RunConfig from a YAML file; raise ConfigError naming what was wrong."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(p), [f"cannot read file: {e.strerror or e}"]) from e
+    return RunConfig.from_yaml_text(text, source=str(p))
+
+
+# ------------------------------------------------------------------ YAML parsing
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    out: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+    return out
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# PyYAML follows YAML 1.1, where 1e-3 (no dot) is a string; people write learning rates
+# that way, so resolve YAML 1.2 style exponent floats too.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    kind = "YAML error" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
+    if mark is None:
+        return f"{kind}: {problem}"
+    return f"{kind} at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    """``dotted.path: value — reason`` for each pydantic error."""
+    out = []
+    for err in exc.errors(include_url=False):
+        path = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not path:  # model-level validators already name their fields
+            out.append(msg)
+        elif err["type"] == "extra_forbidden":
+            out.append(f"{path}: unknown key (allowed: {_allowed_keys(err['loc'])})")
+        else:
+            msg = msg[:1].lower() + msg[1:]
+            out.append(f"{path}: {err['input']!r} — {msg}")
+    return out
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> str:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return "?"
+        model = ann
+    return ", ".join(model.model_fields)

@@ -1,0 +1,118 @@
+"""Start k1rl services as local subprocesses and tear them down reliably.
+
+On a cluster each service is its own container (k8s/); on one machine the demo, the
+end-to-end tests and the benchmarks start them here, speaking the same ZMQ protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from k1rl.rpc import RPCClient, RPCTimeout
+
+
+class ServiceStartError(RuntimeError):
+    """A service process exited or never became ready; carries the tail of its log."""
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    address: str
+    proc: subprocess.Popen
+    log_path: Path
+    _log_file: object = field(repr=False, default=None)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Ping until the service reports ready; fail fast if the process dies."""
+        deadline = time.monotonic() + timeout_s
+        with RPCClient(self.address, timeout_s=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise ServiceStartError(
+                        f"{self.name} exited with code {self.proc.returncode}:\n{self.log_tail()}"
+                    )
+                try:
+                    if client.ping(timeout_s=2.0).ready:
+                        return
+                except RPCTimeout:
+                    pass
+                time.sleep(0.2)
+        raise ServiceStartError(f"{self.name} not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            # SIGTERM first so the service releases its engine and transport cleanly.
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self._log_file is not None:
+            self._log_file.close()
+
+
+def start_service(
+    name: str,
+    module: str,
+    args: Sequence[str],
+    address: str,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    """``python -m module args...`` in its own process group, output to log_dir/name.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log_file = open(log_path, "ab")
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        start_new_session=True,  # own process group: stop() kills its children too
+    )
+    return ServiceProcess(name, address, proc, log_path, log_file)
+
+
+class LocalCluster:
+    """A set of service processes started together and always stopped together."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self.services: dict[str, ServiceProcess] = {}
+
+    def start(self, name: str, module: str, args: Sequence[str], address: str) -> ServiceProcess:
+        """Start without waiting, so slow starters (vLLM, Megatron) boot in parallel."""
+        svc = start_service(name, module, args, address, self.log_dir)
+        self.services[name] = svc
+        return svc
+
+    def wait_ready(self, timeout_s: float) -> None:
+        for svc in self.services.values():
+            svc.wait_ready(timeout_s)
+
+    def stop(self) -> None:
+        for svc in reversed(list(self.services.values())):
+            svc.stop()
+        self.services.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

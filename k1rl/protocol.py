@@ -1,0 +1,313 @@
+"""Typed messages exchanged between k1rl services.
+
+Every message is a pydantic model with a literal ``kind`` tag, so a receiver can
+validate a payload against exactly one schema and a wrong message never gets
+half-interpreted. Services share nothing else: swapping an implementation means
+speaking these messages.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Weight buffers are carved into tensors at this alignment so any dtype view is
+# aligned and a receiver can map tensors in place without copying.
+WEIGHT_ALIGNMENT = 256
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "int64", "int32", "uint8")
+
+
+class Message(BaseModel):
+    """Base of all wire messages: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class RunRef(Message):
+    """Which run and iteration a message belongs to (carried by every loop message)."""
+
+    run_id: str = "default"
+    iteration: int = Field(0, ge=0)
+
+
+# --------------------------------------------------------------------------- health
+
+
+class Ping(Message):
+    kind: Literal["ping"] = "ping"
+
+
+class Pong(Message):
+    kind: Literal["pong"] = "pong"
+    service: str
+    pid: int
+    uptime_s: float
+    ready: bool = True
+    detail: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class ErrorReply(Message):
+    """A failure travelling back to the caller, re-raised there as a typed exception."""
+
+    kind: Literal["error"] = "error"
+    error_type: str
+    message: str
+    traceback: str = ""
+
+
+# ------------------------------------------------------------------------ rollout
+
+
+FinishReason = Literal["stop", "length", "abort", "repetition"]
+
+
+class SamplingSpec(Message):
+    n: int = Field(1, ge=1, le=1024)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(64, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class GenerateRequest(Message):
+    """Prompts as text or as token ids (exactly one); k = ``sampling.n`` samples each."""
+
+    kind: Literal["generate_request"] = "generate_request"
+    ref: RunRef = Field(default_factory=RunRef)
+    prompts: list[str] | None = None
+    prompt_token_ids: list[list[int]] | None = None
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+
+    @model_validator(mode="after")
+    def _exactly_one_prompt_form(self) -> GenerateRequest:
+        if (self.prompts is None) == (self.prompt_token_ids is None):
+            raise ValueError("give exactly one of 'prompts' or 'prompt_token_ids'")
+        if not (self.prompts or self.prompt_token_ids):
+            raise ValueError("the request has no prompts")
+        return self
+
+
+class Completion(Message):
+    token_ids: list[int]
+    text: str
+    # log-prob of each sampled token under the policy that produced it
+    logprobs: list[float]
+    finish_reason: FinishReason
+    policy_version: int
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Completion:
+        if len(self.logprobs) != len(self.token_ids):
+            raise ValueError(
+                f"{len(self.logprobs)} logprobs for {len(self.token_ids)} tokens"
+            )
+        return self
+
+
+class PromptResult(Message):
+    prompt: str
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+
+
+class GenerateResult(Message):
+    kind: Literal["generate_result"] = "generate_result"
+    ref: RunRef = Field(default_factory=RunRef)
+    results: list[PromptResult]
+    policy_version: int
+    elapsed_s: float = 0.0
+
+
+# ------------------------------------------------------------------------ weights
+
+
+class TensorMeta(Message):
+    """Where one HF-named tensor lives inside a bucket of a flat weight buffer."""
+
+    name: str
+    dtype: Literal["float32", "bfloat16", "float16", "int64", "int32", "uint8"]
+    shape: list[int]
+    bucket: int = Field(ge=0)
+    offset: int = Field(ge=0, description="byte offset inside its bucket, 256-aligned")
+    nbytes: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> TensorMeta:
+        if self.offset % WEIGHT_ALIGNMENT:
+            raise ValueError(f"offset {self.offset} of {self.name} is not {WEIGHT_ALIGNMENT}-aligned")
+        return self
+
+
+class BucketMeta(Message):
+    index: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
+    # offset of the bucket inside the sender's registered region
+    offset: int = Field(ge=0)
+
+
+class WeightManifest(Message):
+    """Everything a receiver needs to pull policy ``version`` bucket by bucket."""
+
+    kind: Literal["weight_manifest"] = "weight_manifest"
+    version: int = Field(ge=0)
+    transport: str
+    # transport-specific address of the sender: "host:port" for Mooncake, a
+    # shared-memory segment name for shm
+    endpoint: str
+    base_addr: int = Field(0, ge=0, description="sender's registered region start")
+    buckets: list[BucketMeta]
+    tensors: list[TensorMeta]
+    checksum: str | None = Field(None, description="hex digest over all bucket bytes")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets)
+
+
+class WeightUpdateResult(Message):
+    kind: Literal["weight_update_result"] = "weight_update_result"
+    version: int
+    bytes: int
+    transfer_s: float
+    load_s: float
+    checksum_ok: bool | None = None
+
+
+# -------------------------------------------------------------------------- train
+
+
+class SFTExample(Message):
+    prompt_token_ids: list[int]
+    response_token_ids: list[int] = Field(min_length=1)
+
+
+class SFTBatch(Message):
+    kind: Literal["sft_batch"] = "sft_batch"
+    ref: RunRef = Field(default_factory=RunRef)
+    examples: list[SFTExample] = Field(min_length=1)
+
+
+class TrainSample(Message):
+    """One trajectory of a group of k samples for the same prompt."""
+
+    group_id: int
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    rollout_logprobs: list[float]
+    reward: float
+    policy_version: int
+
+
+class TrainBatch(Message):
+    kind: Literal["train_batch"] = "train_batch"
+    ref: RunRef = Field(default_factory=RunRef)
+    samples: list[TrainSample] = Field(min_length=1)
+
+
+class LogprobRequest(Message):
+    kind: Literal["logprob_request"] = "logprob_request"
+    prompt_token_ids: list[list[int]]
+    response_token_ids: list[list[int]]
+
+
+class LogprobResult(Message):
+    kind: Literal["logprob_result"] = "logprob_result"
+    logprobs: list[list[float]]
+    policy_version: int
+
+
+class PushWeightsRequest(Message):
+    """Ask the trainer to export its current policy and publish it for receivers."""
+
+    kind: Literal["push_weights"] = "push_weights"
+    ref: RunRef = Field(default_factory=RunRef)
+
+
+class CheckpointRequest(Message):
+    kind: Literal["checkpoint_request"] = "checkpoint_request"
+    action: Literal["save", "load", "export_hf"]
+    path: str = Field(min_length=1)
+
+
+class CheckpointResult(Message):
+    kind: Literal["checkpoint_result"] = "checkpoint_result"
+    path: str
+    policy_version: int
+
+
+class TrainStats(Message):
+    kind: Literal["train_stats"] = "train_stats"
+    ref: RunRef = Field(default_factory=RunRef)
+    policy_version: int
+    steps: int
+    loss: float
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------ rewards
+
+
+class RewardItem(Message):
+    group_id: int
+    response: str
+    answer: str
+    response_tokens: int = Field(ge=0)
+
+
+class RewardRequest(Message):
+    kind: Literal["reward_request"] = "reward_request"
+    ref: RunRef = Field(default_factory=RunRef)
+    items: list[RewardItem]
+
+
+class RewardResult(Message):
+    kind: Literal["reward_result"] = "reward_result"
+    rewards: list[float]
+    correct: list[bool]
+
+
+# -------------------------------------------------------------------------- phase
+
+
+Phase = Literal["train", "rollout"]
+
+
+class PhaseCommand(Message):
+    kind: Literal["phase_command"] = "phase_command"
+    ref: RunRef = Field(default_factory=RunRef)
+    phase: Phase
+    policy_version: int = Field(0, ge=0)
+
+
+class PhaseStatus(Message):
+    kind: Literal["phase_status"] = "phase_status"
+    phase: Phase
+    policy_version: int
+    switch_s: float = 0.0
+
+
+AnyMessage = Annotated[
+    Ping
+    | Pong
+    | ErrorReply
+    | GenerateRequest
+    | GenerateResult
+    | WeightManifest
+    | WeightUpdateResult
+    | SFTBatch
+    | TrainBatch
+    | LogprobRequest
+    | LogprobResult
+    | TrainStats
+    | PushWeightsRequest
+    | CheckpointRequest
+    | CheckpointResult
+    | RewardRequest
+    | RewardResult
+    | PhaseCommand
+    | PhaseStatus,
+    Field(discriminator="kind"),
+]

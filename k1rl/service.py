@@ -1,0 +1,33 @@
+"""Process plumbing shared by every service entry point."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from k1rl.rpc import RPCServer
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+
+
+def run_until_signalled(server: RPCServer) -> None:
+    """Block until SIGTERM/SIGINT, then stop the server so in-flight work can end cleanly.
+
+    Kubernetes sends SIGTERM on pod termination; turning it into an orderly stop lets
+    the service release its engine and transport memory instead of dying mid-write.
+    """
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    while not stop.wait(0.5):
+        pass
+    server.stop()

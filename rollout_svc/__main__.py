@@ -1,0 +1,25 @@
+"""python -m rollout_svc --config run.yaml [--dummy-weights] [--address tcp://...]"""
+
+from __future__ import annotations
+
+import typer
+
+from k1rl.config import load_config
+from k1rl.service import setup_logging
+
+
+def main(
+    config: str = typer.Option(..., help="RunConfig YAML"),
+    dummy_weights: bool = typer.Option(
+        False, help="start with random weights and wait for the trainer's first push"
+    ),
+    address: str = typer.Option(None, help="override rollout.address"),
+) -> None:
+    setup_logging()
+    from rollout_svc.server import serve
+
+    serve(load_config(config), dummy_weights=dummy_weights, address=address)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,59 @@
+"""Serve one RolloutEngine over ZMQ: generate, score, update_weights, ping."""
+
+from __future__ import annotations
+
+import logging
+
+from k1rl.config import RunConfig
+from k1rl.protocol import GenerateRequest, LogprobRequest, WeightManifest
+from k1rl.rpc import RPCServer
+from k1rl.service import run_until_signalled
+
+from rollout_svc.engine import EngineSpec, RolloutEngine
+
+log = logging.getLogger(__name__)
+
+
+def engine_spec(cfg: RunConfig, *, dummy_weights: bool = False) -> EngineSpec:
+    r = cfg.rollout
+    return EngineSpec(
+        model_path=cfg.model.path,
+        device=r.device,
+        dtype=cfg.model.dtype,
+        max_model_len=r.max_model_len,
+        kv_cache_gib=r.kv_cache_gib,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        enforce_eager=r.enforce_eager,
+        in_process=r.in_process,
+        load_format="dummy" if dummy_weights else "auto",
+        seed=cfg.seed,
+    )
+
+
+def register_engine(server: RPCServer, engine: RolloutEngine) -> None:
+    server.register("generate", GenerateRequest, engine.generate)
+    server.register("score", LogprobRequest, engine.score)
+    server.register("update_weights", WeightManifest, engine.update_weights)
+
+
+def serve(cfg: RunConfig, *, dummy_weights: bool = False, address: str | None = None) -> None:
+    from checkpoint_engine import transport_options
+
+    # Answer pings while vLLM starts (seconds to tens of seconds), reporting not-ready,
+    # so a probe can tell "starting" from "dead".
+    server = RPCServer(address or cfg.rollout.address, service="rollout", ready=False)
+    server.start_in_thread()
+    engine = None
+    try:
+        engine = RolloutEngine(
+            engine_spec(cfg, dummy_weights=dummy_weights),
+            transport_options=transport_options(cfg.weights, role="receiver"),
+        )
+        register_engine(server, engine)
+        server.set_ready(True, policy_version=engine.policy_version, start_s=engine.start_s)
+        log.info("rollout engine ready in %.1f s on %s", engine.start_s, server.address)
+        run_until_signalled(server)
+    finally:
+        server.stop()
+        if engine is not None:
+            engine.shutdown()

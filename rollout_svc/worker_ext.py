@@ -1,0 +1,69 @@
+"""vLLM worker extension: pull new policy weights over a transport and reload in place.
+
+vLLM mixes this class into every worker (``worker_extension_cls``) and the engine
+reaches it with ``collective_rpc``. Only JSON-able arguments cross that boundary:
+in multi-process mode tensors passed through ``collective_rpc`` arrive as lists, so
+the manifest travels and each worker pulls the bytes itself.
+
+This is the only place that calls vLLM's weight-loading internals. Calling
+``model.load_weights`` directly breaks on CPU after the first load (weights are
+repacked into kernel layout), so we go through ``reload_weights`` with
+``is_checkpoint_format=True``, which re-runs the loader's post-processing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from checkpoint_engine import get_receiver
+from k1rl.protocol import WeightManifest
+
+
+class WeightSyncExtension:
+    """Methods here run inside a vLLM worker; ``self`` is the worker."""
+
+    _k1rl_receiver = None
+    _k1rl_receiver_key: tuple | None = None
+
+    def _k1rl_get_receiver(self, transport: str, options: dict[str, Any]):
+        key = (transport, tuple(sorted(options.items())))
+        if self._k1rl_receiver is None or self._k1rl_receiver_key != key:
+            if self._k1rl_receiver is not None:
+                self._k1rl_receiver.close()
+            self._k1rl_receiver = get_receiver(transport, **options)
+            self._k1rl_receiver_key = key
+        return self._k1rl_receiver
+
+    def k1rl_update_weights(self, manifest: dict, options: dict[str, Any]) -> dict:
+        """Receive policy ``manifest.version`` bucket by bucket and reload it in place."""
+        m = WeightManifest.model_validate(manifest)
+        receiver = self._k1rl_get_receiver(m.transport, options)
+        start = time.perf_counter()
+        # The receiver prefetches the next bucket while vLLM loads the current one,
+        # so transfer and reload overlap; reload_weights consumes the iterator.
+        self.reload_weights(weights_iterator=receiver.receive(m), is_checkpoint_format=True)
+        total = time.perf_counter() - start
+        stats = receiver.stats()
+        return {
+            "version": m.version,
+            "bytes": m.total_bytes,
+            "transfer_s": stats.get("transfer_s", 0.0),
+            "load_s": max(0.0, total - stats.get("transfer_s", 0.0)),
+            "checksum_ok": True if m.checksum else None,
+        }
+
+    def k1rl_weight_fingerprint(self) -> dict[str, float]:
+        """A cheap probe of the loaded weights (sum per parameter) for debugging syncs."""
+        model = self.model_runner.get_model()
+        with torch.no_grad():
+            return {n: float(p.float().sum()) for n, p in model.named_parameters()}
+
+    def k1rl_close_transport(self) -> bool:
+        if self._k1rl_receiver is not None:
+            self._k1rl_receiver.close()
+            self._k1rl_receiver = None
+            self._k1rl_receiver_key = None
+        return True

@@ -1,0 +1,376 @@
+"""HF <-> Megatron weight conversion for Qwen2 / Llama decoder models.
+
+megatron-core ships no HF converter, so this module is the one place that knows
+both layouts. Everything is a pure function of tensors and an :class:`HFModelSpec`
+(no megatron import), so it can be tested on its own; :func:`iter_export_hf` adds
+the tensor-parallel gather over a ``torch.distributed`` group for weight sync.
+
+Layouts (Megatron local layer spec, TP rank r of t):
+
+- ``linear_qkv``: rows grouped per query group, each group ``[q heads of the group,
+  k, v]``; TP splits whole groups (dim 0). Same for the bias (Qwen2).
+- ``linear_fc1``: ``[gate; up]``; with TP each shard is ``[gate_r; up_r]``.
+- vocab (embedding, output layer), qkv, fc1 are split on dim 0; ``linear_proj`` and
+  ``linear_fc2`` on dim 1; norms are replicated.
+- RoPE is rotate-half in both, so q/k need no permutation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+EMBED_NAME = "model.embed_tokens.weight"
+
+Kind = Literal["replicated", "split0", "split1", "qkv", "fc1"]
+
+
+class ConversionError(ValueError):
+    """A checkpoint or config that cannot be converted (names the offending key)."""
+
+
+@dataclass(frozen=True)
+class HFModelSpec:
+    """The shape facts of an HF decoder config that conversion and model building need."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    qkv_bias: bool
+    tied_embeddings: bool
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> HFModelSpec:
+        """Read a transformers config object, a config dict, or a model dir's config.json."""
+        cfg = _config_dict(hf_config)
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConversionError(
+                f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})"
+            )
+        _check_unsupported_features(cfg)
+        heads = _required(cfg, "num_attention_heads")
+        hidden = _required(cfg, "hidden_size")
+        spec = cls(
+            model_type=model_type,
+            num_layers=_required(cfg, "num_hidden_layers"),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            intermediate_size=_required(cfg, "intermediate_size"),
+            vocab_size=_required(cfg, "vocab_size"),
+            max_position_embeddings=_required(cfg, "max_position_embeddings"),
+            rms_norm_eps=float(_required(cfg, "rms_norm_eps")),
+            rope_theta=_rope_theta(cfg),
+            # Qwen2 always has q/k/v biases; Llama only with attention_bias (refused above).
+            qkv_bias=model_type == "qwen2",
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+        if spec.num_heads % spec.num_kv_heads:
+            raise ConversionError(
+                f"num_attention_heads={spec.num_heads} is not a multiple of "
+                f"num_key_value_heads={spec.num_kv_heads}"
+            )
+        return spec
+
+    def check_tp(self, tp_size: int) -> None:
+        """Fail early, naming the field, when a dimension does not split over ``tp_size``."""
+        if tp_size < 1:
+            raise ConversionError(f"tensor-parallel size must be >= 1, got {tp_size}")
+        for field, value in (
+            ("num_key_value_heads", self.num_kv_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+        ):
+            if value % tp_size:
+                raise ConversionError(f"{field}={value} is not divisible by TP size {tp_size}")
+
+
+def _config_dict(hf_config: Any) -> dict[str, Any]:
+    if isinstance(hf_config, (str, Path)):
+        path = Path(hf_config)
+        path = path / "config.json" if path.is_dir() else path
+        return json.loads(path.read_text())
+    if isinstance(hf_config, Mapping):
+        return dict(hf_config)
+    if hasattr(hf_config, "to_dict"):
+        return hf_config.to_dict()
+    raise ConversionError(f"cannot read an HF config from {type(hf_config).__name__}")
+
+
+def _required(cfg: Mapping[str, Any], key: str) -> Any:
+    if cfg.get(key) is None:
+        raise ConversionError(f"HF config has no {key!r}")
+    return cfg[key]
+
+
+def _rope_theta(cfg: Mapping[str, Any]) -> float:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConversionError(f"rope_type {rope_type!r} is not supported (only 'default')")
+    theta = rope.get("rope_theta", cfg.get("rope_theta"))
+    if theta is None:
+        raise ConversionError("HF config has no 'rope_theta' (nor rope_parameters.rope_theta)")
+    return float(theta)
+
+
+def _check_unsupported_features(cfg: Mapping[str, Any]) -> None:
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if cfg.get(flag):
+            raise ConversionError(f"HF config sets {flag}=true, which is not supported")
+
+
+# ------------------------------------------------------------------------- name rules
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """One Megatron parameter and the HF tensors it is made of."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: Kind
+
+
+# Per decoder layer: (Megatron suffix, HF suffixes, kind), in HF's module order.
+_LAYER_RULES: tuple[tuple[str, tuple[str, ...], Kind], ...] = (
+    ("input_layernorm.weight", ("input_layernorm.weight",), "replicated"),
+    ("self_attention.linear_qkv.weight",
+     ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
+    ("self_attention.linear_qkv.bias",
+     ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv"),
+    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "split1"),
+    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated"),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1"),
+    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "split1"),
+)
+
+
+def param_rules(spec: HFModelSpec) -> list[ParamRule]:
+    """All Megatron parameters of the model in model order (embedding, layers, head)."""
+    rules = [ParamRule("embedding.word_embeddings.weight", (EMBED_NAME,), "split0")]
+    for i in range(spec.num_layers):
+        for mg, hf, kind in _LAYER_RULES:
+            if mg.endswith("bias") and not spec.qkv_bias:
+                continue
+            hf_full = tuple(f"model.layers.{i}.{name}" for name in hf)
+            rules.append(ParamRule(f"decoder.layers.{i}.{mg}", hf_full, kind))
+    rules.append(ParamRule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
+    if not spec.tied_embeddings:
+        rules.append(ParamRule("output_layer.weight", ("lm_head.weight",), "split0"))
+    return rules
+
+
+def hf_names(spec: HFModelSpec) -> list[str]:
+    """Every HF tensor name the export emits, in export order (lm_head always included)."""
+    names = [name for rule in param_rules(spec) for name in rule.hf]
+    if spec.tied_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+# ---------------------------------------------------------------------- HF -> Megatron
+
+
+def shard_hf_tensors(
+    rule: ParamRule, tensors: list[Tensor], spec: HFModelSpec, tp_rank: int, tp_size: int
+) -> Tensor:
+    """Build TP rank ``tp_rank``'s shard of one Megatron parameter from its HF tensors."""
+    if rule.kind == "replicated":
+        return tensors[0]
+    if rule.kind == "split0":
+        return tensors[0].chunk(tp_size, dim=0)[tp_rank]
+    if rule.kind == "split1":
+        return tensors[0].chunk(tp_size, dim=1)[tp_rank]
+    if rule.kind == "fc1":
+        gate, up = (t.chunk(tp_size, dim=0)[tp_rank] for t in tensors)
+        return torch.cat([gate, up], dim=0)
+    return _interleave_qkv(tensors, spec).chunk(tp_size, dim=0)[tp_rank]
+
+
+def _interleave_qkv(tensors: list[Tensor], spec: HFModelSpec) -> Tensor:
+    q, k, v = tensors
+    groups, hd = spec.num_kv_heads, spec.head_dim
+    tail = q.shape[1:]
+    grouped = [
+        q.reshape(groups, spec.heads_per_group * hd, *tail),
+        k.reshape(groups, hd, *tail),
+        v.reshape(groups, hd, *tail),
+    ]
+    return torch.cat(grouped, dim=1).reshape(-1, *tail)
+
+
+def hf_to_megatron(
+    hf_state: Mapping[str, Tensor], hf_config: Any, tp_rank: int = 0, tp_size: int = 1
+) -> dict[str, Tensor]:
+    """Megatron state dict (parameters only) of one TP rank, from full HF tensors.
+
+    ``hf_state`` may be any mapping (e.g. a lazy safetensors reader); each HF tensor is
+    read once. With tied embeddings ``lm_head.weight`` is ignored if present. The result
+    contains fresh tensors, never views of ``hf_state``.
+    """
+    spec = hf_config if isinstance(hf_config, HFModelSpec) else HFModelSpec.from_hf_config(hf_config)
+    spec.check_tp(tp_size)
+    if not 0 <= tp_rank < tp_size:
+        raise ConversionError(f"tp_rank {tp_rank} is outside [0, {tp_size})")
+    out: dict[str, Tensor] = {}
+    for rule in param_rules(spec):
+        missing = [n for n in rule.hf if n not in hf_state]
+        if missing:
+            raise ConversionError(f"HF checkpoint is missing {missing[0]!r}")
+        tensors = [hf_state[n] for n in rule.hf]
+        out[rule.megatron] = shard_hf_tensors(rule, tensors, spec, tp_rank, tp_size).clone()
+    return out
+
+
+# ---------------------------------------------------------------------- Megatron -> HF
+
+
+def merge_shards(
+    rule: ParamRule,
+    shards: list[Tensor],
+    spec: HFModelSpec,
+    out: MutableMapping[str, Tensor] | None = None,
+) -> list[tuple[str, Tensor]]:
+    """HF tensors of one Megatron parameter from all its TP shards (rank order).
+
+    With one shard, tensors are views of it wherever the layouts agree (no copy).
+    With ``out``, each HF tensor is written into ``out[name]`` when present (a single
+    copy from the shards) and that destination is returned instead.
+    """
+    if rule.kind == "replicated":
+        parts = [shards[0]]
+    elif rule.kind == "split0":
+        parts = [_cat(shards, 0)]
+    elif rule.kind == "split1":
+        parts = [_cat(shards, 1)]
+    elif rule.kind == "fc1":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        parts = [_cat([h[0] for h in halves], 0), _cat([h[1] for h in halves], 0)]
+    else:
+        return _split_qkv(rule, _cat(shards, 0), spec, out)
+    return [_emit(name, part, out) for name, part in zip(rule.hf, parts, strict=True)]
+
+
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def _emit(name: str, tensor: Tensor, out: MutableMapping[str, Tensor] | None) -> tuple[str, Tensor]:
+    if out is not None and name in out:
+        return name, out[name].copy_(tensor)
+    return name, tensor
+
+
+def _split_qkv(
+    rule: ParamRule, full: Tensor, spec: HFModelSpec, out: MutableMapping[str, Tensor] | None
+) -> list[tuple[str, Tensor]]:
+    groups, hd, per = spec.num_kv_heads, spec.head_dim, spec.heads_per_group
+    tail = full.shape[1:]
+    q, k, v = full.view(groups, (per + 2) * hd, *tail).split([per * hd, hd, hd], dim=1)
+    result = []
+    for name, part in zip(rule.hf, (q, k, v), strict=True):
+        rows = part.shape[0] * part.shape[1]
+        if out is not None and name in out:
+            # Copy the strided per-group view straight into the destination.
+            out[name].view_as(part).copy_(part)
+            result.append((name, out[name]))
+        else:
+            result.append((name, part.reshape(rows, *tail)))
+    return result
+
+
+def megatron_to_hf(
+    shards: list[Mapping[str, Tensor]], hf_config: Any
+) -> dict[str, Tensor]:
+    """Full HF state dict from the Megatron state dicts of all TP ranks (rank order).
+
+    ``lm_head.weight`` is always present; with tied embeddings it is the embedding
+    tensor itself (vLLM needs it in every weight update).
+    """
+    spec = hf_config if isinstance(hf_config, HFModelSpec) else HFModelSpec.from_hf_config(hf_config)
+    if not shards:
+        raise ConversionError("megatron_to_hf needs at least one shard")
+    result: dict[str, Tensor] = {}
+    for rule in param_rules(spec):
+        missing = [i for i, s in enumerate(shards) if rule.megatron not in s]
+        if missing:
+            raise ConversionError(f"Megatron shard {missing[0]} is missing {rule.megatron!r}")
+        for name, tensor in merge_shards(rule, [s[rule.megatron] for s in shards], spec):
+            result[name] = tensor
+    if spec.tied_embeddings:
+        result["lm_head.weight"] = result[EMBED_NAME]
+    return result
+
+
+# ------------------------------------------------------------- in-process TP gather
+
+
+def iter_export_hf(
+    named_params: Iterable[tuple[str, Tensor]],
+    spec: HFModelSpec,
+    group: Any = None,
+    out: MutableMapping[str, Tensor] | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield full HF tensors in model order from this rank's Megatron parameters.
+
+    Collective over ``group`` (the TP group; ``None`` or size 1 means no communication):
+    every rank of the group must iterate to the end, and every rank receives the
+    full tensors (all-gather). With TP=1 the tensors are detached views of the live
+    parameters wherever the layouts agree: consume (copy) them before the next
+    optimizer step. ``lm_head.weight`` is always yielded (the embedding when tied).
+    """
+    import torch.distributed as dist
+
+    tp_size = 1 if group is None else dist.get_world_size(group)
+    params = dict(named_params)
+    for rule in param_rules(spec):
+        if rule.megatron not in params:
+            raise ConversionError(f"model has no parameter {rule.megatron!r}")
+        local = params[rule.megatron].detach()
+        if tp_size == 1 or rule.kind == "replicated":
+            shards = [local]
+        else:
+            shards = [torch.empty_like(local) for _ in range(tp_size)]
+            dist.all_gather(shards, local.contiguous(), group=group)
+        for name, tensor in merge_shards(rule, shards, spec, out):
+            yield name, tensor
+            if spec.tied_embeddings and name == EMBED_NAME:
+                yield "lm_head.weight", tensor
+
+
+def export_hf_state(model: torch.nn.Module, spec: HFModelSpec | None = None) -> dict[str, Tensor]:
+    """Full HF-named tensors of a (possibly DDP-wrapped) GPTModel, on every TP rank.
+
+    Collective over megatron's tensor-parallel group. See :func:`iter_export_hf`.
+    """
+    from megatron.core import parallel_state
+
+    inner = getattr(model, "module", model)
+    if spec is None:
+        spec = inner.hf_spec
+    group = parallel_state.get_tensor_model_parallel_group()
+    return dict(iter_export_hf(inner.named_parameters(), spec, group))

@@ -1,0 +1,232 @@
+"""A megatron-core GPTModel built from an HF config, and its token-level forward pass.
+
+The model uses megatron-core's local layer spec (RMSNorm, SwiGLU, RoPE, GQA), so it
+runs without Transformer Engine or Apex (CPU included). Inputs are built here too:
+:class:`TokenBatch` carries rows of one or more documents (padded or packed) with an
+explicit block-diagonal causal mask and per-document position ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer_svc.convert import HFModelSpec
+
+
+def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu"):
+    """megatron-core ``TransformerConfig`` equivalent to an HF Qwen2 / Llama config."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    spec = _spec(hf_config)
+    spec.check_tp(tp)
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        ffn_hidden_size=spec.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        params_dtype=torch.float32,
+        # Weights are always loaded from a checkpoint: random init is wasted work.
+        perform_initialization=False,
+        use_cpu_initialization=torch.device(device).type == "cpu",
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu"):
+    """An (uninitialised) GPTModel with the HF config's architecture.
+
+    Needs ``parallel_state.initialize_model_parallel(tp)`` first. The output layer
+    keeps its vocab-parallel logits (``parallel_output=True``): log-probs are taken with
+    the vocab-parallel cross entropy, so full logits are never gathered. The model gets
+    an ``hf_spec`` attribute (the :class:`HFModelSpec`) used by the HF export.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    spec = _spec(hf_config)
+    config = transformer_config_from_hf(spec, tp=tp, device=device)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=spec.vocab_size,
+        max_sequence_length=spec.max_position_embeddings,
+        parallel_output=True,
+        share_embeddings_and_output_weights=spec.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_base=spec.rope_theta,
+    )
+    model.hf_spec = spec
+    return model.to(device)
+
+
+def _spec(hf_config: Any) -> HFModelSpec:
+    return hf_config if isinstance(hf_config, HFModelSpec) else HFModelSpec.from_hf_config(hf_config)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside a Megatron DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class TokenBatch:
+    """Rows of tokens with everything a forward pass and a token-level loss need.
+
+    All tensors are ``[B, T]`` except ``attention_mask`` (``[B, 1, T, T]``, True = masked,
+    megatron's convention). Position ``t`` predicts ``labels[t]``; ``loss_mask[t]`` is 1
+    where ``labels[t]`` is a response token. ``sample_index[t]`` is the index of the
+    example (in the order given to the builder) whose response token ``labels[t]`` is,
+    or -1; losses use it to sum log-probs per sequence.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    loss_mask: Tensor
+    sample_index: Tensor
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    def to(self, device: str | torch.device) -> TokenBatch:
+        return TokenBatch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+def check_examples(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], vocab_size: int
+) -> None:
+    """Reject inputs the model cannot score, naming the offending example."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        if not prompt:
+            raise ValueError(f"example {i}: empty prompt (the first response token needs context)")
+        if not response:
+            raise ValueError(f"example {i}: empty response")
+        bad = [t for t in (*prompt, *response) if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"example {i}: token id {bad[0]} outside [0, {vocab_size})")
+
+
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit-decreasing assignment of documents (by length) to rows of ``row_length``."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        if lengths[i] > row_length:
+            raise ValueError(f"example {i} has {lengths[i]} tokens, more than {row_length}")
+        slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            room.append(row_length)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        room[slot] -= lengths[i]
+    return [sorted(row) for row in rows]
+
+
+def build_token_batch(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    rows: Sequence[Sequence[int]],
+    indices: Sequence[int] | None = None,
+) -> TokenBatch:
+    """Lay out examples into rows: ``rows[r]`` lists the examples packed in row ``r``.
+
+    One example per row gives a right-padded batch. Rows are padded to the longest;
+    each document attends only to itself (block-diagonal causal mask) and its
+    position ids restart at 0. ``indices`` relabels examples in ``sample_index``.
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.zeros(shape, dtype=torch.long)
+    labels = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    # Padding gets its own segment (-1) so it never attends to a document.
+    segment = torch.full(shape, -1, dtype=torch.long)
+    sample_index = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            tokens = torch.tensor([*prompts[i], *responses[i]], dtype=torch.long)
+            n, p = len(tokens), len(prompts[i])
+            span = slice(start, start + n)
+            input_ids[r, span] = tokens
+            labels[r, start : start + n - 1] = tokens[1:]
+            position_ids[r, span] = torch.arange(n)
+            segment[r, span] = i
+            # labels[t] is response token j when t = start + p - 1 + j
+            sample_index[r, start + p - 1 : start + n - 1] = i if indices is None else indices[i]
+            start += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril_()
+    same_doc = segment[:, :, None] == segment[:, None, :]
+    attention_mask = ~(same_doc & causal)[:, None]
+    loss_mask = (sample_index >= 0).float()
+    return TokenBatch(input_ids, position_ids, attention_mask, labels, loss_mask, sample_index)
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+def _rope_for_positions(gpt: torch.nn.Module, position_ids: Tensor) -> Tensor:
+    """RoPE angles ``[T, B, 1, D]`` for arbitrary per-token positions.
+
+    GPTModel.forward ignores ``position_ids`` for RoPE (it uses 0..T-1); packed rows
+    need each document to restart at 0, so the angle table is indexed per token.
+    """
+    table = gpt.rotary_pos_emb(int(position_ids.max().item()) + 1)  # [P, 1, 1, D]
+    return table[:, 0][position_ids.t()]
+
+
+def forward_logits(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
+    """Vocab-parallel logits ``[T, B, V / tp]`` (sequence-first, megatron's layout)."""
+    gpt = unwrap(model)
+    hidden = gpt.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    hidden = gpt.decoder(
+        hidden_states=hidden,
+        attention_mask=batch.attention_mask,
+        rotary_pos_emb=_rope_for_positions(gpt, batch.position_ids),
+    )
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    logits, _ = gpt.output_layer(hidden, weight=weight)
+    return logits
+
+
+def forward_logprobs(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
+    """Log-prob of ``labels[t]`` at every position, ``[B, T]``, differentiable.
+
+    Positions where ``loss_mask`` is 0 hold meaningless values: mask them. Under TP the
+    softmax normaliser is reduced across ranks, so every rank gets the full log-probs.
+    """
+    from megatron.core import tensor_parallel
+
+    logits = forward_logits(model, batch)
+    neg_logprobs = tensor_parallel.vocab_parallel_cross_entropy(logits, batch.labels.t().contiguous())
+    return -neg_logprobs.t()
