@@ -189,6 +189,7 @@ def test_small_level_runs_out_with_a_clear_error_and_suite_takes_what_it_has():
         ({"family": "multi", "difficulty": 9}, "difficulty 9 out of range for family 'multi'"),
         ({"family": "add", "difficulty": 2, "count": -1}, "count must be >= 0"),
         ({"family": "add", "difficulty": 2, "split": "test"}, "split must be"),
+        ({"family": "add", "difficulty": 2, "heldout_fraction": 1.5}, "heldout_fraction must"),
     ],
 )
 def test_bad_requests_name_what_is_wrong(kwargs, message):

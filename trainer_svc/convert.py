@@ -192,6 +192,33 @@ def hf_names(spec: HFModelSpec) -> list[str]:
     return names
 
 
+def hf_shapes(spec: HFModelSpec) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every HF tensor the export emits, in export order."""
+    h, v, inter = spec.hidden_size, spec.vocab_size, spec.intermediate_size
+    q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q_rows, h),
+        "self_attn.k_proj.weight": (kv_rows, h),
+        "self_attn.v_proj.weight": (kv_rows, h),
+        "self_attn.q_proj.bias": (q_rows,),
+        "self_attn.k_proj.bias": (kv_rows,),
+        "self_attn.v_proj.bias": (kv_rows,),
+        "self_attn.o_proj.weight": (h, q_rows),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (inter, h),
+        "mlp.up_proj.weight": (inter, h),
+        "mlp.down_proj.weight": (h, inter),
+    }
+    shapes = {}
+    for name in hf_names(spec):
+        if name.startswith("model.layers."):
+            shapes[name] = per_layer[name.split(".", 3)[3]]
+        else:
+            shapes[name] = (v, h) if name in (EMBED_NAME, "lm_head.weight") else (h,)
+    return shapes
+
+
 # ---------------------------------------------------------------------- HF -> Megatron
 
 
@@ -359,7 +386,9 @@ def iter_export_hf(
         for name, tensor in merge_shards(rule, shards, spec, out):
             yield name, tensor
             if spec.tied_embeddings and name == EMBED_NAME:
-                yield "lm_head.weight", tensor
+                embedding = tensor
+    if spec.tied_embeddings:
+        yield _emit("lm_head.weight", embedding, out)
 
 
 def export_hf_state(model: torch.nn.Module, spec: HFModelSpec | None = None) -> dict[str, Tensor]:

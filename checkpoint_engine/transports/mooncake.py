@@ -219,6 +219,13 @@ class MooncakeReceiver(WeightReceiver):
             raise ValueError(f"Mooncake endpoint must be 'host:port', got {manifest.endpoint!r}")
         if manifest.base_addr == 0:
             raise ValueError("Mooncake manifest has base_addr 0: not a registered sender region")
+        # a dead sender otherwise surfaces only as a failed read on the prefetch thread
+        rc = self._engine.te.send_probe(manifest.endpoint)
+        if rc != 0:
+            raise TransportError(
+                f"Mooncake sender at {manifest.endpoint} does not answer (probe code {rc}): "
+                f"it exited or the manifest of version {manifest.version} is stale"
+            )
         return _MooncakeSource(self._engine, manifest, self.region, self.chunk_bytes)
 
     def _shutdown(self) -> None:

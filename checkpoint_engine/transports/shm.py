@@ -157,8 +157,8 @@ class ShmReceiver(WeightReceiver):
         require_checksum: bool = True,
         verify_before_load: bool = False,
     ) -> None:
-        """``shm_dir``: where the sender's segments live. ``chunk_bytes``: bytes per read
-        call (bounds the time a cancellation waits)."""
+        """``shm_dir``: where the sender's segments live. ``chunk_bytes``: bytes per
+        ``preadv`` call."""
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         super().__init__(require_checksum=require_checksum, verify_before_load=verify_before_load)

@@ -220,13 +220,13 @@ def _sample_ops(rng: random.Random, family: str, level: int) -> tuple[int, list[
     start = value = rng.randint(10, 99)
     ops: list[tuple[str, int]] = []
     for _ in range(level + 1):
-        operand = rng.randint(1, 99)
         # Only subtract what is there, so every intermediate count stays a count.
         if value >= 10 and rng.random() < 0.5:
             operand = rng.randint(1, min(99, value))
             ops.append(("-", operand))
             value -= operand
         else:
+            operand = rng.randint(1, 99)
             ops.append(("+", operand))
             value += operand
     return start, ops
@@ -283,6 +283,8 @@ def _draw(family: str, difficulty: int, count: int, seed: int, split: str,
         raise ValueError(f"count must be >= 0, got {count}")
     if split not in ("all", "train", "heldout"):
         raise ValueError(f"split must be 'all', 'train' or 'heldout', got {split!r}")
+    if not 0.0 <= heldout_fraction <= 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
     rng, seen, tasks = _rng(seed, family, difficulty), set(exclude), []
     # Enough draws to exhaust a one-digit level (81 problems at most) many times over.
     for _ in range(100 * count + 1000):

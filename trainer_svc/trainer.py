@@ -1,0 +1,422 @@
+"""MegatronTrainer: an HF checkpoint trained with megatron-core (TP over torch.distributed).
+
+One trainer object lives on every rank of the tensor-parallel group (world size ==
+TP). Every public method that touches the model is collective: all ranks must call
+it with the same arguments, in the same order.
+
+The model is a GPTModel wrapped in Megatron DDP, the optimizer comes from
+``get_megatron_optimizer`` (Adam with decoupled weight decay, i.e. AdamW; no weight
+decay on norms and biases), fp32 throughout. On CPU the shims of
+:mod:`trainer_svc.cpu_shims` are applied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from trainer_svc import convert
+from trainer_svc.cpu_shims import apply_cpu_shims, cuda_as_cpu, seed_model_parallel
+from trainer_svc.model import (
+    TokenBatch,
+    build_gpt_model,
+    build_token_batch,
+    check_examples,
+    forward_logprobs,
+    pack_rows,
+    unwrap,
+)
+
+# Files next to the weights that make an exported dir loadable by transformers / vLLM.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+CHECKPOINT_FORMAT = 1
+
+# A loss over micro-batch log-probs: returns this micro-batch's share of the step's loss
+# (already normalised by whatever global denominator the loss uses).
+LossFn = Callable[[Tensor, TokenBatch], Tensor]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW hyper-parameters (``betas`` = Adam's beta1, beta2; ``grad_clip`` 0 disables)."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+class _SafetensorsDir(Mapping[str, Tensor]):
+    """Lazy name -> tensor view of every ``*.safetensors`` file in a model dir."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from safetensors import safe_open
+
+        self._open = safe_open
+        self._where: dict[str, Path] = {}
+        for path in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(path, framework="pt") as handle:
+                self._where.update(dict.fromkeys(handle.keys(), path))
+        if not self._where:
+            raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+
+    def __getitem__(self, name: str) -> Tensor:
+        with self._open(self._where[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _init_model_parallel(tp: int) -> None:
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised (see trainer_svc.dist)")
+    if dist.get_world_size() != tp:
+        raise ValueError(f"tp={tp} but the world size is {dist.get_world_size()}: they must match")
+    if parallel_state.model_parallel_is_initialized():
+        current = parallel_state.get_tensor_model_parallel_world_size()
+        if current != tp:
+            raise RuntimeError(f"model parallel is already initialised with tp={current}")
+        return
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+
+
+class MegatronTrainer:
+    """Trains one policy; see the module docstring for the collective-call contract.
+
+    ``policy_version`` starts at 0 (the loaded weights) and is incremented by one after
+    every optimizer step, i.e. once per :meth:`train_step` / :meth:`sft_step` call. It
+    is saved and restored by :meth:`save` / :meth:`load`, and may be set by the caller.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optim: OptimConfig,
+        *,
+        source_dir: Path,
+        device: str,
+        seq_length: int,
+        micro_batch_tokens: int,
+    ) -> None:
+        self.model = model
+        self.spec: convert.HFModelSpec = unwrap(model).hf_spec
+        self.optim = optim
+        self.source_dir = source_dir
+        self.device = torch.device(device)
+        self.seq_length = seq_length
+        self.micro_batch_tokens = micro_batch_tokens
+        self.policy_version = 0
+        self.optimizer = self._make_optimizer()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_hf(
+        cls,
+        model_dir: str | Path,
+        *,
+        tp: int = 1,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float = 1.0,
+        seed: int = 0,
+        device: str = "cpu",
+        seq_length: int | None = None,
+        micro_batch_tokens: int = 8192,
+    ) -> MegatronTrainer:
+        """Build the model for this TP rank and load the HF safetensors weights into it.
+
+        Needs torch.distributed initialised with world size == ``tp``. ``seq_length``
+        is the packed row length of :meth:`sft_step` (default: the model's
+        max_position_embeddings, capped at 4096); ``micro_batch_tokens`` bounds the
+        rows x width of one forward pass.
+        """
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} has no config.json")
+        apply_cpu_shims(device)
+        _init_model_parallel(tp)
+        seed_model_parallel(seed, device)
+        spec = convert.HFModelSpec.from_hf_config(model_dir)
+        gpt = build_gpt_model(spec, tp=tp, device=device)
+        _copy_into_params(gpt, convert.hf_to_megatron(_SafetensorsDir(model_dir), spec, *_tp()))
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        )
+        model = DistributedDataParallel(gpt.config, ddp_config, gpt)
+        optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=betas, grad_clip=grad_clip)
+        if seq_length is None:
+            seq_length = min(spec.max_position_embeddings, 4096)
+        return cls(
+            model,
+            optim,
+            source_dir=model_dir,
+            device=device,
+            seq_length=seq_length,
+            micro_batch_tokens=micro_batch_tokens,
+        )
+
+    def _make_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=self.optim.lr,
+            weight_decay=self.optim.weight_decay,
+            adam_beta1=self.optim.betas[0],
+            adam_beta2=self.optim.betas[1],
+            adam_eps=self.optim.eps,
+            clip_grad=self.optim.grad_clip,
+            params_dtype=torch.float32,
+        )
+        with cuda_as_cpu(self.device):
+            optimizer = get_megatron_optimizer(config, [self.model])
+        # What megatron's LR scheduler would do: per-group weight decay (0 for norms and
+        # biases via wd_mult) and LR. There is no scheduler: the LR is constant.
+        for group in optimizer.param_groups:
+            group["lr"] = self.optim.lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.optim.weight_decay * group.get("wd_mult", 1.0)
+        return optimizer
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer state (k1.5 resets it at the start of every iteration)."""
+        self.optimizer = self._make_optimizer()
+
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate from the next optimizer step on."""
+        self.optim = OptimConfig(**{**vars(self.optim), "lr": lr})
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+
+    # --------------------------------------------------------------------- forward
+
+    def _micro_batches(
+        self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pack: bool
+    ) -> list[TokenBatch]:
+        """Rows (one example each, or packed to ``seq_length``) grouped into micro-batches."""
+        check_examples(prompts, responses, self.spec.vocab_size)
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+        if pack:
+            rows = pack_rows(lengths, self.seq_length)
+        else:
+            # Similar lengths side by side keep the padding small.
+            rows = [[i] for i in sorted(range(len(lengths)), key=lambda i: lengths[i])]
+        batches, group, width = [], [], 0
+        for row in rows:
+            row_len = sum(lengths[i] for i in row)
+            if group and max(width, row_len) * (len(group) + 1) > self.micro_batch_tokens:
+                batches.append(build_token_batch(prompts, responses, group))
+                group, width = [], 0
+            group.append(row)
+            width = max(width, row_len)
+        batches.append(build_token_batch(prompts, responses, group))
+        return [b.to(self.device) for b in batches]
+
+    def forward_logprobs(self, batch: TokenBatch) -> Tensor:
+        """Per-position log-probs ``[B, T]`` of ``batch.labels``, with grad (mask them)."""
+        return forward_logprobs(self.model, batch)
+
+    @torch.no_grad()
+    def logprobs(
+        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """Log-prob of each response token given the prompt and the preceding response."""
+        self.model.eval()
+        result: list[list[float]] = [[] for _ in prompt_ids]
+        for batch in self._micro_batches(prompt_ids, response_ids, pack=False):
+            values = forward_logprobs(self.model, batch)
+            for i in batch.sample_index.unique().tolist():
+                if i >= 0:
+                    result[i] = values[batch.sample_index == i].tolist()
+        return result
+
+    # -------------------------------------------------------------------- training
+
+    def train_step(self, loss_fn: LossFn, micro_batches: Sequence[TokenBatch]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (gradients accumulate across them).
+
+        ``loss_fn(logprobs, batch)`` gets the differentiable ``[B, T]`` log-probs of one
+        micro-batch and returns that micro-batch's share of the loss; the reported
+        ``loss`` is the sum of the shares. Increments ``policy_version``.
+        """
+        if not micro_batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        total = torch.zeros((), dtype=torch.float64)
+        for batch in micro_batches:
+            loss = loss_fn(forward_logprobs(self.model, batch), batch)
+            loss.backward()
+            total += loss.detach().double()
+        self.model.finish_grad_sync()
+        with cuda_as_cpu(self.device):
+            ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError("optimizer step was skipped (non-finite gradients)")
+        self.policy_version += 1
+        return {
+            "loss": float(total),
+            "grad_norm": float(grad_norm or 0.0),
+            "lr": self.optim.lr,
+            "policy_version": self.policy_version,
+        }
+
+    def sft_step(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, float]:
+        """One optimizer step of SFT: mean NLL over response tokens of packed examples.
+
+        Examples are packed several per row (up to ``seq_length`` tokens) with a
+        block-diagonal causal mask and per-document positions; prompt tokens carry no
+        loss.
+        """
+        if not examples:
+            raise ValueError("sft_step needs at least one example")
+        prompts = [list(p) for p, _ in examples]
+        responses = [list(r) for _, r in examples]
+        batches = self._micro_batches(prompts, responses, pack=True)
+        n_tokens = sum(b.num_response_tokens for b in batches)
+
+        def mean_nll(logprobs: Tensor, batch: TokenBatch) -> Tensor:
+            return -(logprobs * batch.loss_mask).sum() / n_tokens
+
+        stats = self.train_step(mean_nll, batches)
+        stats.update(tokens=float(n_tokens), rows=float(sum(len(b.input_ids) for b in batches)))
+        return stats
+
+    # ----------------------------------------------------------------- weight export
+
+    def iter_hf_tensors(
+        self, out: MutableMapping[str, Tensor] | None = None
+    ) -> Iterator[tuple[str, Tensor]]:
+        """Full HF-named tensors in model order, on every TP rank (collective: drain it).
+
+        With TP=1 most tensors are views of the live weights (no copy): consume them
+        before the next step. ``out`` maps names to destination tensors (e.g. slices of
+        a registered transfer buffer) that are filled in place with a single copy.
+        ``lm_head.weight`` is always included (the embedding when tied).
+        """
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+        named = unwrap(self.model).named_parameters()
+        return convert.iter_export_hf(named, self.spec, group, out)
+
+    def hf_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every tensor :meth:`iter_hf_tensors` yields (fp32), in order."""
+        return convert.hf_shapes(self.spec)
+
+    def export_hf(self, out_dir: str | Path) -> Path | None:
+        """Write an HF model dir (config, safetensors, tokenizer files) on TP rank 0.
+
+        Collective. Returns the dir on rank 0 and None elsewhere. The tied ``lm_head``
+        is left out of the file, as ``save_pretrained`` does.
+        """
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        tensors = {}
+        for name, tensor in self.iter_hf_tensors():
+            if not (self.spec.tied_embeddings and name == "lm_head.weight"):
+                # clone: views share storage, which safetensors refuses to write
+                tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        if _tp()[0] != 0:
+            return None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((self.source_dir / "config.json").read_text())
+        config["torch_dtype"] = config["dtype"] = "float32"
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (self.source_dir / name).is_file():
+                shutil.copyfile(self.source_dir / name, out_dir / name)
+        return out_dir
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, ckpt_dir: str | Path) -> Path:
+        """Save weights, optimizer state and ``policy_version``, one file per TP rank."""
+        ckpt_dir = Path(ckpt_dir)
+        rank, tp = _tp()
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "tp": tp,
+            "spec": vars(self.spec),
+            "policy_version": self.policy_version,
+            "optim": vars(self.optim),
+            "model": {n: p.detach().clone() for n, p in unwrap(self.model).named_parameters()},
+            "optimizer": self.optimizer.state_dict(),
+        }
+        tmp = ckpt_dir / f"rank_{rank:03d}.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(ckpt_dir / f"rank_{rank:03d}.pt")
+        dist.barrier()
+        return ckpt_dir
+
+    def load(self, ckpt_dir: str | Path) -> None:
+        """Restore a :meth:`save` checkpoint written with the same model and TP size."""
+        path = Path(ckpt_dir) / f"rank_{_tp()[0]:03d}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint shard {path}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+        if state["tp"] != _tp()[1] or state["spec"] != vars(self.spec):
+            raise ValueError(f"{path} was saved with tp={state['tp']} / another model")
+        _copy_into_params(unwrap(self.model), state["model"])
+        self.optim = OptimConfig(**{**state["optim"], "betas": tuple(state["optim"]["betas"])})
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.policy_version = state["policy_version"]
+        dist.barrier()
+
+
+def _tp() -> tuple[int, int]:
+    """(rank, size) of this process in the tensor-parallel group."""
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+
+
+@torch.no_grad()
+def _copy_into_params(gpt: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copy a Megatron parameter dict into the model in place; names must match exactly."""
+    params = dict(gpt.named_parameters())
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise KeyError(f"parameter names differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, param in params.items():
+        if param.shape != state[name].shape:
+            raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
+        param.copy_(state[name])
