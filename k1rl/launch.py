@@ -116,3 +116,81 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_tcp_address(host: str = "127.0.0.1") -> str:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return f"tcp://{host}:{sock.getsockname()[1]}"
+
+
+class LocalStack:
+    """trainer_svc + rollout_svc on this machine, with connected clients.
+
+    Used by the demo, the end-to-end tests and the benchmarks: the same processes and
+    messages as a cluster deployment, minus Kubernetes.
+    """
+
+    def __init__(self, cfg, config_path: Path, cluster: LocalCluster):
+        from k1rl.data.tokenizer import load_tokenizer
+
+        self.cfg = cfg
+        self.config_path = config_path
+        self.cluster = cluster
+        self.trainer = RPCClient(cfg.trainer.address, timeout_s=300)
+        self.rollout = RPCClient(cfg.rollout.address, timeout_s=300)
+        self.tokenizer = load_tokenizer(cfg.model.path)
+
+    @classmethod
+    def start(
+        cls,
+        work_dir: Path,
+        *,
+        cfg=None,
+        model_dir: Path | None = None,
+        dummy_rollout: bool = True,
+        ready_timeout_s: float = 600.0,
+        model_kwargs: dict | None = None,
+    ) -> LocalStack:
+        """Write the run config (fresh ports), build a tiny model if none is given,
+        start both services in parallel and wait until they answer ready."""
+        from k1rl.config import RunConfig
+
+        work_dir = Path(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        if model_dir is None:
+            from k1rl.data.tiny_model import init_model
+
+            model_dir = work_dir / "model"
+            if not (model_dir / "config.json").exists():
+                init_model(model_dir, **(model_kwargs or {}))
+        cfg = (cfg or RunConfig()).model_copy(deep=True)
+        cfg.model.path = str(model_dir)
+        cfg.trainer.address = free_tcp_address()
+        cfg.rollout.address = free_tcp_address()
+        config_path = work_dir / "run.yaml"
+        config_path.write_text(cfg.dump_yaml())
+        cluster = LocalCluster(work_dir / "logs")
+        try:
+            args = ["--config", str(config_path)]
+            cluster.start("trainer", "trainer_svc", args, cfg.trainer.address)
+            rollout_args = args + (["--dummy-weights"] if dummy_rollout else [])
+            cluster.start("rollout", "rollout_svc", rollout_args, cfg.rollout.address)
+            cluster.wait_ready(ready_timeout_s)
+            return cls(cfg, config_path, cluster)
+        except BaseException:
+            cluster.stop()
+            raise
+
+    def stop(self) -> None:
+        self.trainer.close()
+        self.rollout.close()
+        self.cluster.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

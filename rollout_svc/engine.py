@@ -180,13 +180,15 @@ class RolloutEngine:
         # Cached KV blocks were computed by the old weights.
         self.llm.reset_prefix_cache()
         self.policy_version = manifest.version
-        first = per_worker[0]
+        if any(w["bytes"] != manifest.total_bytes for w in per_worker):
+            raise RuntimeError(f"a worker received fewer than {manifest.total_bytes} bytes")
         return WeightUpdateResult(
             version=manifest.version,
-            bytes=first["bytes"],
+            bytes=manifest.total_bytes,
             transfer_s=max(w["transfer_s"] for w in per_worker),
-            load_s=time.perf_counter() - started - max(w["transfer_s"] for w in per_worker),
-            checksum_ok=first["checksum_ok"],
+            # time the update took beyond waiting for bytes: reload and bookkeeping
+            load_s=time.perf_counter() - started - max(w["wait_s"] for w in per_worker),
+            checksum_ok=all(w["checksum_ok"] for w in per_worker) if manifest.checksum else None,
         )
 
     def weight_fingerprint(self) -> dict[str, float]:

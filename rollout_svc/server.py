@@ -37,7 +37,7 @@ def register_engine(server: RPCServer, engine: RolloutEngine) -> None:
 
 
 def serve(cfg: RunConfig, *, dummy_weights: bool = False, address: str | None = None) -> None:
-    from checkpoint_engine import transport_options
+    from checkpoint_engine.options import transport_options
 
     # Answer pings while vLLM starts (seconds to tens of seconds), reporting not-ready,
     # so a probe can tell "starting" from "dead".

@@ -46,13 +46,14 @@ class WeightSyncExtension:
         # so transfer and reload overlap; reload_weights consumes the iterator.
         self.reload_weights(weights_iterator=receiver.receive(m), is_checkpoint_format=True)
         total = time.perf_counter() - start
-        stats = receiver.stats()
+        stats = receiver.stats
         return {
             "version": m.version,
-            "bytes": m.total_bytes,
-            "transfer_s": stats.get("transfer_s", 0.0),
-            "load_s": max(0.0, total - stats.get("transfer_s", 0.0)),
-            "checksum_ok": True if m.checksum else None,
+            "bytes": stats.bytes,
+            "transfer_s": stats.transfer_s,
+            "wait_s": stats.wait_s,
+            "load_s": max(0.0, total - stats.wait_s),
+            "checksum_ok": stats.checksum_ok,
         }
 
     def k1rl_weight_fingerprint(self) -> dict[str, float]:

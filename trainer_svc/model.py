@@ -42,8 +42,11 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu")
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         params_dtype=torch.float32,
-        # Weights are always loaded from a checkpoint: random init is wasted work.
-        perform_initialization=False,
+        # Weights are loaded from a checkpoint afterwards, but initialisation must stay
+        # on: megatron-core 0.16.1 only tags TP-sharded weights (tensor_model_parallel,
+        # partition_dim) inside its init functions, and without the tags the grad norm
+        # (hence clipping) and sharded checkpoints treat shards as replicas.
+        perform_initialization=True,
         use_cpu_initialization=torch.device(device).type == "cpu",
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

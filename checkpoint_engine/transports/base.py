@@ -268,7 +268,7 @@ class _Prefetcher:
         checksum = Checksum.for_digest(manifest.checksum) if manifest.checksum else None
         for bucket in manifest.buckets:
             if self._cancel.is_set():
-                raise TransportError(f"receive of version {manifest.version} was cancelled")
+                return
             dst = self._region[bucket.offset : bucket.offset + bucket.nbytes]
             t0 = time.perf_counter()
             if bucket.nbytes:
@@ -300,16 +300,27 @@ class _Prefetcher:
             while self._done < buckets_needed and not self._finished:
                 self._cond.wait()
         self.stats.wait_s += time.perf_counter() - start
-        if self._error is not None:
-            raise self._error
+        self._raise_if_failed()
 
     def wait_all(self) -> None:
         """Block until the thread ended, so the checksum verdict is known."""
         start = time.perf_counter()
         self._thread.join()
         self.stats.wait_s += time.perf_counter() - start
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        # a newer receive owns the region now: whatever the thread saw, these bytes are gone
+        if self.cancelled:
+            raise TransportError(
+                f"receive of version {self._manifest.version} was cancelled by a newer one"
+            )
         if self._error is not None:
             raise self._error
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
 
     def stop(self) -> None:
         self._cancel.set()
@@ -402,7 +413,9 @@ class WeightReceiver(ABC):
                     prefetch.wait_all()
                 else:
                     prefetch.wait(bucket.index + 1)
-                yield from views_of_bucket(region, bucket, grouped.get(bucket.index, []))
+                for item in views_of_bucket(region, bucket, grouped.get(bucket.index, [])):
+                    prefetch.wait(0)
+                    yield item
         finally:
             prefetch.stop()
 

@@ -1,0 +1,180 @@
+"""trainer_svc over ZMQ: SFT steps, log-probs, weight publishing, checkpoints.
+
+Tensor parallelism: every TP rank holds a MegatronTrainer, and every trainer method
+is collective. Rank 0 owns the RPC socket; before running a request it broadcasts
+(method, payload) to the other ranks, which replay it, so all ranks enter the same
+collectives in the same order. Only rank 0 answers and only rank 0 owns the weight
+sender (every rank holds the full HF tensors after the export's all-gather).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+from pydantic import BaseModel
+
+from k1rl.config import RunConfig
+from k1rl.protocol import (
+    CheckpointRequest,
+    CheckpointResult,
+    LogprobRequest,
+    LogprobResult,
+    PushWeightsRequest,
+    SFTBatch,
+    TrainStats,
+    WeightManifest,
+)
+from k1rl.rpc import RPCServer
+from k1rl.service import run_until_signalled
+from trainer_svc.trainer import MegatronTrainer
+
+log = logging.getLogger(__name__)
+
+_STOP = "__stop__"
+
+
+class TrainerService:
+    """The trainer's verbs; the same object runs on every rank."""
+
+    def __init__(self, trainer: MegatronTrainer, cfg: RunConfig, rank: int):
+        self.trainer = trainer
+        self.cfg = cfg
+        self.rank = rank
+        self.sender = None
+        if rank == 0:
+            from checkpoint_engine import get_sender
+            from checkpoint_engine.options import transport_options
+
+            self.sender = get_sender(
+                cfg.weights.transport, **transport_options(cfg.weights, role="sender")
+            )
+        self._planned = False
+
+    # -------------------------------------------------------------------- verbs
+    def sft_step(self, batch: SFTBatch) -> TrainStats:
+        examples = [(e.prompt_token_ids, e.response_token_ids) for e in batch.examples]
+        stats = self.trainer.sft_step(examples)
+        return TrainStats(
+            ref=batch.ref,
+            policy_version=self.trainer.policy_version,
+            steps=1,
+            loss=stats["loss"],
+            metrics={k: float(v) for k, v in stats.items() if k != "loss"},
+        )
+
+    def logprobs(self, req: LogprobRequest) -> LogprobResult:
+        values = self.trainer.logprobs(req.prompt_token_ids, req.response_token_ids)
+        return LogprobResult(logprobs=values, policy_version=self.trainer.policy_version)
+
+    def push_weights(self, req: PushWeightsRequest) -> WeightManifest | None:
+        """Export HF-named tensors and pack them into the sender's registered region."""
+        started = time.perf_counter()
+        tensors = self.trainer.iter_hf_tensors()
+        if self.sender is None:
+            for _ in tensors:  # followers take part in the all-gathers only
+                pass
+            return None
+        if not self._planned:
+            self._plan()
+        manifest = self.sender.publish(self.trainer.policy_version, tensors)
+        log.info(
+            "published policy v%d: %.1f MB in %.3f s",
+            manifest.version,
+            manifest.total_bytes / 1e6,
+            time.perf_counter() - started,
+        )
+        return manifest
+
+    def checkpoint(self, req: CheckpointRequest) -> CheckpointResult:
+        if req.action == "save":
+            self.trainer.save(req.path)
+        elif req.action == "load":
+            self.trainer.load(req.path)
+        else:
+            self.trainer.export_hf(req.path)
+        return CheckpointResult(path=req.path, policy_version=self.trainer.policy_version)
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+
+    def _plan(self) -> None:
+        from checkpoint_engine import plan_buckets
+
+        dtype = "float32"
+        specs = [(n, dtype, list(s)) for n, s in self.trainer.hf_tensor_shapes().items()]
+        metas, buckets = plan_buckets(specs, self.cfg.weights.bucket_mb * 2**20)
+        self.sender.prepare(metas, buckets)
+        self._planned = True
+
+    # ---------------------------------------------------------------- dispatch
+    def routes(self) -> dict[str, tuple[type[BaseModel], Callable[[Any], Any]]]:
+        return {
+            "sft_step": (SFTBatch, self.sft_step),
+            "logprobs": (LogprobRequest, self.logprobs),
+            "push_weights": (PushWeightsRequest, self.push_weights),
+            "checkpoint": (CheckpointRequest, self.checkpoint),
+        }
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _collective(method: str, fn: Callable[[Any], Any], world_size: int) -> Callable[[Any], Any]:
+    """Wrap a rank-0 handler so the followers replay the same call first."""
+    if world_size == 1:
+        return fn
+
+    def handler(req: BaseModel) -> Any:
+        _broadcast((method, req.model_dump()))
+        return fn(req)
+
+    return handler
+
+
+def follow(service: TrainerService) -> None:
+    """Non-zero ranks: replay rank 0's calls until it broadcasts stop."""
+    routes = service.routes()
+    while True:
+        method, payload = _broadcast(None)
+        if method == _STOP:
+            return
+        model, fn = routes[method]
+        fn(model.model_validate(payload))
+
+
+def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) -> None:
+    trainer = MegatronTrainer.from_hf(
+        cfg.model.path,
+        tp=cfg.trainer.tp,
+        lr=cfg.trainer.lr,
+        weight_decay=cfg.trainer.weight_decay,
+        betas=(cfg.trainer.adam_beta1, cfg.trainer.adam_beta2),
+        grad_clip=cfg.trainer.grad_clip,
+        seed=cfg.seed,
+        device=cfg.trainer.device,
+        seq_length=cfg.trainer.seq_length,
+    )
+    service = TrainerService(trainer, cfg, rank)
+    try:
+        if rank != 0:
+            follow(service)
+            return
+        server = RPCServer(address or cfg.trainer.address, service="trainer")
+        for method, (model, fn) in service.routes().items():
+            server.register(method, model, _collective(method, fn, world_size))
+        server.set_ready(True, tp=world_size, policy_version=trainer.policy_version)
+        server.start_in_thread()
+        log.info("trainer ready on %s (tp=%d)", server.address, world_size)
+        run_until_signalled(server)
+        if world_size > 1:
+            _broadcast((_STOP, None))
+    finally:
+        service.close()
