@@ -129,7 +129,9 @@ def validate_layout(buckets: Sequence[BucketMeta], metas: Sequence[TensorMeta]) 
         if b.index != i:
             raise ValueError(f"bucket at position {i} has index {b.index}")
         if b.offset % WEIGHT_ALIGNMENT or b.offset < end:
-            raise ValueError(f"bucket {i} offset {b.offset} is unaligned or overlaps bucket {i - 1}")
+            raise ValueError(
+                f"bucket {i} offset {b.offset} is unaligned or overlaps the previous bucket"
+            )
         end = b.offset + b.nbytes
     seen: set[str] = set()
     for m in metas:
@@ -269,7 +271,9 @@ class Checksum:
         return cls(algorithm)
 
 
-def iter_bucket_bytes(region: torch.Tensor, buckets: Sequence[BucketMeta]) -> Iterator[torch.Tensor]:
+def iter_bucket_bytes(
+    region: torch.Tensor, buckets: Sequence[BucketMeta]
+) -> Iterator[torch.Tensor]:
     for b in buckets:
         yield region[b.offset : b.offset + b.nbytes]
 

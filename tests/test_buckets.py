@@ -59,7 +59,11 @@ def test_hand_computed_layout():
         ("d", 1, 0, 1200),
         ("e", 2, 0, 1),
     ]
-    assert [(b.index, b.offset, b.nbytes) for b in buckets] == [(0, 0, 1024), (1, 1024, 1200), (2, 2304, 1)]
+    assert [(b.index, b.offset, b.nbytes) for b in buckets] == [
+        (0, 0, 1024),
+        (1, 1024, 1200),
+        (2, 2304, 1),
+    ]
     assert region_bytes(buckets) == 2560
 
 
@@ -172,7 +176,10 @@ def test_checksum_covers_exactly_the_bucket_bytes(algorithm):
     region = torch.zeros(region_bytes(buckets), dtype=torch.uint8)
     pack_into(region, buckets, metas, tensors)
     data = b"".join(_as_bytes(region[b.offset : b.offset + b.nbytes]) for b in buckets)
-    expected = f"{zlib.crc32(data):08x}" if algorithm == "crc32" else hashlib.sha256(data).hexdigest()
+    if algorithm == "crc32":
+        expected = f"{zlib.crc32(data):08x}"
+    else:
+        expected = hashlib.sha256(data).hexdigest()
     digest = region_checksum(region, buckets, algorithm)
     assert digest == f"{algorithm}:{expected}"
     assert Checksum.for_digest(digest).algorithm == algorithm

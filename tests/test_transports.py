@@ -262,6 +262,16 @@ def test_registry_builds_transports_by_name_and_lists_known_ones():
         get_receiver("shm", chunk_size=4)
 
 
+def test_topology_parsing_finds_hcas_only_when_listed():
+    from checkpoint_engine.transports.mooncake import rdma_devices
+
+    assert rdma_devices('{"cpu:0": [[], []]}') == []
+    listed = '{"cpu:0": [["mlx5_1"], ["mlx5_0"]], "cuda:0": [["mlx5_0"], []]}'
+    assert rdma_devices(listed) == ["mlx5_0", "mlx5_1"]
+    with pytest.raises(TransportError, match="unreadable Mooncake topology"):
+        rdma_devices("not json")
+
+
 def test_rdma_is_refused_without_an_hca():
     if Path("/sys/class/infiniband").is_dir() and any(Path("/sys/class/infiniband").iterdir()):
         pytest.skip("this host has RDMA devices")
@@ -274,13 +284,19 @@ def test_rdma_is_refused_without_an_hca():
 
 
 def test_plan_change_reallocates_and_same_plan_reuses(shm_pair):
-    sender, _ = shm_pair
+    sender, receiver = shm_pair
     manifest1, tensors = _publish_small(sender, 1, seed=0)
     assert not sender.prepare(*plan_buckets(tensor_specs(tensors.items()), SMALL_BUCKET))
     grown = {**tensors, "f": torch.zeros(4096)}
     assert sender.prepare(*plan_buckets(tensor_specs(grown.items()), SMALL_BUCKET))
     manifest2 = sender.publish(2, grown)
     assert manifest2.endpoint != manifest1.endpoint
+    # a different plan of the same size still gets a fresh segment: old manifests must fail
+    reordered = dict(reversed(list(grown.items())))
+    assert sender.prepare(*plan_buckets(tensor_specs(reordered.items()), SMALL_BUCKET))
+    assert sender.publish(3, reordered).endpoint != manifest2.endpoint
+    with pytest.raises(TransportError, match="does not exist"):
+        receiver.receive(manifest2)
 
 
 def test_verify_before_load_yields_nothing_from_a_corrupt_update(shm_pair):

@@ -3,7 +3,7 @@
 Sender (trainer side)::
 
     sender.prepare(metas, buckets)        # allocate + register the region (kept while
-                                          # the plan's size is unchanged)
+                                          # the plan is unchanged)
     manifest = sender.publish(v, tensors) # pack, checksum -> WeightManifest for receivers
     ...                                   # receivers pull; do not publish again meanwhile
     sender.close()                        # unregister, free, remove named resources
@@ -144,26 +144,23 @@ class WeightSender(ABC):
     def prepare(self, metas: Sequence[TensorMeta], buckets: Sequence[BucketMeta]) -> bool:
         """Adopt a bucket plan; returns True when a new region was allocated.
 
-        The region is kept when the plan is unchanged, and also when a new plan needs
-        the same number of bytes (it is zeroed so padding stays deterministic);
-        otherwise it is released and a new one is allocated and registered.
+        The region is kept while the plan is unchanged. Any other plan releases it and
+        registers a fresh one, so a receiver holding a manifest of the old plan fails
+        (segment gone, address unregistered) or, should the allocator hand back the same
+        address, fails its checksum, instead of loading bytes laid out differently.
         """
         self._check_open()
         validate_layout(buckets, metas)
         metas, buckets = list(metas), list(buckets)
         if self._region is not None and (metas, buckets) == (self._metas, self._buckets):
             return False
-        nbytes = _alloc_size(buckets)
-        reallocated = self._region is None or self._region.numel() != nbytes
-        if self._region is not None and reallocated:
+        if self._region is not None:
             self._region = None
             self._release_region()
-        if reallocated:
-            self._region = self._allocate_region(nbytes)
-        else:
-            self.region.zero_()
+        self._metas, self._buckets = [], []
+        self._region = self._allocate_region(_alloc_size(buckets))
         self._metas, self._buckets = metas, buckets
-        return reallocated
+        return True
 
     def publish(
         self,
@@ -310,10 +307,11 @@ class _Prefetcher:
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
-        # a newer receive owns the region now: whatever the thread saw, these bytes are gone
+        # a newer receive (or close) owns the region now: these bytes are not ours any more
         if self.cancelled:
             raise TransportError(
-                f"receive of version {self._manifest.version} was cancelled by a newer one"
+                f"receive of version {self._manifest.version} was cancelled by a newer "
+                "receive() or by close()"
             )
         if self._error is not None:
             raise self._error
@@ -397,13 +395,12 @@ class WeightReceiver(ABC):
         source = self._connect(manifest)
         self._prefetch = _Prefetcher(source, manifest, self.region)
         self.stats = self._prefetch.stats
-        return self._consume(manifest, self._prefetch)
+        return self._consume(manifest, self._prefetch, self.region)
 
     def _consume(
-        self, manifest: WeightManifest, prefetch: _Prefetcher
+        self, manifest: WeightManifest, prefetch: _Prefetcher, region: torch.Tensor
     ) -> Iterator[tuple[str, torch.Tensor]]:
         grouped = group_by_bucket(manifest.tensors)
-        region = self.region
         last = len(manifest.buckets) - 1
         try:
             if self.verify_before_load:
