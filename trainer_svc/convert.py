@@ -59,6 +59,11 @@ class HFModelSpec:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
+    def of(cls, hf_config: Any) -> HFModelSpec:
+        """``hf_config`` itself if it is a spec already, else :meth:`from_hf_config`."""
+        return hf_config if isinstance(hf_config, cls) else cls.from_hf_config(hf_config)
+
+    @classmethod
     def from_hf_config(cls, hf_config: Any) -> HFModelSpec:
         """Read a transformers config object, a config dict, or a model dir's config.json."""
         cfg = _config_dict(hf_config)
@@ -103,7 +108,7 @@ class HFModelSpec:
             ("vocab_size", self.vocab_size),
         ):
             if value % tp_size:
-                raise ConversionError(f"{field}={value} is not divisible by TP size {tp_size}")
+                raise ConversionError(f"{field}={value} is not divisible by TP {tp_size}")
 
 
 def _config_dict(hf_config: Any) -> dict[str, Any]:
@@ -259,16 +264,22 @@ def hf_to_megatron(
     read once. With tied embeddings ``lm_head.weight`` is ignored if present. The result
     contains fresh tensors, never views of ``hf_state``.
     """
-    spec = hf_config if isinstance(hf_config, HFModelSpec) else HFModelSpec.from_hf_config(hf_config)
+    spec = HFModelSpec.of(hf_config)
     spec.check_tp(tp_size)
     if not 0 <= tp_rank < tp_size:
         raise ConversionError(f"tp_rank {tp_rank} is outside [0, {tp_size})")
+    shapes = hf_shapes(spec)
     out: dict[str, Tensor] = {}
     for rule in param_rules(spec):
         missing = [n for n in rule.hf if n not in hf_state]
         if missing:
             raise ConversionError(f"HF checkpoint is missing {missing[0]!r}")
         tensors = [hf_state[n] for n in rule.hf]
+        for name, tensor in zip(rule.hf, tensors, strict=True):
+            if tuple(tensor.shape) != shapes[name]:
+                raise ConversionError(
+                    f"{name} has shape {tuple(tensor.shape)}, the config implies {shapes[name]}"
+                )
         out[rule.megatron] = shard_hf_tensors(rule, tensors, spec, tp_rank, tp_size).clone()
     return out
 
@@ -338,7 +349,7 @@ def megatron_to_hf(
     ``lm_head.weight`` is always present; with tied embeddings it is the embedding
     tensor itself (vLLM needs it in every weight update).
     """
-    spec = hf_config if isinstance(hf_config, HFModelSpec) else HFModelSpec.from_hf_config(hf_config)
+    spec = HFModelSpec.of(hf_config)
     if not shards:
         raise ConversionError("megatron_to_hf needs at least one shard")
     result: dict[str, Tensor] = {}
@@ -361,19 +372,28 @@ def iter_export_hf(
     spec: HFModelSpec,
     group: Any = None,
     out: MutableMapping[str, Tensor] | None = None,
+    dst: int | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield full HF tensors in model order from this rank's Megatron parameters.
 
     Collective over ``group`` (the TP group; ``None`` or size 1 means no communication):
-    every rank of the group must iterate to the end, and every rank receives the
-    full tensors (all-gather). With TP=1 the tensors are detached views of the live
-    parameters wherever the layouts agree: consume (copy) them before the next
-    optimizer step. ``lm_head.weight`` is always yielded (the embedding when tied).
+    every rank of the group must iterate to the end. With ``dst=None`` every rank gets
+    the full tensors (all-gather); with ``dst=r`` only group rank ``r`` does (a gather,
+    ~3x faster over gloo) and the other ranks' iterators yield nothing.
+
+    With TP=1 the tensors are detached views of the live parameters wherever the
+    layouts agree (no copy): consume them before the next optimizer step. With ``out``
+    (name -> destination tensor), tensors are written into their destinations, one
+    copy each. ``lm_head.weight`` is always yielded last (the embedding when tied).
     """
     import torch.distributed as dist
 
     tp_size = 1 if group is None else dist.get_world_size(group)
+    if dst is not None and not 0 <= dst < tp_size:
+        raise ValueError(f"dst={dst} is not a rank of the TP group of size {tp_size}")
+    receive = tp_size == 1 or dst is None or dist.get_rank(group) == dst
     params = dict(named_params)
+    embedding = None
     for rule in param_rules(spec):
         if rule.megatron not in params:
             raise ConversionError(f"model has no parameter {rule.megatron!r}")
@@ -381,14 +401,34 @@ def iter_export_hf(
         if tp_size == 1 or rule.kind == "replicated":
             shards = [local]
         else:
-            shards = [torch.empty_like(local) for _ in range(tp_size)]
-            dist.all_gather(shards, local.contiguous(), group=group)
+            shards = _gather(rule.kind, local.contiguous(), group, tp_size, dst, receive)
+        if not receive:
+            continue
         for name, tensor in merge_shards(rule, shards, spec, out):
             yield name, tensor
-            if spec.tied_embeddings and name == EMBED_NAME:
+            if name == EMBED_NAME:
                 embedding = tensor
-    if spec.tied_embeddings:
+    if spec.tied_embeddings and embedding is not None:
         yield _emit("lm_head.weight", embedding, out)
+
+
+def _gather(
+    kind: Kind, local: Tensor, group: Any, tp_size: int, dst: int | None, receive: bool
+) -> list[Tensor]:
+    """TP shards of one parameter in rank order (an empty list where ``receive`` is False)."""
+    import torch.distributed as dist
+
+    if not receive:
+        dist.gather(local, None, group=group, group_dst=dst)
+        return []
+    # One stacked buffer: a dim-0 split is then already concatenated (no extra copy).
+    stacked = torch.empty((tp_size, *local.shape), dtype=local.dtype, device=local.device)
+    shards = list(stacked.unbind(0))
+    if dst is None:
+        dist.all_gather(shards, local, group=group)
+    else:
+        dist.gather(local, shards, group=group, group_dst=dst)
+    return [stacked.flatten(0, 1)] if kind in ("split0", "qkv") else shards
 
 
 def export_hf_state(model: torch.nn.Module, spec: HFModelSpec | None = None) -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -57,9 +58,9 @@ def init_distributed(
 
 def destroy_distributed() -> None:
     """Tear down megatron's model-parallel groups and the default process group."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    # Only if megatron was ever imported: importing it just to tear down costs seconds.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -146,7 +147,8 @@ def _collect(results: Any, procs: list[Any], timeout_s: float) -> dict[int, tupl
                 outcomes[i] = (False, f"process exited with code {procs[i].exitcode} unreported")
             continue
         if time.monotonic() > deadline:
-            reason = "after another rank failed" if outcomes else f"within {timeout_s} s"
+            failed = any(not ok for ok, _ in outcomes.values())
+            reason = "after another rank failed" if failed else f"within {timeout_s} s"
             for i in missing:
                 outcomes[i] = (False, f"did not finish {reason}; killed")
             break

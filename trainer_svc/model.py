@@ -23,7 +23,7 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu")
     """megatron-core ``TransformerConfig`` equivalent to an HF Qwen2 / Llama config."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    spec = _spec(hf_config)
+    spec = HFModelSpec.of(hf_config)
     spec.check_tp(tp)
     return TransformerConfig(
         num_layers=spec.num_layers,
@@ -57,7 +57,7 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu")
 
 
 def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu"):
-    """An (uninitialised) GPTModel with the HF config's architecture.
+    """A (randomly initialised) GPTModel with the HF config's architecture.
 
     Needs ``parallel_state.initialize_model_parallel(tp)`` first. The output layer
     keeps its vocab-parallel logits (``parallel_output=True``): log-probs are taken with
@@ -67,7 +67,7 @@ def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu"):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    spec = _spec(hf_config)
+    spec = HFModelSpec.of(hf_config)
     config = transformer_config_from_hf(spec, tp=tp, device=device)
     model = GPTModel(
         config=config,
@@ -81,10 +81,6 @@ def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu"):
     )
     model.hf_spec = spec
     return model.to(device)
-
-
-def _spec(hf_config: Any) -> HFModelSpec:
-    return hf_config if isinstance(hf_config, HFModelSpec) else HFModelSpec.from_hf_config(hf_config)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,16 +118,26 @@ class TokenBatch:
 
 
 def check_examples(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], vocab_size: int
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    vocab_size: int,
+    max_length: int,
 ) -> None:
     """Reject inputs the model cannot score, naming the offending example."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        raise ValueError("no examples")
     for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         if not prompt:
             raise ValueError(f"example {i}: empty prompt (the first response token needs context)")
         if not response:
             raise ValueError(f"example {i}: empty response")
+        if len(prompt) + len(response) > max_length:
+            raise ValueError(
+                f"example {i}: {len(prompt) + len(response)} tokens, more than the model's "
+                f"max_position_embeddings={max_length}"
+            )
         bad = [t for t in (*prompt, *response) if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"example {i}: token id {bad[0]} outside [0, {vocab_size})")
@@ -158,13 +164,12 @@ def build_token_batch(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     rows: Sequence[Sequence[int]],
-    indices: Sequence[int] | None = None,
 ) -> TokenBatch:
     """Lay out examples into rows: ``rows[r]`` lists the examples packed in row ``r``.
 
     One example per row gives a right-padded batch. Rows are padded to the longest;
     each document attends only to itself (block-diagonal causal mask) and its
-    position ids restart at 0. ``indices`` relabels examples in ``sample_index``.
+    position ids restart at 0. ``sample_index`` holds indices into ``prompts``.
     """
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     width = max(sum(lengths[i] for i in row) for row in rows)
@@ -186,7 +191,7 @@ def build_token_batch(
             position_ids[r, span] = torch.arange(n)
             segment[r, span] = i
             # labels[t] is response token j when t = start + p - 1 + j
-            sample_index[r, start + p - 1 : start + n - 1] = i if indices is None else indices[i]
+            sample_index[r, start + p - 1 : start + n - 1] = i
             start += n
     causal = torch.ones(width, width, dtype=torch.bool).tril_()
     same_doc = segment[:, :, None] == segment[:, None, :]
@@ -209,7 +214,11 @@ def _rope_for_positions(gpt: torch.nn.Module, position_ids: Tensor) -> Tensor:
 
 
 def forward_logits(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
-    """Vocab-parallel logits ``[T, B, V / tp]`` (sequence-first, megatron's layout)."""
+    """Vocab-parallel logits ``[T, B, V / tp]`` (sequence-first, megatron's layout).
+
+    Runs GPTModel's embedding, decoder and output layer directly rather than
+    GPTModel.forward, whose RoPE ignores ``position_ids``.
+    """
     gpt = unwrap(model)
     hidden = gpt.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)
     hidden = gpt.decoder(
@@ -217,7 +226,9 @@ def forward_logits(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
         attention_mask=batch.attention_mask,
         rotary_pos_emb=_rope_for_positions(gpt, batch.position_ids),
     )
-    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    weight = None
+    if gpt.share_embeddings_and_output_weights:
+        weight = gpt.shared_embedding_or_output_weight()
     logits, _ = gpt.output_layer(hidden, weight=weight)
     return logits
 
@@ -231,5 +242,6 @@ def forward_logprobs(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
     from megatron.core import tensor_parallel
 
     logits = forward_logits(model, batch)
-    neg_logprobs = tensor_parallel.vocab_parallel_cross_entropy(logits, batch.labels.t().contiguous())
+    labels = batch.labels.t().contiguous()  # megatron's CE views the target flat
+    neg_logprobs = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
     return -neg_logprobs.t()

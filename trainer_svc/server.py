@@ -73,9 +73,10 @@ class TrainerService:
     def push_weights(self, req: PushWeightsRequest) -> WeightManifest | None:
         """Export HF-named tensors and pack them into the sender's registered region."""
         started = time.perf_counter()
-        tensors = self.trainer.iter_hf_tensors()
+        # Only rank 0 publishes, so gather to it alone (cheaper than an all-gather).
+        tensors = self.trainer.iter_hf_tensors(dst=0)
         if self.sender is None:
-            for _ in tensors:  # followers take part in the all-gathers only
+            for _ in tensors:  # followers take part in the gathers and yield nothing
                 pass
             return None
         if not self._planned:

@@ -17,7 +17,6 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,6 +63,13 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
 
+    def __post_init__(self) -> None:
+        for field in ("lr", "weight_decay", "eps", "grad_clip"):
+            if not getattr(self, field) >= 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+
 
 class _SafetensorsDir(Mapping[str, Tensor]):
     """Lazy name -> tensor view of every ``*.safetensors`` file in a model dir."""
@@ -91,12 +97,12 @@ class _SafetensorsDir(Mapping[str, Tensor]):
 
 
 def _init_model_parallel(tp: int) -> None:
-    from megatron.core import parallel_state
-
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised (see trainer_svc.dist)")
     if dist.get_world_size() != tp:
         raise ValueError(f"tp={tp} but the world size is {dist.get_world_size()}: they must match")
+    from megatron.core import parallel_state
+
     if parallel_state.model_parallel_is_initialized():
         current = parallel_state.get_tensor_model_parallel_world_size()
         if current != tp:
@@ -162,8 +168,10 @@ class MegatronTrainer:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir} has no config.json")
-        apply_cpu_shims(device)
+        optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=tuple(betas),
+                            grad_clip=grad_clip)
         _init_model_parallel(tp)
+        apply_cpu_shims(device)
         seed_model_parallel(seed, device)
         spec = convert.HFModelSpec.from_hf_config(model_dir)
         gpt = build_gpt_model(spec, tp=tp, device=device)
@@ -172,9 +180,11 @@ class MegatronTrainer:
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
         )
         model = DistributedDataParallel(gpt.config, ddp_config, gpt)
-        optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=betas, grad_clip=grad_clip)
         if seq_length is None:
             seq_length = min(spec.max_position_embeddings, 4096)
+        if seq_length < 1 or micro_batch_tokens < 1:
+            raise ValueError(f"seq_length={seq_length} and micro_batch_tokens="
+                             f"{micro_batch_tokens} must be positive")
         return cls(
             model,
             optim,
@@ -218,11 +228,17 @@ class MegatronTrainer:
 
     # --------------------------------------------------------------------- forward
 
-    def _micro_batches(
+    def micro_batches(
         self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pack: bool
     ) -> list[TokenBatch]:
-        """Rows (one example each, or packed to ``seq_length``) grouped into micro-batches."""
-        check_examples(prompts, responses, self.spec.vocab_size)
+        """Examples laid out in rows and grouped into micro-batches of ``micro_batch_tokens``.
+
+        ``pack=False``: one example per row, right-padded (similar lengths grouped);
+        ``pack=True``: several examples per row of up to ``seq_length`` tokens. In every
+        batch ``sample_index`` refers to positions in ``prompts``: this is how a loss
+        given to :meth:`train_step` finds each token's sample.
+        """
+        check_examples(prompts, responses, self.spec.vocab_size, self.spec.max_position_embeddings)
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
         if pack:
             rows = pack_rows(lengths, self.seq_length)
@@ -251,7 +267,7 @@ class MegatronTrainer:
         """Log-prob of each response token given the prompt and the preceding response."""
         self.model.eval()
         result: list[list[float]] = [[] for _ in prompt_ids]
-        for batch in self._micro_batches(prompt_ids, response_ids, pack=False):
+        for batch in self.micro_batches(prompt_ids, response_ids, pack=False):
             values = forward_logprobs(self.model, batch)
             for i in batch.sample_index.unique().tolist():
                 if i >= 0:
@@ -265,7 +281,8 @@ class MegatronTrainer:
 
         ``loss_fn(logprobs, batch)`` gets the differentiable ``[B, T]`` log-probs of one
         micro-batch and returns that micro-batch's share of the loss; the reported
-        ``loss`` is the sum of the shares. Increments ``policy_version``.
+        ``loss`` is the sum of the shares; ``grad_norm`` is the norm before clipping.
+        Increments ``policy_version``.
         """
         if not micro_batches:
             raise ValueError("train_step needs at least one micro-batch")
@@ -280,6 +297,9 @@ class MegatronTrainer:
         self.model.finish_grad_sync()
         with cuda_as_cpu(self.device):
             ok, grad_norm, _ = self.optimizer.step()
+            if ok and self.optim.grad_clip <= 0:
+                # megatron only measures the norm when clipping; the grads are unchanged
+                grad_norm = self.optimizer.get_grad_norm()
         if not ok:
             raise RuntimeError("optimizer step was skipped (non-finite gradients)")
         self.policy_version += 1
@@ -301,11 +321,12 @@ class MegatronTrainer:
             raise ValueError("sft_step needs at least one example")
         prompts = [list(p) for p, _ in examples]
         responses = [list(r) for _, r in examples]
-        batches = self._micro_batches(prompts, responses, pack=True)
+        batches = self.micro_batches(prompts, responses, pack=True)
         n_tokens = sum(b.num_response_tokens for b in batches)
 
         def mean_nll(logprobs: Tensor, batch: TokenBatch) -> Tensor:
-            return -(logprobs * batch.loss_mask).sum() / n_tokens
+            response = batch.loss_mask.bool()
+            return -torch.where(response, logprobs, 0.0).sum() / n_tokens
 
         stats = self.train_step(mean_nll, batches)
         stats.update(tokens=float(n_tokens), rows=float(sum(len(b.input_ids) for b in batches)))
@@ -314,20 +335,22 @@ class MegatronTrainer:
     # ----------------------------------------------------------------- weight export
 
     def iter_hf_tensors(
-        self, out: MutableMapping[str, Tensor] | None = None
+        self, out: MutableMapping[str, Tensor] | None = None, dst: int | None = None
     ) -> Iterator[tuple[str, Tensor]]:
-        """Full HF-named tensors in model order, on every TP rank (collective: drain it).
+        """Full HF-named fp32 tensors in model order (collective: drain it on every rank).
 
+        ``dst=None``: every TP rank gets the tensors; ``dst=r``: only TP rank ``r`` does
+        (cheaper: a gather instead of an all-gather) and the others yield nothing.
         With TP=1 most tensors are views of the live weights (no copy): consume them
         before the next step. ``out`` maps names to destination tensors (e.g. slices of
         a registered transfer buffer) that are filled in place with a single copy.
-        ``lm_head.weight`` is always included (the embedding when tied).
+        ``lm_head.weight`` is always included, last (the embedding when tied).
         """
         from megatron.core import parallel_state
 
         group = parallel_state.get_tensor_model_parallel_group()
         named = unwrap(self.model).named_parameters()
-        return convert.iter_export_hf(named, self.spec, group, out)
+        return convert.iter_export_hf(named, self.spec, group, out, dst)
 
     def hf_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every tensor :meth:`iter_hf_tensors` yields (fp32), in order."""
@@ -343,11 +366,12 @@ class MegatronTrainer:
 
         out_dir = Path(out_dir)
         tensors = {}
-        for name, tensor in self.iter_hf_tensors():
+        for name, tensor in self.iter_hf_tensors(dst=0):
             if not (self.spec.tied_embeddings and name == "lm_head.weight"):
                 # clone: views share storage, which safetensors refuses to write
                 tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
         if _tp()[0] != 0:
+            _tp_barrier()
             return None
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -357,12 +381,17 @@ class MegatronTrainer:
         for name in TOKENIZER_FILES:
             if (self.source_dir / name).is_file():
                 shutil.copyfile(self.source_dir / name, out_dir / name)
+        _tp_barrier()  # the dir is complete when any rank returns
         return out_dir
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, ckpt_dir: str | Path) -> Path:
-        """Save weights, optimizer state and ``policy_version``, one file per TP rank."""
+        """Save weights, optimizer state and ``policy_version``, one file per TP rank.
+
+        Reloading needs the same TP size. To change TP, go through :meth:`export_hf` and
+        :meth:`from_hf`, which drops the optimizer state (k1.5 resets it every iteration).
+        """
         ckpt_dir = Path(ckpt_dir)
         rank, tp = _tp()
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -378,7 +407,7 @@ class MegatronTrainer:
         tmp = ckpt_dir / f"rank_{rank:03d}.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(ckpt_dir / f"rank_{rank:03d}.pt")
-        dist.barrier()
+        _tp_barrier()
         return ckpt_dir
 
     def load(self, ckpt_dir: str | Path) -> None:
@@ -386,7 +415,7 @@ class MegatronTrainer:
         path = Path(ckpt_dir) / f"rank_{_tp()[0]:03d}.pt"
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint shard {path}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location=self.device, weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
         if state["tp"] != _tp()[1] or state["spec"] != vars(self.spec):
@@ -396,7 +425,7 @@ class MegatronTrainer:
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.policy_version = state["policy_version"]
-        dist.barrier()
+        _tp_barrier()
 
 
 def _tp() -> tuple[int, int]:
@@ -407,6 +436,12 @@ def _tp() -> tuple[int, int]:
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_tensor_model_parallel_world_size(),
     )
+
+
+def _tp_barrier() -> None:
+    from megatron.core import parallel_state
+
+    dist.barrier(group=parallel_state.get_tensor_model_parallel_group())
 
 
 @torch.no_grad()

@@ -1,0 +1,77 @@
+"""Shared pytest fixtures. Each helper keeps its fixtures in its own marked block."""
+
+# ============================================================================ trainer_
+# Fixtures of trainer_svc's tests: tiny random HF checkpoints written by transformers.
+# Self-contained (no k1rl.data), so the trainer's tests do not depend on the data helpers.
+
+import json as _trainer_json
+from pathlib import Path as _TrainerPath
+
+import pytest as _trainer_pytest
+
+# hidden 64, 2 layers, 4 heads / 2 KV heads (GQA), intermediate 128, vocab 128
+TRAINER_TINY_DIMS = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=128,
+    max_position_embeddings=512,
+)
+TRAINER_MODEL_KINDS = ("qwen2", "llama", "qwen2_tied")
+
+
+def _trainer_tokenizer(out: _TrainerPath, vocab_size: int) -> None:
+    """A word-level tokenizer over ``vocab_size`` tokens named t0..t{n-1}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1")
+    fast.save_pretrained(out)
+
+
+def trainer_write_hf_model(out: _TrainerPath, kind: str = "qwen2", seed: int = 0) -> _TrainerPath:
+    """Write a random fp32 HF checkpoint of ``kind`` (see TRAINER_MODEL_KINDS) to ``out``.
+
+    Norm weights and biases are randomised too (HF initialises them to 1 / 0), so a
+    conversion that drops or misplaces them changes the logits.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if kind not in TRAINER_MODEL_KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}")
+    torch.manual_seed(seed)
+    tied = kind.endswith("_tied")
+    if kind.startswith("llama"):
+        model = LlamaForCausalLM(LlamaConfig(**TRAINER_TINY_DIMS, tie_word_embeddings=tied))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**TRAINER_TINY_DIMS, tie_word_embeddings=tied))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+            elif "norm" in name:
+                param.normal_(1.0, 0.1)
+    model.save_pretrained(out)
+    _trainer_tokenizer(out, TRAINER_TINY_DIMS["vocab_size"])
+    assert _trainer_json.loads((out / "config.json").read_text())["model_type"] in kind
+    return out
+
+
+@_trainer_pytest.fixture(scope="session")
+def trainer_hf_dirs(tmp_path_factory) -> dict[str, _TrainerPath]:
+    """kind -> dir of a tiny random HF model, for every kind in TRAINER_MODEL_KINDS."""
+    root = tmp_path_factory.mktemp("trainer_hf")
+    return {kind: trainer_write_hf_model(root / kind, kind) for kind in TRAINER_MODEL_KINDS}
+
+
+@_trainer_pytest.fixture(scope="session")
+def trainer_hf_dir(trainer_hf_dirs) -> _TrainerPath:
+    """The tiny random Qwen2 HF model dir (untied, with q/k/v biases)."""
+    return trainer_hf_dirs["qwen2"]
+# ======================================================================== end trainer_
