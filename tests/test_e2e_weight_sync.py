@@ -127,3 +127,19 @@ def test_a_stale_manifest_is_refused_and_the_engine_keeps_serving(stack):
         stack.rollout.call("update_weights", manifest, WeightUpdateResult)
     assert stack.rollout.ping().ready
     assert _sample(stack, n=1).policy_version == 3
+
+
+def test_tensor_parallel_trainer_service_pushes_the_same_policy_vllm_scores(tmp_path):
+    """TP=2: rank 0 serves, rank 1 replays each call; the gathered weights reach vLLM."""
+    from k1rl.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.trainer.tp = 2
+    with LocalStack.start(tmp_path, cfg=cfg, dummy_rollout=True) as tp2:
+        assert tp2.trainer.ping().detail["tp"] == 2
+        assert _push(tp2).version == 0
+        prompts, responses, vllm_lp = _sequences(_sample(tp2, n=2))
+        probe = LogprobRequest(prompt_token_ids=prompts, response_token_ids=responses)
+        assert _max_diff(vllm_lp, tp2.trainer.call("logprobs", probe, LogprobResult).logprobs) <= (
+            PARITY_TOL
+        )

@@ -17,7 +17,7 @@ from typing import Any
 import torch.distributed as dist
 from pydantic import BaseModel
 
-from k1rl.config import RunConfig
+from k1rl.config import RunConfig, load_config
 from k1rl.protocol import (
     CheckpointRequest,
     CheckpointResult,
@@ -29,12 +29,15 @@ from k1rl.protocol import (
     WeightManifest,
 )
 from k1rl.rpc import RPCServer
-from k1rl.service import run_until_signalled
+from k1rl.service import run_until_signalled, setup_logging
 from trainer_svc.trainer import MegatronTrainer
 
 log = logging.getLogger(__name__)
 
 _STOP = "__stop__"
+# Followers block in a broadcast while the service is idle between iterations, which
+# may be far longer than torch's default collective timeout.
+IDLE_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 class TrainerService:
@@ -179,3 +182,19 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) 
             _broadcast((_STOP, None))
     finally:
         service.close()
+
+
+def rank_main(rank: int, config_path: str, address: str | None, port: int) -> None:
+    """Entry of one TP rank process (module-level so multiprocessing spawn can find it)."""
+    from trainer_svc.dist import init_distributed
+
+    setup_logging()
+    cfg = load_config(config_path)
+    init_distributed(
+        rank,
+        cfg.trainer.tp,
+        master_port=port,
+        backend=cfg.trainer.dist_backend,
+        timeout_s=IDLE_COLLECTIVE_TIMEOUT_S,
+    )
+    serve_rank(cfg, rank, cfg.trainer.tp, address)
