@@ -79,7 +79,7 @@ def demo_cmd(
     seed: int = typer.Option(0, help="Seeds the model, data and sampling."),
     model_dir: Path = typer.Option(Path("artifacts/tiny-model"), help="HF model dir (built if missing)."),
     run_dir: Path = typer.Option(Path("runs/demo"), help="Where metrics, summary and checkpoint go."),
-    sft_steps: int = typer.Option(300, help="SFT optimizer steps."),
+    sft_steps: int = typer.Option(60, help="SFT optimizer steps."),
 ) -> None:
     """Build the tiny model, SFT it on megatron-core, push it into vLLM, sample."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

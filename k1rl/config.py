@@ -175,6 +175,11 @@ class WeightSyncConfig(Section):
     verify: Literal["checksum", "none"] = Field(
         "checksum", description="Verify every weight sync with a checksum over all buckets."
     )
+    pipelined: bool = Field(
+        True,
+        description="push_weights returns the manifest at once and packs on a thread; "
+        "receivers pull each bucket as soon as it is packed (export overlaps transfer).",
+    )
 
 
 class RewardConfig(ServiceSection):

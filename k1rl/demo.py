@@ -46,7 +46,7 @@ class DemoOptions:
     seed: int = 0
     model_dir: Path = Path("artifacts/tiny-model")
     run_dir: Path = Path("runs/demo")
-    sft_steps: int = 300
+    sft_steps: int = 60
     sft_batch: int = 64
     lr: float = 2e-3
     eval_problems: int = 200

@@ -146,6 +146,8 @@ class BucketMeta(Message):
     nbytes: int = Field(ge=0)
     # offset of the bucket inside the sender's registered region
     offset: int = Field(ge=0)
+    # "<algorithm>:<hex>" of this bucket's bytes, so each bucket is verified on arrival
+    checksum: str | None = None
 
 
 class WeightManifest(Message):
@@ -161,6 +163,12 @@ class WeightManifest(Message):
     buckets: list[BucketMeta]
     tensors: list[TensorMeta]
     checksum: str | None = Field(None, description="hex digest over all bucket bytes")
+    # Pipelined publish: the sender hands the manifest out while it still packs. Each
+    # bucket then has a ready stamp (version, state, digest) at ready_offset + 64 * index
+    # of the sender's region, which receivers poll before pulling the bucket; the stamps
+    # carry bucket_checksum digests, as the manifest cannot. None: every bucket is packed.
+    ready_offset: int | None = Field(None, ge=0)
+    bucket_checksum: str | None = Field(None, description="algorithm of stamp digests")
 
     @property
     def total_bytes(self) -> int:
