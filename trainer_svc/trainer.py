@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from k1rl.protocol import TrainBatch, TrainSample
 from trainer_svc import convert
 from trainer_svc.cpu_shims import apply_cpu_shims, cuda_as_cpu, seed_model_parallel
 from trainer_svc.model import (
@@ -32,6 +33,13 @@ from trainer_svc.model import (
     forward_logprobs,
     pack_rows,
     unwrap,
+)
+from trainer_svc.losses.mirror_descent import (
+    MirrorDescentConfig,
+    as_train_samples,
+    mirror_descent_loss,
+    split_groups,
+    uniform_group_fraction,
 )
 
 # Files next to the weights that make an exported dir loadable by transformers / vLLM.
@@ -331,6 +339,123 @@ class MegatronTrainer:
         stats = self.train_step(mean_nll, batches)
         stats.update(tokens=float(n_tokens), rows=float(sum(len(b.input_ids) for b in batches)))
         return stats
+
+    # ---------------------------------------------------- RL: online policy mirror descent
+
+    def mirror_descent_iteration(
+        self,
+        samples: TrainBatch | Sequence[TrainSample | tuple],
+        loss_cfg: MirrorDescentConfig,
+        *,
+        minibatches: int = 1,
+        epochs: int = 1,
+        reset_optimizer: bool = True,
+    ) -> dict[str, float]:
+        """One k1.5 RL iteration: ``minibatches * epochs`` optimizer steps on ``samples``.
+
+        ``samples``: a TrainBatch, TrainSamples, or tuples ``(group_id, prompt_token_ids,
+        response_token_ids, rollout_logprobs, reward[, policy_version])``; the k samples
+        of a prompt share a group id. The optimizer is reset first (k1.5 does so every
+        iteration) and the reference log π_θi of every sample is computed once with the
+        current weights, before any step. The groups (whole, in order of first
+        appearance) are split into ``minibatches`` near-equal mini-batches, one
+        optimizer step each, and the pass is repeated ``epochs`` times; the loss is
+        :func:`~trainer_svc.losses.mirror_descent.mirror_descent_loss` per mini-batch.
+
+        Returns step means (``loss``, ``grad_norm``) and last values, ``reward_mean``,
+        ``uniform_groups`` (fraction of groups whose rewards are all equal: no policy
+        gradient), ``rollout_logprob_diff`` (mean |rollout − trainer| token log-prob at
+        θ_i: the trainer/rollout mismatch alarm; ``stale_samples`` counts samples whose
+        policy_version is not the trainer's), ``log_ratio_sq`` (mean (log πθ − log πθi)²
+        over steps) and ``kl_term`` (τ/2 times it), ``ref_gap_first_step`` (max |log ratio|
+        at the first step, ~0 unless the reference is wrong).
+        """
+        if minibatches < 1 or epochs < 1:
+            raise ValueError(f"minibatches={minibatches} and epochs={epochs} must be >= 1")
+        samples = as_train_samples(samples, self.policy_version)
+        stale = sum(s.policy_version != self.policy_version for s in samples)
+        if reset_optimizer:
+            self.reset_optimizer()
+        plan, diffs = [], []
+        for idx in split_groups([s.group_id for s in samples], minibatches):
+            part = [samples[i] for i in idx]
+            prompts = [s.prompt_token_ids for s in part]
+            batches = self.micro_batches(prompts, [s.response_token_ids for s in part], pack=True)
+            ref, tokens = self._sequence_logprobs(batches, len(part))
+            plan.append((part, batches, ref))
+            diffs += [(t - torch.tensor(s.rollout_logprobs, device=t.device)).abs()
+                      for s, t in zip(part, tokens, strict=True)]
+        steps, ratios = [], []
+        for _ in range(epochs):
+            for part, batches, ref in plan:
+                loss_fn, step_ratios = self._mirror_descent_loss_fn(part, ref, loss_cfg)
+                steps.append(self.train_step(loss_fn, batches))
+                ratios.append(torch.cat(step_ratios))
+        diff, log_ratio_sq = torch.cat(diffs), torch.cat(ratios).square().mean().item()
+        return {
+            "steps": float(len(steps)),
+            "loss": sum(s["loss"] for s in steps) / len(steps),
+            "loss_last": steps[-1]["loss"],
+            "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
+            "grad_norm_last": steps[-1]["grad_norm"],
+            "lr": self.optim.lr,
+            "policy_version": float(self.policy_version),
+            "samples": float(len(samples)),
+            "reward_mean": sum(s.reward for s in samples) / len(samples),
+            "uniform_groups": uniform_group_fraction(samples),
+            "response_tokens": float(diff.numel()),
+            "rollout_logprob_diff": diff.mean().item(),
+            "rollout_logprob_diff_max": diff.max().item(),
+            "stale_samples": float(stale),
+            "log_ratio_sq": log_ratio_sq,
+            "kl_term": 0.5 * loss_cfg.tau * log_ratio_sq,
+            "ref_gap_first_step": ratios[0].abs().max().item(),
+        }
+
+    @torch.no_grad()
+    def _sequence_logprobs(
+        self, batches: Sequence[TokenBatch], n: int
+    ) -> tuple[Tensor, list[Tensor]]:
+        """log π of each of the ``n`` samples in ``batches``, and each one's token log-probs.
+
+        Sums in the same order as :meth:`_mirror_descent_loss_fn`, so at unchanged
+        weights the loss sees log πθ − log πθi == 0 exactly.
+        """
+        self.model.eval()
+        seq = torch.zeros(n, device=self.device)
+        index, values = [], []
+        for batch in batches:
+            logprobs = forward_logprobs(self.model, batch)
+            mask = batch.sample_index >= 0
+            seq.index_add_(0, batch.sample_index[mask], logprobs[mask])
+            index.append(batch.sample_index[mask])
+            values.append(logprobs[mask])
+        index = torch.cat(index)
+        # row-major order keeps each sample's tokens in order; a stable sort groups them
+        order = torch.sort(index, stable=True).indices
+        counts = torch.bincount(index, minlength=n).tolist()
+        return seq, list(torch.cat(values)[order].split(counts))
+
+    def _mirror_descent_loss_fn(
+        self, part: Sequence[TrainSample], ref: Tensor, cfg: MirrorDescentConfig
+    ) -> tuple[LossFn, list[Tensor]]:
+        """The train_step loss of one mini-batch, and the list its log-ratios go to."""
+        n = len(part)
+        rewards = torch.tensor([s.reward for s in part], device=self.device)
+        groups = torch.tensor([s.group_id for s in part], device=self.device)
+        ratios: list[Tensor] = []
+
+        def loss_fn(logprobs: Tensor, batch: TokenBatch) -> Tensor:
+            mask = batch.sample_index >= 0
+            index = batch.sample_index[mask]
+            seq = torch.zeros(n, dtype=logprobs.dtype, device=self.device)
+            seq = seq.index_add(0, index, logprobs[mask])
+            present = torch.zeros(n, dtype=torch.bool, device=self.device)
+            present[index] = True
+            ratios.append((seq.detach() - ref)[present])
+            return mirror_descent_loss(seq, ref, rewards, groups, cfg, present=present)
+
+        return loss_fn, ratios
 
     # ----------------------------------------------------------------- weight export
 
