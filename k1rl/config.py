@@ -196,6 +196,12 @@ class RewardConfig(ServiceSection):
         description="RL iterations trained without the length penalty before it switches on "
         "(k1.5 warm-up; switch point not given by the report).",
     )
+    verify_timeout_s: float = Field(
+        3.0,
+        gt=0,
+        description="Wall-clock limit for checking one non-integer answer with math-verify "
+        "(sympy can hang on inputs like 10^{10^{10}}); past it the answer scores 0.",
+    )
 
 
 class CheckpointEngineConfig(ServiceSection):

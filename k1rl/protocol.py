@@ -263,6 +263,7 @@ class RewardItem(Message):
     response: str
     answer: str
     response_tokens: int = Field(ge=0)
+    verifier: str = Field("math", min_length=1, description="registry name of the verifier")
 
 
 class RewardRequest(Message):
@@ -272,9 +273,23 @@ class RewardRequest(Message):
 
 
 class RewardResult(Message):
+    """Per item: rewards[i] = task_rewards[i] + length_penalty_weight * length_rewards[i]."""
+
     kind: Literal["reward_result"] = "reward_result"
     rewards: list[float]
     correct: list[bool]
+    # The components, so the loop can log them; empty when a scorer does not report them.
+    task_rewards: list[float] = Field(default_factory=list)
+    length_rewards: list[float] = Field(default_factory=list, description="unweighted")
+    length_penalty_weight: float = Field(0.0, description="weight applied (0 during warm-up)")
+
+    @model_validator(mode="after")
+    def _components_aligned(self) -> RewardResult:
+        for name in ("task_rewards", "length_rewards"):
+            n = len(getattr(self, name))
+            if n and n != len(self.rewards):
+                raise ValueError(f"{n} {name} for {len(self.rewards)} rewards")
+        return self
 
 
 # -------------------------------------------------------------------------- phase

@@ -1,0 +1,93 @@
+"""Batch scoring: task reward from a verifier plus the weighted k1.5 length reward."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from k1rl.config import RewardConfig
+from k1rl.protocol import RewardRequest, RewardResult
+
+from reward_svc import verifiers
+from reward_svc.length_penalty import length_rewards
+from reward_svc.verifiers import Verifier
+
+log = logging.getLogger(__name__)
+
+
+class RewardService:
+    """Scores RewardRequests: ``reward = task + weight * length``.
+
+    ``task`` is 1.0 if the item's verifier accepts the response, else 0.0. ``length`` is the
+    k1.5 length reward over the items sharing a ``group_id`` (the k responses to one
+    prompt). ``weight`` is ``config.length_penalty_weight`` from iteration
+    ``config.length_penalty_warmup_iters`` on (the request's ``ref.iteration``), 0 before.
+    Verifiers are created on first use and kept until :meth:`close`.
+    """
+
+    def __init__(self, config: RewardConfig) -> None:
+        self.config = config
+        self._verifiers: dict[str, Verifier] = {}
+
+    def start(self, names: Iterable[str] = ("math",)) -> None:
+        """Create and warm up the named verifiers now instead of on the first request."""
+        for name in names:
+            self._verifier(name).start()
+
+    def length_penalty_weight(self, iteration: int) -> float:
+        if iteration < self.config.length_penalty_warmup_iters:
+            return 0.0
+        return self.config.length_penalty_weight
+
+    def score(self, request: RewardRequest) -> RewardResult:
+        items = request.items
+        # resolve every verifier first, so an unknown name fails before any work is done
+        checkers = [self._verifier(item.verifier) for item in items]
+        correct = []
+        for i, (item, checker) in enumerate(zip(items, checkers)):
+            try:
+                correct.append(checker.verify(item.response, item.answer))
+            except ValueError as e:  # a bad gold answer: name the item carrying it
+                raise ValueError(
+                    f"items[{i}] (group {item.group_id}): {type(e).__name__}: {e}"
+                ) from e
+        length = [0.0] * len(items)
+        for members in _groups(item.group_id for item in items).values():
+            group_rewards = length_rewards(
+                [items[j].response_tokens for j in members], [correct[j] for j in members]
+            )
+            for j, value in zip(members, group_rewards):
+                length[j] = value
+        weight = self.length_penalty_weight(request.ref.iteration)
+        task = [float(ok) for ok in correct]
+        return RewardResult(
+            rewards=[t + weight * n for t, n in zip(task, length)],
+            correct=correct,
+            task_rewards=task,
+            length_rewards=length,
+            length_penalty_weight=weight,
+        )
+
+    def close(self) -> None:
+        for checker in self._verifiers.values():
+            checker.close()
+        self._verifiers.clear()
+
+    def __enter__(self) -> RewardService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _verifier(self, name: str) -> Verifier:
+        if name not in self._verifiers:
+            self._verifiers[name] = verifiers.create(name, self.config)
+        return self._verifiers[name]
+
+
+def _groups(group_ids: Iterable[int]) -> dict[int, list[int]]:
+    """group_id -> indices of its items, in request order."""
+    out: dict[int, list[int]] = {}
+    for i, gid in enumerate(group_ids):
+        out.setdefault(gid, []).append(i)
+    return out
