@@ -208,6 +208,9 @@ def test_bad_requests_name_what_is_wrong(kwargs, message):
         ("The answer is", None),
         ("no answer here 42", None),
         ("", None),
+        ("The answer is 85.5.", None),
+        ("The answer is 3.14 no, The answer is 3.", "3"),
+        ("The answer is " + "9" * 5000 + ".", None),
     ],
 )
 def test_extract_answer(text, answer):

@@ -41,7 +41,10 @@ DIFFICULTIES: dict[str, range] = {
 ANSWER_PREFIX = "The answer is"
 DEFAULT_HELDOUT_FRACTION = 0.1
 
-_ANSWER_RE = re.compile(r"The answer is\s*(-?\d[\d,]*)")
+# An integer that is not the start of a decimal ("85.5" is not the answer 85) and is
+# at most MAX_ANSWER_DIGITS long (int() refuses > 4300 digits; no task needs that many).
+MAX_ANSWER_DIGITS = 1000
+_ANSWER_RE = re.compile(r"The answer is\s*(-?\d[\d,]*)(?![\d,]*\.\d)")
 
 
 class Task(BaseModel):
@@ -74,7 +77,7 @@ def extract_answer(response_text: str) -> str | None:
     if not matches:
         return None
     raw = matches[-1].replace(",", "")
-    if raw in ("", "-"):
+    if raw in ("", "-") or len(raw) > MAX_ANSWER_DIGITS:
         return None
     return str(int(raw))
 
