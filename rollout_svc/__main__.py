@@ -7,7 +7,11 @@ import typer
 from k1rl.config import load_config
 from k1rl.service import setup_logging
 
+# Plain tracebacks: service logs are read by people and log collectors, not terminals.
+app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
 
+
+@app.command()
 def main(
     config: str = typer.Option(..., help="RunConfig YAML"),
     dummy_weights: bool = typer.Option(
@@ -22,4 +26,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app()

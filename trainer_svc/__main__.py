@@ -12,7 +12,11 @@ import typer
 from k1rl.config import load_config
 from k1rl.service import setup_logging
 
+# Plain tracebacks: service logs are read by people and log collectors, not terminals.
+app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
 
+
+@app.command()
 def main(
     config: str = typer.Option(..., help="RunConfig YAML"),
     address: str = typer.Option(None, help="override trainer.address"),
@@ -34,4 +38,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app()
