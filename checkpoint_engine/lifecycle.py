@@ -1,0 +1,107 @@
+"""How the rollout engine comes and goes between phases.
+
+k1.5 terminates vLLM after every rollout and restarts it with dummy weights, because
+CUDA graphs and NCCL buffers keep memory that an offload cannot release; the new
+weights then arrive over the transfer engine. ``restart`` does exactly that with a
+rollout_svc process. ``persistent`` keeps one engine alive across phases (vLLM's
+sleep mode is refused on CPU, so here it simply stays resident; on GPU that is where
+sleep/wake would go).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from k1rl.launch import ServiceProcess, start_service
+
+
+class EngineLifecycle(ABC):
+    """Brings a rollout engine (holding dummy or stale weights) up and halts it."""
+
+    name: str
+
+    def __init__(self, config_path: Path, address: str, log_dir: Path, ready_timeout_s: float):
+        self.config_path = Path(config_path)
+        self.address = address
+        self.log_dir = Path(log_dir)
+        self.ready_timeout_s = ready_timeout_s
+        self._proc: ServiceProcess | None = None
+        self.starts = 0
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.proc.poll() is None
+
+    def _spawn(self) -> float:
+        """Start rollout_svc with dummy weights and wait until it answers ready."""
+        started = time.perf_counter()
+        args = ["--config", str(self.config_path), "--address", self.address, "--dummy-weights"]
+        self._proc = start_service("rollout", "rollout_svc", args, self.address, self.log_dir)
+        try:
+            self._proc.wait_ready(self.ready_timeout_s)
+        except BaseException:
+            self._stop()
+            raise
+        self.starts += 1
+        return time.perf_counter() - started
+
+    def _stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+            self._proc = None
+
+    @abstractmethod
+    def bring_up(self) -> bool:
+        """Make an engine available; True when a fresh one (dummy weights) was started."""
+
+    @abstractmethod
+    def halt(self) -> None:
+        """Called when rollout ends."""
+
+    def close(self) -> None:
+        self._stop()
+
+
+class RestartLifecycle(EngineLifecycle):
+    name = "restart"
+
+    def bring_up(self) -> bool:
+        if self.running:
+            return False
+        self._spawn()
+        return True
+
+    def halt(self) -> None:
+        self._stop()
+
+
+class PersistentLifecycle(EngineLifecycle):
+    name = "persistent"
+
+    def bring_up(self) -> bool:
+        if self.running:
+            return False
+        # First start, or the engine died since: start again rather than fail the run.
+        self._spawn()
+        return True
+
+    def halt(self) -> None:
+        pass
+
+
+LIFECYCLES: dict[str, type[EngineLifecycle]] = {
+    RestartLifecycle.name: RestartLifecycle,
+    PersistentLifecycle.name: PersistentLifecycle,
+}
+
+
+def make_lifecycle(name: str, **kwargs) -> EngineLifecycle:
+    try:
+        cls = LIFECYCLES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown engine lifecycle {name!r}; known: {', '.join(sorted(LIFECYCLES))}"
+        ) from None
+    return cls(**kwargs)

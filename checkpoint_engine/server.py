@@ -1,0 +1,52 @@
+"""The checkpoint-engine sidecar: owns the rollout engine's lifecycle and the phase
+state machine, commanded over ZMQ with PhaseCommand (verb ``phase``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from k1rl.config import RunConfig
+from k1rl.protocol import PhaseCommand, PhaseStatus
+from k1rl.rpc import RPCClient, RPCServer
+from k1rl.service import run_until_signalled
+
+from checkpoint_engine.lifecycle import make_lifecycle
+from checkpoint_engine.phases import Phase, PhaseMachine
+
+log = logging.getLogger(__name__)
+
+
+def build_machine(cfg: RunConfig, config_path: Path) -> PhaseMachine:
+    lifecycle = make_lifecycle(
+        cfg.checkpoint_engine.engine_lifecycle,
+        config_path=config_path,
+        address=cfg.rollout.address,
+        log_dir=Path(cfg.run_dir) / "logs",
+        ready_timeout_s=600.0,
+    )
+    trainer = RPCClient(cfg.trainer.address, timeout_s=600.0)
+    return PhaseMachine(trainer=trainer, lifecycle=lifecycle)
+
+
+def handle_phase(machine: PhaseMachine, cmd: PhaseCommand) -> PhaseStatus:
+    if cmd.phase == Phase.ROLLOUT.value:
+        record = machine.to_rollout()
+    else:
+        record = machine.to_train()
+    log.info("%s: v%d in %.2f s", record.direction, record.policy_version, record.seconds)
+    return PhaseStatus(
+        phase=machine.phase.value, policy_version=machine.policy_version, switch_s=record.seconds
+    )
+
+
+def serve(cfg: RunConfig, config_path: Path, address: str | None = None) -> None:
+    machine = build_machine(cfg, config_path)
+    server = RPCServer(address or cfg.checkpoint_engine.address, service="checkpoint_engine")
+    server.register("phase", PhaseCommand, lambda cmd: handle_phase(machine, cmd))
+    server.start_in_thread()
+    try:
+        run_until_signalled(server)
+    finally:
+        machine.lifecycle.close()
+        machine.trainer.close()

@@ -1,0 +1,98 @@
+"""The checkpoint-engine phase state machine: TRAIN <-> ROLLOUT with a real trainer and vLLM."""
+
+from __future__ import annotations
+
+import pytest
+
+from checkpoint_engine.lifecycle import RestartLifecycle, make_lifecycle
+from checkpoint_engine.phases import PhaseError, PhaseMachine
+from k1rl.config import RunConfig
+from k1rl.launch import LocalCluster, free_tcp_address
+from k1rl.protocol import (
+    GenerateRequest,
+    GenerateResult,
+    PhaseCommand,
+    PhaseStatus,
+    SamplingSpec,
+    SFTBatch,
+    SFTExample,
+    TrainStats,
+)
+from k1rl.rpc import RemoteError, RPCClient, RPCTimeout
+
+
+def _machine(tmp_path) -> PhaseMachine:
+    lifecycle = RestartLifecycle(tmp_path / "run.yaml", free_tcp_address(), tmp_path, 1.0)
+    return PhaseMachine(trainer=RPCClient(free_tcp_address(), timeout_s=1.0), lifecycle=lifecycle)
+
+
+def test_switching_to_train_while_training_is_refused(tmp_path):
+    machine = _machine(tmp_path)
+    with pytest.raises(PhaseError, match="to_train needs phase rollout, but the phase is train"):
+        machine.to_train()
+    assert machine.history == []
+
+
+def test_unknown_lifecycle_names_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="persistent, restart"):
+        make_lifecycle("sleep", config_path=tmp_path, address="", log_dir=tmp_path,
+                       ready_timeout_s=1.0)
+
+
+@pytest.fixture
+def sidecar(tmp_path, trainer_model_dir):
+    cfg = RunConfig(run_dir=str(tmp_path / "run"))
+    cfg.model.path = str(trainer_model_dir)
+    cfg.trainer.address = free_tcp_address()
+    cfg.rollout.address = free_tcp_address()
+    cfg.checkpoint_engine.address = free_tcp_address()
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.dump_yaml())
+    with LocalCluster(tmp_path / "logs") as cluster:
+        args = ["--config", str(config)]
+        cluster.start("trainer", "trainer_svc", args, cfg.trainer.address)
+        cluster.start("checkpoint_engine", "checkpoint_engine", args, cfg.checkpoint_engine.address)
+        cluster.wait_ready(300)
+        with RPCClient(cfg.checkpoint_engine.address, timeout_s=600) as ce, \
+                RPCClient(cfg.trainer.address, timeout_s=600) as trainer:
+            yield cfg, ce, trainer
+
+
+def _sample(cfg) -> GenerateResult:
+    req = GenerateRequest(prompts=["Q: 2 + 3\nA:"], sampling=SamplingSpec(n=2, max_tokens=8))
+    with RPCClient(cfg.rollout.address, timeout_s=300) as rollout:
+        return rollout.call("generate", req, GenerateResult)
+
+
+def _rollout_is_down(cfg) -> bool:
+    with RPCClient(cfg.rollout.address, timeout_s=1.0) as rollout:
+        try:
+            rollout.ping()
+        except RPCTimeout:
+            return True
+    return False
+
+
+@pytest.mark.slow
+def test_restart_mode_runs_vllm_only_during_rollout_and_serves_each_new_policy(sidecar):
+    cfg, ce, trainer = sidecar
+    assert _rollout_is_down(cfg)
+
+    status = ce.call("phase", PhaseCommand(phase="rollout"), PhaseStatus)
+    assert (status.phase, status.policy_version) == ("rollout", 0)
+    assert _sample(cfg).policy_version == 0
+
+    with pytest.raises(RemoteError, match="needs phase train"):
+        ce.call("phase", PhaseCommand(phase="rollout"), PhaseStatus)
+
+    assert ce.call("phase", PhaseCommand(phase="train"), PhaseStatus).phase == "train"
+    assert _rollout_is_down(cfg)
+
+    ex = SFTExample(prompt_token_ids=[5, 6, 7], response_token_ids=[8, 9])
+    assert trainer.call("sft_step", SFTBatch(examples=[ex]), TrainStats).policy_version == 1
+
+    status = ce.call("phase", PhaseCommand(phase="rollout"), PhaseStatus)
+    assert status.policy_version == 1 and status.switch_s > 0
+    assert _sample(cfg).policy_version == 1
+    ce.call("phase", PhaseCommand(phase="train"), PhaseStatus)
+    assert _rollout_is_down(cfg)
