@@ -9,6 +9,11 @@ at least 50 MB and measures, over several updates:
 - raw: a Mooncake receiver in this process pulling the very same published region,
   bucket by bucket, with no conversion, no checksum and no load.
 
+With a pipelined publish (``weights.pipelined``, the default) push_weights returns
+the manifest before the trainer has packed, so ``export_pack_s`` is then only the
+hand-off; the export is inside ``full_update_s``, which still ends only when vLLM has
+reloaded every bucket. ``--no-pipeline`` measures the sequential path.
+
 The last output line is one JSON object.
 """
 
@@ -49,7 +54,15 @@ def _raw_pull(manifest: WeightManifest, cfg: RunConfig) -> float:
     opts["require_checksum"] = False
     receiver = get_receiver(manifest.transport, **opts)
     try:
-        unchecked = manifest.model_copy(update={"checksum": None})
+        # the same bytes with nothing around them: no digests, no ready stamps to poll
+        unchecked = manifest.model_copy(
+            update={
+                "checksum": None,
+                "ready_offset": None,
+                "bucket_checksum": None,
+                "buckets": [b.model_copy(update={"checksum": None}) for b in manifest.buckets],
+            }
+        )
         for _ in receiver.receive(unchecked):  # warm-up: allocate and register once
             pass
         start = time.perf_counter()
@@ -82,9 +95,11 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, default=64)
     ap.add_argument("--verify", choices=["checksum", "none"], default="checksum")
     ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--no-pipeline", action="store_true", help="pack before handing out")
     args = ap.parse_args()
 
     cfg = RunConfig()
+    cfg.weights.pipelined = not args.no_pipeline
     cfg.weights.bucket_mb = args.bucket_mb
     cfg.weights.verify = args.verify
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="k1rl-bench-"))
@@ -107,6 +122,7 @@ def main() -> None:
         "buckets": len(manifest.buckets),
         "tensors": len(manifest.tensors),
         "verify": args.verify,
+        "pipelined": cfg.weights.pipelined,
         "repeats": args.repeats,
         "raw_transfer_s": round(raw, 4),
         "full_update_s": round(full, 4),

@@ -4,15 +4,18 @@ This package's exports are the weight-sync library that trainer_svc (sender side
 rollout_svc (receiver side, inside a vLLM worker) import:
 
 - planning: ``plan_buckets``, ``tensor_specs``, ``region_bytes``, ``validate_layout``
-- packing / unpacking: ``pack_into``, ``views_of_bucket``
-- integrity: ``Checksum``, ``region_checksum``
+- packing / unpacking: ``pack_into``, ``BucketPacker``, ``views_of_bucket``
+- integrity: ``Checksum``, ``region_checksum``, ``bucket_checksums``, ``combine_checksums``
 - transports: ``get_sender`` / ``get_receiver`` by name ("mooncake", "shm"), the
   ``WeightSender`` / ``WeightReceiver`` lifecycle, and their errors and stats.
 """
 
 from checkpoint_engine.buckets import (
     DTYPES,
+    BucketPacker,
     Checksum,
+    bucket_checksums,
+    combine_checksums,
     dtype_name,
     pack_into,
     plan_buckets,
@@ -41,6 +44,7 @@ from checkpoint_engine.transports.base import (
 
 __all__ = [
     "DTYPES",
+    "BucketPacker",
     "Checksum",
     "PublishStats",
     "ReceiveStats",
@@ -49,6 +53,8 @@ __all__ = [
     "WeightIntegrityError",
     "WeightReceiver",
     "WeightSender",
+    "bucket_checksums",
+    "combine_checksums",
     "dtype_name",
     "get_receiver",
     "get_sender",

@@ -7,17 +7,25 @@ here is pure (no transport, no process state) so the layout can be tested alone 
 sender and receiver compute it identically.
 
 Checksum cost measured on the 2-core development machine (256 MiB of random bytes):
-crc32 ~0.26 s/GiB (~4 GB/s), sha256 ~0.6 s/GiB, blake2b ~1.1 s/GiB, md5 ~1.4 s/GiB.
-crc32 is the default: it catches transport corruption and stale or half-written
-regions, which is what a sync check is for; sha256 is there when a collision-resistant
-digest is wanted. Both release the GIL, so the receiver hashes a bucket on its
-background thread while the caller loads the previous one.
+crc32 ~0.26 s/GiB (~4 GB/s), sha256 ~0.6 s/GiB, blake2b ~1.1 s/GiB, md5 ~1.4 s/GiB;
+xxh3 (64 or 128 bit, package ``xxhash``) ~0.05 s/GiB, 5x cheaper than crc32 (a 70 MB
+update: ~3 ms instead of ~18 ms per side). xxh3_128 is what the run configuration uses:
+it catches transport corruption and stale or half-written regions, which is what a sync
+check is for; sha256 is there when a collision-resistant digest is wanted. crc32 and
+sha256 release the GIL on large buffers; xxh3 is fast enough (~19 GB/s measured) that
+whether it does hardly matters.
+
+Digests are taken per bucket (:func:`bucket_checksums`), so a receiver verifies each
+bucket as it lands and never hands out an unverified byte, without waiting for the
+whole update; the manifest-level digest is :func:`combine_checksums` of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import zlib
+
+import xxhash
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from math import prod
 
@@ -169,6 +177,59 @@ def _check_region(region: torch.Tensor, needed: int) -> None:
         raise ValueError(f"weight region has {region.numel()} bytes, the layout needs {needed}")
 
 
+class BucketPacker:
+    """Copies planned tensors into their slots, reporting each bucket as it completes.
+
+    Every planned tensor must arrive exactly once with the planned dtype and shape: a
+    silent dtype cast or a missing tensor would ship a wrong policy. Knowing when a
+    bucket is complete lets a sender hand it out while later tensors are still coming.
+    """
+
+    def __init__(
+        self, region: torch.Tensor, buckets: Sequence[BucketMeta], metas: Sequence[TensorMeta]
+    ) -> None:
+        _check_region(region, region_bytes(buckets))
+        self._region = region
+        self._buckets = buckets
+        self._metas = metas
+        self._by_name = {m.name: m for m in metas}
+        self._left = [0] * len(buckets)
+        for m in metas:
+            self._left[m.bucket] += 1
+        self._done: set[str] = set()
+        self.packed = 0
+
+    def empty_buckets(self) -> list[int]:
+        """Buckets without tensors: complete before anything is packed."""
+        return [i for i, left in enumerate(self._left) if left == 0]
+
+    def add(self, name: str, tensor: torch.Tensor) -> int | None:
+        """Copy one tensor into its slot; return its bucket's index if that completed it."""
+        meta = self._by_name.get(name)
+        if meta is None:
+            raise ValueError(f"tensor {name!r} is not in the weight plan (re-plan first)")
+        if name in self._done:
+            raise ValueError(f"tensor {name!r} was given twice")
+        if dtype_name(tensor.dtype) != meta.dtype or list(tensor.shape) != meta.shape:
+            raise ValueError(
+                f"tensor {name!r} is {dtype_name(tensor.dtype)}{list(tensor.shape)}, "
+                f"the plan says {meta.dtype}{meta.shape}"
+            )
+        _slot(self._region, self._buckets[meta.bucket].offset + meta.offset, meta).copy_(tensor)
+        self._done.add(name)
+        self.packed += meta.nbytes
+        self._left[meta.bucket] -= 1
+        return meta.bucket if self._left[meta.bucket] == 0 else None
+
+    def finish(self) -> int:
+        """Raise naming the planned tensors never given; else return the bytes packed."""
+        missing = [m.name for m in self._metas if m.name not in self._done]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(f"{len(missing)} planned tensor(s) were not given: {shown}")
+        return self.packed
+
+
 def pack_into(
     region: torch.Tensor,
     buckets: Sequence[BucketMeta],
@@ -179,34 +240,14 @@ def pack_into(
 
     ``tensors`` may be a mapping or a stream of ``(name, tensor)`` (e.g. a generator
     converting trainer shards one at a time). Each tensor is copied straight into a
-    dtype/shape view of its slot, so no intermediate buffer is built. Every planned
-    tensor must arrive exactly once with the planned dtype and shape: a silent dtype
-    cast or a missing tensor would ship a wrong policy.
+    dtype/shape view of its slot, so no intermediate buffer is built. See
+    :class:`BucketPacker` for the checks.
     """
-    _check_region(region, region_bytes(buckets))
-    by_name = {m.name: m for m in metas}
+    packer = BucketPacker(region, buckets, metas)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    done: set[str] = set()
-    packed = 0
     for name, tensor in items:
-        meta = by_name.get(name)
-        if meta is None:
-            raise ValueError(f"tensor {name!r} is not in the weight plan (re-plan first)")
-        if name in done:
-            raise ValueError(f"tensor {name!r} was given twice")
-        if dtype_name(tensor.dtype) != meta.dtype or list(tensor.shape) != meta.shape:
-            raise ValueError(
-                f"tensor {name!r} is {dtype_name(tensor.dtype)}{list(tensor.shape)}, "
-                f"the plan says {meta.dtype}{meta.shape}"
-            )
-        _slot(region, buckets[meta.bucket].offset + meta.offset, meta).copy_(tensor)
-        done.add(name)
-        packed += meta.nbytes
-    missing = [m.name for m in metas if m.name not in done]
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"{len(missing)} planned tensor(s) were not given: {shown}")
-    return packed
+        packer.add(name, tensor)
+    return packer.finish()
 
 
 def views_of_bucket(
@@ -231,7 +272,8 @@ def views_of_bucket(
 
 # ------------------------------------------------------------------------ checksums
 
-CHECKSUM_ALGORITHMS = ("crc32", "sha256")
+CHECKSUM_ALGORITHMS = ("xxh3_128", "xxh3_64", "crc32", "sha256")
+_XXH3 = {"xxh3_64": xxhash.xxh3_64, "xxh3_128": xxhash.xxh3_128}
 
 
 class Checksum:
@@ -248,19 +290,30 @@ class Checksum:
             )
         self.algorithm = algorithm
         self._crc = 0
-        self._sha = hashlib.sha256() if algorithm == "sha256" else None
+        self._hash = None
+        if algorithm == "sha256":
+            self._hash = hashlib.sha256()
+        elif algorithm in _XXH3:
+            self._hash = _XXH3[algorithm]()
 
     def update(self, data: torch.Tensor) -> None:
         """Feed a contiguous uint8 CPU tensor (hashed in place through its buffer)."""
         view = memoryview(data.numpy())
-        if self._sha is not None:
-            self._sha.update(view)
+        if self._hash is not None:
+            self._hash.update(view)
         else:
             self._crc = zlib.crc32(view, self._crc)
 
     def hexdigest(self) -> str:
-        digest = self._sha.hexdigest() if self._sha is not None else f"{self._crc:08x}"
+        digest = self._hash.hexdigest() if self._hash is not None else f"{self._crc:08x}"
         return f"{self.algorithm}:{digest}"
+
+    @classmethod
+    def of(cls, data: torch.Tensor, algorithm: str) -> str:
+        """``"<algorithm>:<hex>"`` of one contiguous uint8 tensor."""
+        checksum = cls(algorithm)
+        checksum.update(data)
+        return checksum.hexdigest()
 
     @classmethod
     def for_digest(cls, checksum: str) -> Checksum:
@@ -285,4 +338,28 @@ def region_checksum(
     checksum = Checksum(algorithm)
     for data in iter_bucket_bytes(region, buckets):
         checksum.update(data)
+    return checksum.hexdigest()
+
+
+def bucket_checksums(
+    region: torch.Tensor, buckets: Sequence[BucketMeta], algorithm: str
+) -> list[BucketMeta]:
+    """``buckets`` with ``checksum`` set to the digest of each bucket's bytes."""
+    return [
+        b.model_copy(update={"checksum": Checksum.of(data, algorithm)})
+        for b, data in zip(buckets, iter_bucket_bytes(region, buckets))
+    ]
+
+
+def combine_checksums(digests: Iterable[str]) -> str:
+    """One digest standing for a sequence of per-bucket digests, in the same algorithm.
+
+    It changes whenever any bucket's bytes change, so it identifies an update's content
+    (as a whole-region digest would) at the cost of hashing a few hex strings.
+    """
+    digests = list(digests)
+    if not digests:
+        raise ValueError("combine_checksums got no digests")
+    checksum = Checksum.for_digest(digests[0])
+    checksum.update(torch.frombuffer(bytearray("\n".join(digests).encode()), dtype=torch.uint8))
     return checksum.hexdigest()

@@ -14,7 +14,8 @@ def transport_options(cfg: WeightSyncConfig, role: Literal["sender", "receiver"]
     if cfg.transport == "mooncake":
         opts.update(host=cfg.host, protocol=cfg.mooncake_protocol, device_name=cfg.rdma_device)
     if role == "sender":
-        opts["checksum"] = "crc32" if verify else None
+        # xxh3 hashes ~5x faster than crc32 here, with the same purpose (see buckets.py)
+        opts["checksum"] = "xxh3_128" if verify else None
     else:
         opts["require_checksum"] = verify
     return opts

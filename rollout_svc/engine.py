@@ -196,7 +196,9 @@ class RolloutEngine:
             transfer_s=max(w["transfer_s"] for w in per_worker),
             # time the update took beyond waiting for bytes: reload and bookkeeping
             load_s=time.perf_counter() - started - max(w["wait_s"] for w in per_worker),
-            checksum_ok=all(w["checksum_ok"] for w in per_worker) if manifest.checksum else None,
+            checksum_ok=(
+                all(w["checksum_ok"] for w in per_worker) if _has_digests(manifest) else None
+            ),
         )
 
     def weight_fingerprint(self) -> dict[str, float]:
@@ -210,6 +212,15 @@ class RolloutEngine:
             if llm_engine is not None and hasattr(llm_engine, "engine_core"):
                 llm_engine.engine_core.shutdown()
             del self.llm
+
+
+def _has_digests(manifest: WeightManifest) -> bool:
+    # a pipelined manifest carries no update digest: its buckets' digests are in stamps
+    return bool(
+        manifest.checksum
+        or manifest.bucket_checksum
+        or all(b.checksum for b in manifest.buckets)
+    )
 
 
 def _finish_reason(vllm_reason: str | None) -> str:

@@ -52,6 +52,8 @@ class WeightSyncExtension:
             "bytes": stats.bytes,
             "transfer_s": stats.transfer_s,
             "wait_s": stats.wait_s,
+            # part of the transfer thread's time spent waiting for a pipelined sender
+            "ready_wait_s": stats.ready_wait_s,
             "load_s": max(0.0, total - stats.wait_s),
             "checksum_ok": stats.checksum_ok,
         }

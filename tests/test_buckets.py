@@ -197,3 +197,55 @@ def test_unknown_checksum_algorithm_is_rejected():
         Checksum("md4")
     with pytest.raises(ValueError, match="not of the form"):
         Checksum.for_digest("deadbeef")
+
+
+def test_xxh3_bucket_digests_cover_each_bucket_and_combine_per_update():
+    import xxhash
+
+    from checkpoint_engine import bucket_checksums, combine_checksums
+
+    tensors = _mixed_tensors()
+    metas, buckets = plan_buckets(tensor_specs(tensors.items()), 2048)
+    region = torch.zeros(region_bytes(buckets), dtype=torch.uint8)
+    pack_into(region, buckets, metas, tensors)
+    digested = bucket_checksums(region, buckets, "xxh3_128")
+    for b in digested:
+        data = _as_bytes(region[b.offset : b.offset + b.nbytes])
+        assert b.checksum == f"xxh3_128:{xxhash.xxh3_128_hexdigest(data)}"
+        assert b.model_copy(update={"checksum": None}) == buckets[b.index]
+    combined = combine_checksums(b.checksum for b in digested)
+    assert combined.startswith("xxh3_128:")
+    region[buckets[-1].offset] ^= 1
+    changed = bucket_checksums(region, buckets, "xxh3_128")
+    assert [b.checksum for b in changed[:-1]] == [b.checksum for b in digested[:-1]]
+    assert changed[-1].checksum != digested[-1].checksum
+    assert combine_checksums(b.checksum for b in changed) != combined
+
+
+def test_packer_reports_each_bucket_when_its_last_tensor_arrives():
+    from checkpoint_engine import BucketPacker
+
+    tensors = _mixed_tensors()
+    metas, buckets = plan_buckets(tensor_specs(tensors.items()), 2048)
+    assert len(buckets) > 2
+    region = torch.zeros(region_bytes(buckets), dtype=torch.uint8)
+    first_of, last_of = {}, {}
+    for m in metas:
+        first_of.setdefault(m.bucket, m.name)
+        last_of[m.bucket] = m.name
+
+    in_order = BucketPacker(region, buckets, metas)
+    assert in_order.empty_buckets() == []
+    done = {name: in_order.add(name, t) for name, t in tensors.items()}
+    assert {n: b for n, b in done.items() if b is not None} == {last_of[b]: b for b in last_of}
+    assert in_order.finish() == sum(m.nbytes for m in metas)
+
+    # in any order: a bucket completes with whichever of its tensors comes last
+    reverse = BucketPacker(region, buckets, metas)
+    done = {name: reverse.add(name, t) for name, t in reversed(list(tensors.items()))}
+    assert {n: b for n, b in done.items() if b is not None} == {first_of[b]: b for b in first_of}
+
+    incomplete = BucketPacker(region, buckets, metas)
+    incomplete.add("embed.weight", tensors["embed.weight"])
+    with pytest.raises(ValueError, match=r"7 planned tensor\(s\) were not given"):
+        incomplete.finish()

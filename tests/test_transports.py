@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import traceback
 import uuid
 from pathlib import Path
@@ -365,3 +366,118 @@ def test_mooncake_receiver_refuses_an_unreachable_sender():
         )
         with pytest.raises(TransportError, match="127.0.0.1:1 does not answer"):
             receiver.receive(bogus)
+
+
+# ------------------------------------------------- per-bucket digests, pipelined publish
+
+
+def test_each_bucket_is_verified_before_any_of_its_tensors_is_yielded(shm_pair):
+    sender, receiver = shm_pair
+    manifest, tensors = _publish_small(sender, 1, seed=3)
+    assert all(b.checksum for b in manifest.buckets) and len(manifest.buckets) > 2
+    corrupt = manifest.buckets[1]
+    sender.region[corrupt.offset + 5] ^= 0x10
+    yielded = []
+    with pytest.raises(WeightIntegrityError, match="version 1 .* corrupt: bucket 1 checksum"):
+        for name, tensor in receiver.receive(manifest):
+            yielded.append(name)
+            assert _bytes_equal(tensor, tensors[name])
+    # bucket 0 is sound, but the load stops as soon as the thread has found bucket 1 bad
+    assert set(yielded) <= {m.name for m in manifest.tensors if m.bucket == 0}
+    assert receiver.stats.checksum_ok is False
+
+
+def _gated(tensors: dict, release_after: int, gate: threading.Event, fail: bool = False):
+    """Yield ``tensors``; after ``release_after`` of them wait for ``gate`` (an export
+    that is still running), then go on or fail."""
+    for i, item in enumerate(tensors.items()):
+        if i == release_after:
+            assert gate.wait(60), "test gate never opened"
+            if fail:
+                raise RuntimeError("export blew up")
+        yield item
+
+
+def _pipelined_small(sender, version, seed, gate, *, fail=False):
+    tensors = _small_tensors(seed)
+    metas, buckets = plan_buckets(tensor_specs(tensors.items()), SMALL_BUCKET)
+    sender.prepare(metas, buckets)
+    # the export stalls right after bucket 0's tensors: bucket 0 is complete, no other
+    release_after = sum(1 for m in metas if m.bucket == 0)
+    manifest = sender.publish(
+        version, _gated(tensors, release_after, gate, fail), pipelined=True
+    )
+    return manifest, tensors, metas
+
+
+def test_pipelined_publish_serves_packed_buckets_while_the_export_runs(shm_pair):
+    sender, receiver = shm_pair
+    gate = threading.Event()
+    manifest, tensors, metas = _pipelined_small(sender, 1, seed=4, gate=gate)
+    assert manifest.checksum is None and manifest.bucket_checksum == "xxh3_128"
+    assert manifest.ready_offset is not None and len(manifest.buckets) > 2
+    items = receiver.receive(manifest)
+    first_bucket = [m.name for m in metas if m.bucket == 0]
+    got = [next(items) for _ in first_bucket]  # served while the export is held back
+    assert [n for n, _ in got] == first_bucket and sender.packing
+    gate.set()
+    got += list(items)
+    assert [n for n, _ in got] == list(tensors)
+    assert all(_bytes_equal(t, tensors[n]) for n, t in got)
+    assert receiver.stats.checksum_ok is True and receiver.stats.ready_wait_s > 0
+    stats = sender.wait_published(timeout=10)
+    assert not sender.packing and stats.version == 1
+    assert stats.bytes == sum(m.nbytes for m in metas)
+
+
+def test_pipelined_export_failure_reaches_receiver_and_sender(shm_pair):
+    sender, receiver = shm_pair
+    gate = threading.Event()
+    manifest, _, metas = _pipelined_small(sender, 2, seed=5, gate=gate, fail=True)
+    items = receiver.receive(manifest)
+    yielded = [next(items)[0]]
+    gate.set()
+    with pytest.raises(TransportError, match="failed while packing version 2"):
+        for name, _ in items:
+            yielded.append(name)
+    assert set(yielded) <= {m.name for m in metas if m.bucket == 0}
+    with pytest.raises(TransportError, match="pipelined weight publish failed: export blew up"):
+        sender.wait_published(timeout=10)
+    sender.wait_published(timeout=10)  # reported once; the sender is usable again
+    manifest, tensors = _publish_small(sender, 3, seed=6)
+    _receive_and_compare(receiver, manifest, tensors)
+
+
+def test_receiver_times_out_on_a_sender_that_never_packs(shm_pair):
+    sender, _ = shm_pair
+    gate = threading.Event()
+    manifest, _, _ = _pipelined_small(sender, 1, seed=7, gate=gate)
+    with ShmReceiver(ready_timeout_s=0.3) as impatient:
+        with pytest.raises(TransportError, match="bucket 1 of version 1 .* not packed within"):
+            list(impatient.receive(manifest))
+    gate.set()
+    sender.wait_published(timeout=10)
+
+
+def test_a_pipelined_manifest_goes_stale_once_the_sender_republishes(shm_pair):
+    sender, receiver = shm_pair
+    gate = threading.Event()
+    gate.set()
+    old, _, _ = _pipelined_small(sender, 1, seed=8, gate=gate)
+    new, tensors, _ = _pipelined_small(sender, 2, seed=9, gate=gate)  # waits for v1's pack
+    assert sender.stats.version in (1, 2)
+    with pytest.raises(TransportError, match="moved on to version 2"):
+        list(receiver.receive(old))
+    _receive_and_compare(receiver, new, tensors)
+    assert sender.wait_published(timeout=10).version == 2
+
+
+def test_ready_stamps_overlapping_the_buckets_are_refused(shm_pair):
+    sender, receiver = shm_pair
+    gate = threading.Event()
+    gate.set()
+    manifest, _, _ = _pipelined_small(sender, 1, seed=10, gate=gate)
+    sender.wait_published(timeout=10)
+    bad = manifest.model_copy(update={"ready_offset": manifest.buckets[-1].offset})
+    with pytest.raises(ValueError, match="ready_offset .* inside the buckets"):
+        receiver.receive(bad)

@@ -56,6 +56,7 @@ class TrainerService:
                 cfg.weights.transport, **transport_options(cfg.weights, role="sender")
             )
         self._planned = False
+        self._publish_started: float | None = None
 
     # -------------------------------------------------------------------- verbs
     def sft_step(self, batch: SFTBatch) -> TrainStats:
@@ -74,7 +75,14 @@ class TrainerService:
         return LogprobResult(logprobs=values, policy_version=self.trainer.policy_version)
 
     def push_weights(self, req: PushWeightsRequest) -> WeightManifest | None:
-        """Export HF-named tensors and pack them into the sender's registered region."""
+        """Export HF-named tensors and pack them into the sender's registered region.
+
+        Pipelined (``weights.pipelined``): the manifest goes back at once while a sender
+        thread exports and packs, and receivers pull each bucket as soon as it is packed.
+        Every verb waits for that pack first (:meth:`finish_publish`), so no training
+        step changes the weights being exported and, with TP, no collective of another
+        verb interleaves with the export's gathers.
+        """
         started = time.perf_counter()
         # Only rank 0 publishes, so gather to it alone (cheaper than an all-gather).
         tensors = self.trainer.iter_hf_tensors(dst=0)
@@ -82,16 +90,34 @@ class TrainerService:
             for _ in tensors:  # followers take part in the gathers and yield nothing
                 pass
             return None
+        self.finish_publish()
         if not self._planned:
             self._plan()
-        manifest = self.sender.publish(self.trainer.policy_version, tensors)
+        pipelined = self.cfg.weights.pipelined
+        manifest = self.sender.publish(self.trainer.policy_version, tensors, pipelined=pipelined)
+        self._publish_started = None if not pipelined else started
+        if not pipelined:
+            self._log_published(started)
+        return manifest
+
+    def finish_publish(self) -> None:
+        """Wait for a pipelined pack to end; raise its error to the caller (once)."""
+        if self.sender is None or self._publish_started is None:
+            return
+        started, self._publish_started = self._publish_started, None
+        self.sender.wait_published()
+        self._log_published(started)
+
+    def _log_published(self, started: float) -> None:
+        stats = self.sender.stats
         log.info(
-            "published policy v%d: %.1f MB in %.3f s",
-            manifest.version,
-            manifest.total_bytes / 1e6,
+            "published policy v%d: %.1f MB, pack %.3f s, checksum %.3f s, %.3f s after push",
+            stats.version,
+            stats.bytes / 1e6,
+            stats.pack_s,
+            stats.checksum_s,
             time.perf_counter() - started,
         )
-        return manifest
 
     def checkpoint(self, req: CheckpointRequest) -> CheckpointResult:
         if req.action == "save":
@@ -105,6 +131,15 @@ class TrainerService:
     def close(self) -> None:
         if self.sender is not None:
             self.sender.close()
+
+    def guarded(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Wrap a rank-0 handler so it runs only after a pipelined pack has ended."""
+
+        def run(req: BaseModel) -> Any:
+            self.finish_publish()
+            return handler(req)
+
+        return run
 
     def _plan(self) -> None:
         from checkpoint_engine import plan_buckets
@@ -173,12 +208,16 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) 
             return
         server = RPCServer(address or cfg.trainer.address, service="trainer")
         for method, (model, fn) in service.routes().items():
-            server.register(method, model, _collective(method, fn, world_size))
+            server.register(method, model, service.guarded(_collective(method, fn, world_size)))
         server.set_ready(True, tp=world_size, policy_version=trainer.policy_version)
         server.start_in_thread()
         log.info("trainer ready on %s (tp=%d)", server.address, world_size)
         run_until_signalled(server)
         if world_size > 1:
+            try:  # the followers are still in the export's gathers until it ends
+                service.finish_publish()
+            except Exception:
+                log.exception("the last weight publish failed")
             _broadcast((_STOP, None))
     finally:
         service.close()

@@ -8,6 +8,10 @@ Sender (trainer side)::
     ...                                   # receivers pull; do not publish again meanwhile
     sender.close()                        # unregister, free, remove named resources
 
+    manifest = sender.publish(v, tensors, pipelined=True)  # returns at once, packs on a
+    ...                                   # thread; receivers wait per bucket for its stamp
+    sender.wait_published()               # before touching what ``tensors`` reads
+
 Receiver (inside a rollout worker)::
 
     for name, tensor in receiver.receive(manifest):   # pulls bucket by bucket
@@ -28,67 +32,49 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from checkpoint_engine import ready
 from checkpoint_engine.buckets import (
+    BucketPacker,
     Checksum,
+    bucket_checksums,
+    combine_checksums,
     group_by_bucket,
     pack_into,
     region_bytes,
-    region_checksum,
     validate_layout,
     views_of_bucket,
 )
+from checkpoint_engine.transports.common import (
+    PublishStats,
+    ReceiveStats,
+    TransportError,
+    TransportUnavailableError,
+    WeightIntegrityError,
+)
+from checkpoint_engine.transports.prefetch import BucketSource, Prefetcher, per_bucket_digests
 from k1rl.protocol import WEIGHT_ALIGNMENT, BucketMeta, TensorMeta, WeightManifest
 
 
-class TransportError(RuntimeError):
-    """A weight transfer failed: peer gone, stale manifest, registration refused."""
-
-
-class TransportUnavailableError(TransportError):
-    """The configured transport cannot run on this host (e.g. RDMA without an HCA)."""
-
-
-class WeightIntegrityError(TransportError):
-    """Received bytes do not match the sender's checksum: the update must be rejected."""
-
-
-@dataclass
-class PublishStats:
-    version: int
-    bytes: int
-    pack_s: float
-    checksum_s: float
-
-
-@dataclass
-class ReceiveStats:
-    """Filled while a receive runs; complete once its iterator is exhausted."""
-
-    version: int
-    bytes: int = 0
-    buckets: int = 0
-    # seconds the background thread spent moving bytes / hashing them
-    transfer_s: float = 0.0
-    checksum_s: float = 0.0
-    # seconds the consumer blocked waiting for a bucket (transfer not hidden by loading)
-    wait_s: float = 0.0
-    elapsed_s: float = 0.0
-    checksum_ok: bool | None = None
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes / self.transfer_s / 1e9 if self.transfer_s else 0.0
-
-
-def _alloc_size(buckets: Sequence[BucketMeta]) -> int:
+def _alloc_size(buckets: Sequence[BucketMeta], with_stamps: bool = False) -> int:
     # never zero: an all-empty plan still needs a mappable, registrable region
-    return max(region_bytes(buckets), WEIGHT_ALIGNMENT)
+    stamps = ready.stamps_bytes(buckets) if with_stamps else 0
+    return max(region_bytes(buckets) + stamps, WEIGHT_ALIGNMENT)
 
+
+__all__ = [
+    "BucketSource",
+    "PublishStats",
+    "ReceiveStats",
+    "TransportError",
+    "TransportUnavailableError",
+    "WeightIntegrityError",
+    "WeightReceiver",
+    "WeightSender",
+]
 
 # --------------------------------------------------------------------------- sender
 
@@ -98,9 +84,10 @@ class WeightSender(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, *, checksum: str | None = "crc32") -> None:
-        """``checksum``: digest algorithm put in every manifest ("crc32", "sha256"), or
-        None to skip hashing (receivers then need ``require_checksum=False``)."""
+    def __init__(self, *, checksum: str | None = "xxh3_128") -> None:
+        """``checksum``: digest algorithm for every bucket ("xxh3_128", "xxh3_64",
+        "crc32", "sha256"), or None to skip hashing (receivers then need
+        ``require_checksum=False``)."""
         if checksum is not None:
             Checksum(checksum)
         self.checksum_algorithm = checksum
@@ -109,6 +96,9 @@ class WeightSender(ABC):
         self._metas: list[TensorMeta] = []
         self._buckets: list[BucketMeta] = []
         self._closed = False
+        self._packing: threading.Thread | None = None
+        self._pack_error: BaseException | None = None
+        self._cancel_pack = threading.Event()
 
     # -- transport hooks
 
@@ -150,15 +140,17 @@ class WeightSender(ABC):
         address, fails its checksum, instead of loading bytes laid out differently.
         """
         self._check_open()
+        self.wait_published()
         validate_layout(buckets, metas)
-        metas, buckets = list(metas), list(buckets)
+        metas = list(metas)
+        buckets = [b.model_copy(update={"checksum": None}) for b in buckets]
         if self._region is not None and (metas, buckets) == (self._metas, self._buckets):
             return False
         if self._region is not None:
             self._region = None
             self._release_region()
         self._metas, self._buckets = [], []
-        self._region = self._allocate_region(_alloc_size(buckets))
+        self._region = self._allocate_region(_alloc_size(buckets, with_stamps=True))
         self._metas, self._buckets = metas, buckets
         return True
 
@@ -166,39 +158,151 @@ class WeightSender(ABC):
         self,
         version: int,
         tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
+        *,
+        pipelined: bool = False,
     ) -> WeightManifest:
         """Pack policy ``version`` into the region and describe it for receivers.
+
+        Every bucket gets its own digest, so receivers verify each bucket as it lands.
+        ``pipelined``: return the manifest at once and pack on a background thread;
+        each bucket's ready stamp flips as it is packed, and receivers wait for it, so
+        the export overlaps the transfer and the receivers' load. Until the pack has
+        ended (``wait_published``), ``tensors`` is being consumed on that thread: the
+        caller must not change what it yields (e.g. run an optimizer step).
 
         Receivers read the region in place, so the caller must not publish again until
         every receiver of this manifest has finished.
         """
+        self.wait_published()
         region = self.region
+        if not pipelined:
+            return self._publish_now(version, region, tensors)
+        stamps = region[region_bytes(self._buckets) :]
+        ready.reset(stamps, version)
+        self._cancel_pack.clear()
+        self._packing = threading.Thread(
+            target=self._pack_in_background,
+            args=(version, region, stamps, tensors, _current_cuda_device()),
+            name=f"weight-pack-v{version}",
+            daemon=True,
+        )
+        self._packing.start()
+        return self._manifest(
+            version,
+            self._buckets,
+            None,
+            ready_offset=region_bytes(self._buckets),
+            bucket_checksum=self.checksum_algorithm,
+        )
+
+    def wait_published(self, timeout: float | None = None) -> PublishStats | None:
+        """Block until a pipelined pack has ended; re-raise its error (once).
+
+        Returns the stats of the last publish. A timeout raises ``TimeoutError`` and
+        leaves the pack running.
+        """
+        thread = self._packing
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise TimeoutError(f"{self.name} sender still packing after {timeout} s")
+            self._packing = None
+        error, self._pack_error = self._pack_error, None
+        if error is not None:
+            raise TransportError(f"pipelined weight publish failed: {error}") from error
+        return self.stats
+
+    @property
+    def packing(self) -> bool:
+        """True while a pipelined publish is still packing."""
+        return self._packing is not None and self._packing.is_alive()
+
+    def _publish_now(self, version: int, region: torch.Tensor, tensors: Any) -> WeightManifest:
         start = time.perf_counter()
         nbytes = pack_into(region, self._buckets, self._metas, tensors)
         packed = time.perf_counter()
-        checksum = None
+        buckets, checksum = self._buckets, None
         if self.checksum_algorithm is not None:
-            checksum = region_checksum(region, self._buckets, self.checksum_algorithm)
+            buckets = bucket_checksums(region, self._buckets, self.checksum_algorithm)
+            checksum = combine_checksums(b.checksum for b in buckets)
         self.stats = PublishStats(
             version=version,
             bytes=nbytes,
             pack_s=packed - start,
             checksum_s=time.perf_counter() - packed,
         )
+        return self._manifest(version, buckets, checksum)
+
+    def _pack_in_background(
+        self,
+        version: int,
+        region: torch.Tensor,
+        stamps: torch.Tensor,
+        tensors: Any,
+        cuda_device: int | None,
+    ) -> None:
+        if cuda_device is not None:
+            # a new thread starts on GPU 0: the export's copies and gathers must run on the
+            # caller's GPU
+            torch.cuda.set_device(cuda_device)
+        stats = PublishStats(version=version, bytes=0, pack_s=0.0, checksum_s=0.0)
+        start = time.perf_counter()
+        marked: set[int] = set()
+        try:
+            packer = BucketPacker(region, self._buckets, self._metas)
+            for index in packer.empty_buckets():
+                stats.checksum_s += self._mark_ready(region, stamps, index, version)
+                marked.add(index)
+            items = tensors.items() if isinstance(tensors, dict) else tensors
+            for name, tensor in items:
+                if self._cancel_pack.is_set():
+                    raise TransportError("the sender was closed while packing")
+                index = packer.add(name, tensor)
+                if index is not None:
+                    stats.checksum_s += self._mark_ready(region, stamps, index, version)
+                    marked.add(index)
+            stats.bytes = packer.finish()
+        except BaseException as exc:  # receivers learn from their stamps, the caller here
+            self._pack_error = exc
+            for index in range(len(self._buckets)):
+                if index not in marked:
+                    ready.mark(stamps, index, version, ready.FAILED, None)
+        stats.pack_s = time.perf_counter() - start - stats.checksum_s
+        self.stats = stats
+
+    def _mark_ready(self, region: torch.Tensor, stamps: torch.Tensor, index: int, version: int):
+        start = time.perf_counter()
+        digest = None
+        if self.checksum_algorithm is not None:
+            bucket = self._buckets[index]
+            data = region[bucket.offset : bucket.offset + bucket.nbytes]
+            digest = Checksum.of(data, self.checksum_algorithm)
+        ready.mark(stamps, index, version, ready.READY, digest)
+        return time.perf_counter() - start
+
+    def _manifest(
+        self, version: int, buckets: list[BucketMeta], checksum: str | None, **extra: Any
+    ) -> WeightManifest:
         return WeightManifest(
             version=version,
             transport=self.name,
             endpoint=self.endpoint,
             base_addr=self.base_addr,
-            buckets=list(self._buckets),
+            buckets=list(buckets),
             tensors=list(self._metas),
             checksum=checksum,
+            **extra,
         )
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._cancel_pack.set()
+        if self._packing is not None:
+            # the tensor stream may block (e.g. a collective with a dead peer): don't hang
+            self._packing.join(30)
+            self._packing = None
         if self._region is not None:
             self._region = None
             self._release_region()
@@ -218,111 +322,27 @@ class WeightSender(ABC):
 # ------------------------------------------------------------------------- receiver
 
 
-class BucketSource(ABC):
-    """A connection to one published region, used by the prefetch thread only."""
-
-    @abstractmethod
-    def read(self, bucket: BucketMeta, dst: torch.Tensor) -> None:
-        """Fill ``dst`` (the bucket's slice of the local region) with the bucket's bytes."""
-
-    def close(self) -> None:
-        """Release the connection (called once, when the prefetch thread ends)."""
+def _current_cuda_device() -> int | None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    return None
 
 
-class _Prefetcher:
-    """Pulls every bucket in order on a thread; the consumer waits per bucket."""
-
-    def __init__(self, source: BucketSource, manifest: WeightManifest, region: torch.Tensor):
-        self.stats = ReceiveStats(version=manifest.version)
-        self._source = source
-        self._manifest = manifest
-        self._region = region
-        self._done = 0
-        self._finished = False
-        self._error: BaseException | None = None
-        self._cancel = threading.Event()
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(
-            target=self._run, name=f"weight-prefetch-v{manifest.version}", daemon=True
+def _validate_stamps(manifest: WeightManifest) -> None:
+    offset = manifest.ready_offset
+    if offset is not None and (offset % 8 or offset < region_bytes(manifest.buckets)):
+        raise ValueError(
+            f"manifest ready_offset {offset} is unaligned or inside the buckets "
+            f"(which end at {region_bytes(manifest.buckets)})"
         )
-        self._thread.start()
 
-    def _run(self) -> None:
-        start = time.perf_counter()
-        try:
-            self._pull_all()
-        except BaseException as exc:  # handed to the consumer thread, re-raised there
-            self._error = exc
-        finally:
-            self._source.close()
-            self.stats.elapsed_s = time.perf_counter() - start
-            with self._cond:
-                self._finished = True
-                self._cond.notify_all()
 
-    def _pull_all(self) -> None:
-        manifest, stats = self._manifest, self.stats
-        checksum = Checksum.for_digest(manifest.checksum) if manifest.checksum else None
-        for bucket in manifest.buckets:
-            if self._cancel.is_set():
-                return
-            dst = self._region[bucket.offset : bucket.offset + bucket.nbytes]
-            t0 = time.perf_counter()
-            if bucket.nbytes:
-                self._source.read(bucket, dst)
-            t1 = time.perf_counter()
-            if checksum is not None:
-                checksum.update(dst)
-            stats.transfer_s += t1 - t0
-            stats.checksum_s += time.perf_counter() - t1
-            stats.bytes += bucket.nbytes
-            stats.buckets += 1
-            with self._cond:
-                self._done += 1
-                self._cond.notify_all()
-        if checksum is not None:
-            got = checksum.hexdigest()
-            stats.checksum_ok = got == manifest.checksum
-            if not stats.checksum_ok:
-                raise WeightIntegrityError(
-                    f"weights of version {manifest.version} from {manifest.endpoint} are "
-                    f"corrupt: checksum {got} != manifest {manifest.checksum} "
-                    f"over {stats.bytes} bytes"
-                )
-
-    def wait(self, buckets_needed: int) -> None:
-        """Block until ``buckets_needed`` buckets have landed; re-raise a thread error."""
-        start = time.perf_counter()
-        with self._cond:
-            while self._done < buckets_needed and not self._finished:
-                self._cond.wait()
-        self.stats.wait_s += time.perf_counter() - start
-        self._raise_if_failed()
-
-    def wait_all(self) -> None:
-        """Block until the thread ended, so the checksum verdict is known."""
-        start = time.perf_counter()
-        self._thread.join()
-        self.stats.wait_s += time.perf_counter() - start
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        # a newer receive (or close) owns the region now: these bytes are not ours any more
-        if self.cancelled:
-            raise TransportError(
-                f"receive of version {self._manifest.version} was cancelled by a newer "
-                "receive() or by close()"
-            )
-        if self._error is not None:
-            raise self._error
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def stop(self) -> None:
-        self._cancel.set()
-        self._thread.join()
+def _receiver_alloc_size(manifest: WeightManifest) -> int:
+    # the stamps land at the sender's offsets, so the local region mirrors its layout
+    size = _alloc_size(manifest.buckets)
+    if manifest.ready_offset is not None:
+        size = max(size, manifest.ready_offset + ready.stamps_bytes(manifest.buckets))
+    return size
 
 
 class WeightReceiver(ABC):
@@ -330,18 +350,29 @@ class WeightReceiver(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, *, require_checksum: bool = True, verify_before_load: bool = False):
+    def __init__(
+        self,
+        *,
+        require_checksum: bool = True,
+        verify_before_load: bool = False,
+        ready_timeout_s: float = 600.0,
+    ):
         """``require_checksum``: refuse manifests without a checksum (an unverified
         update could be silently wrong). ``verify_before_load``: pull and verify every
-        bucket before yielding the first tensor (no transfer/load overlap, but nothing
-        corrupt ever reaches the caller). Otherwise verification finishes before any
-        tensor of the last bucket is yielded, and a mismatch raises
-        ``WeightIntegrityError`` from the iterator, aborting the load."""
+        bucket before yielding the first tensor (no transfer/load overlap, and no part
+        of a corrupt update is loaded). Otherwise each bucket is verified before its
+        tensors are yielded (per-bucket digests; with only a whole-update digest,
+        before any tensor of the last bucket), and a mismatch raises
+        ``WeightIntegrityError`` from the iterator, aborting the load.
+        ``ready_timeout_s``: how long to wait for a pipelined sender to pack a bucket."""
+        if ready_timeout_s <= 0:
+            raise ValueError(f"ready_timeout_s must be positive, got {ready_timeout_s}")
         self.require_checksum = require_checksum
         self.verify_before_load = verify_before_load
+        self.ready_timeout_s = ready_timeout_s
         self.stats: ReceiveStats | None = None
         self._region: torch.Tensor | None = None
-        self._prefetch: _Prefetcher | None = None
+        self._prefetch: Prefetcher | None = None
         self._closed = False
 
     # -- transport hooks
@@ -382,26 +413,33 @@ class WeightReceiver(ABC):
             raise ValueError(
                 f"manifest is for transport {manifest.transport!r}, this receiver is {self.name!r}"
             )
-        if self.require_checksum and manifest.checksum is None:
+        if self.require_checksum and manifest.checksum is None and not per_bucket_digests(
+            manifest
+        ):
             raise WeightIntegrityError(
                 f"manifest of version {manifest.version} has no checksum; enable checksums on "
                 "the sender or create the receiver with require_checksum=False"
             )
-        if manifest.checksum is not None:
-            Checksum.for_digest(manifest.checksum)
+        for digest in (manifest.checksum, *(b.checksum for b in manifest.buckets)):
+            if digest is not None:
+                Checksum.for_digest(digest)
+        if manifest.bucket_checksum is not None:
+            Checksum(manifest.bucket_checksum)
         validate_layout(manifest.buckets, manifest.tensors)
+        _validate_stamps(manifest)
         self._stop_prefetch()
-        self._ensure_region(_alloc_size(manifest.buckets))
+        self._ensure_region(_receiver_alloc_size(manifest))
         source = self._connect(manifest)
-        self._prefetch = _Prefetcher(source, manifest, self.region)
+        self._prefetch = Prefetcher(source, manifest, self.region, self.ready_timeout_s)
         self.stats = self._prefetch.stats
         return self._consume(manifest, self._prefetch, self.region)
 
     def _consume(
-        self, manifest: WeightManifest, prefetch: _Prefetcher, region: torch.Tensor
+        self, manifest: WeightManifest, prefetch: Prefetcher, region: torch.Tensor
     ) -> Iterator[tuple[str, torch.Tensor]]:
         grouped = group_by_bucket(manifest.tensors)
-        last = len(manifest.buckets) - 1
+        # without per-bucket digests the last bucket waits for the whole-update verdict
+        last = len(manifest.buckets) - (0 if per_bucket_digests(manifest) else 1)
         try:
             if self.verify_before_load:
                 prefetch.wait_all()
@@ -413,6 +451,7 @@ class WeightReceiver(ABC):
                 for item in views_of_bucket(region, bucket, grouped.get(bucket.index, [])):
                     prefetch.wait(0)
                     yield item
+            prefetch.wait_all()
         finally:
             prefetch.stop()
 

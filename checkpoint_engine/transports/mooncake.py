@@ -125,7 +125,7 @@ class MooncakeSender(WeightSender):
         host: str = "127.0.0.1",
         protocol: str = "tcp",
         device_name: str = "",
-        checksum: str | None = "crc32",
+        checksum: str | None = "xxh3_128",
     ) -> None:
         """``host``: address receivers reach this process at (the pod IP in a cluster).
         ``protocol``: "tcp", or "rdma" (refused without an HCA). ``device_name``: HCA
@@ -165,9 +165,16 @@ class _MooncakeSource(BucketSource):
         self._chunk_bytes = chunk_bytes
 
     def read(self, bucket: BucketMeta, dst: torch.Tensor) -> None:
-        starts = range(0, bucket.nbytes, self._chunk_bytes)
-        offsets = [bucket.offset + s for s in starts]
-        lengths = [min(self._chunk_bytes, bucket.nbytes - s) for s in starts]
+        self._read(bucket.offset, bucket.nbytes, f"bucket {bucket.index}")
+
+    def read_stamps(self, offset: int, dst: torch.Tensor) -> None:
+        self._read(offset, dst.numel(), "the ready stamps")
+
+    def _read(self, offset: int, nbytes: int, what: str) -> None:
+        # local and remote regions share one layout: the same offset on both sides
+        starts = range(0, nbytes, self._chunk_bytes)
+        offsets = [offset + s for s in starts]
+        lengths = [min(self._chunk_bytes, nbytes - s) for s in starts]
         remote = self._manifest.base_addr
         rc = self._engine.te.batch_transfer_sync_read(
             self._manifest.endpoint,
@@ -177,7 +184,7 @@ class _MooncakeSource(BucketSource):
         )
         if rc != 0:
             raise TransportError(
-                f"Mooncake read of bucket {bucket.index} ({bucket.nbytes} bytes) of version "
+                f"Mooncake read of {what} ({nbytes} bytes) of version "
                 f"{self._manifest.version} from {self._manifest.endpoint} failed (code {rc}): "
                 "is the sender alive, and is the manifest from its current plan?"
             )
@@ -197,12 +204,17 @@ class MooncakeReceiver(WeightReceiver):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         require_checksum: bool = True,
         verify_before_load: bool = False,
+        ready_timeout_s: float = 600.0,
     ) -> None:
         """``host``/``protocol``/``device_name`` as for the sender (this process's own
         engine). ``chunk_bytes``: a bucket is read as requests of at most this size."""
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-        super().__init__(require_checksum=require_checksum, verify_before_load=verify_before_load)
+        super().__init__(
+            require_checksum=require_checksum,
+            verify_before_load=verify_before_load,
+            ready_timeout_s=ready_timeout_s,
+        )
         self.chunk_bytes = chunk_bytes
         self._engine = _Engine(host, protocol, device_name)
         self._registered: torch.Tensor | None = None

@@ -21,6 +21,7 @@ import weakref
 
 import torch
 
+from checkpoint_engine.ready import STAMP_BYTES
 from checkpoint_engine.transports.base import (
     BucketSource,
     TransportError,
@@ -57,7 +58,7 @@ class ShmSender(WeightSender):
         *,
         shm_dir: str = DEFAULT_SHM_DIR,
         prefix: str = DEFAULT_PREFIX,
-        checksum: str | None = "crc32",
+        checksum: str | None = "xxh3_128",
     ) -> None:
         """``shm_dir``: a tmpfs directory shared with the receivers (a pod's /dev/shm
         volume). ``prefix``: start of segment names, so leftovers are recognizable."""
@@ -118,6 +119,8 @@ class _ShmSource(BucketSource):
             ) from None
         size = os.fstat(self._fd).st_size
         needed = max(b.offset + b.nbytes for b in manifest.buckets)
+        if manifest.ready_offset is not None:
+            needed = max(needed, manifest.ready_offset + STAMP_BYTES * len(manifest.buckets))
         if size < needed:
             os.close(self._fd)
             raise TransportError(
@@ -128,15 +131,20 @@ class _ShmSource(BucketSource):
         self._chunk_bytes = chunk_bytes
 
     def read(self, bucket: BucketMeta, dst: torch.Tensor) -> None:
+        self._read(bucket.offset, dst[: bucket.nbytes], f"bucket {bucket.index}")
+
+    def read_stamps(self, offset: int, dst: torch.Tensor) -> None:
+        self._read(offset, dst, "the ready stamps")
+
+    def _read(self, offset: int, dst: torch.Tensor, what: str) -> None:
         view = memoryview(dst.numpy())
-        done = 0
-        while done < bucket.nbytes:
-            end = min(done + self._chunk_bytes, bucket.nbytes)
-            got = os.preadv(self._fd, [view[done:end]], bucket.offset + done)
+        done, nbytes = 0, dst.numel()
+        while done < nbytes:
+            end = min(done + self._chunk_bytes, nbytes)
+            got = os.preadv(self._fd, [view[done:end]], offset + done)
             if got <= 0:
                 raise TransportError(
-                    f"shared-memory segment {self._path!r} ended early while reading "
-                    f"bucket {bucket.index}"
+                    f"shared-memory segment {self._path!r} ended early while reading {what}"
                 )
             done += got
 
@@ -156,12 +164,17 @@ class ShmReceiver(WeightReceiver):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         require_checksum: bool = True,
         verify_before_load: bool = False,
+        ready_timeout_s: float = 600.0,
     ) -> None:
         """``shm_dir``: where the sender's segments live. ``chunk_bytes``: bytes per
         ``preadv`` call."""
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-        super().__init__(require_checksum=require_checksum, verify_before_load=verify_before_load)
+        super().__init__(
+            require_checksum=require_checksum,
+            verify_before_load=verify_before_load,
+            ready_timeout_s=ready_timeout_s,
+        )
         self.shm_dir = _check_dir(shm_dir)
         self.chunk_bytes = chunk_bytes
 
