@@ -101,6 +101,26 @@ class TrainerConfig(ServiceSection):
     )
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass.")
     sft_steps: int = Field(200, ge=0, description="Optimizer steps of the SFT warm-up stage.")
+    loss: Literal["mirror_descent"] = Field(
+        "mirror_descent", description="RL loss by registry name (trainer_svc/losses)."
+    )
+    tau: float = Field(
+        0.1,
+        ge=0,
+        description="k1.5 tau: weight of the KL term to the iteration's reference policy "
+        "(eq. 3; the report gives no value).",
+    )
+    baseline: Literal["mean", "tau_log_z"] = Field(
+        "mean",
+        description="Reward baseline per prompt: mean reward of its k samples (k1.5's "
+        "practical choice) or the tau log Z estimate tau*log(mean(exp(r/tau))).",
+    )
+    minibatches_per_iteration: int = Field(
+        1, ge=1, description="Optimizer steps per pass over an iteration's batch (k1.5 takes several)."
+    )
+    epochs_per_iteration: int = Field(
+        1, ge=1, description="Passes over the iteration's batch; the optimizer is reset before."
+    )
 
     @field_validator("dist_backend")
     @classmethod

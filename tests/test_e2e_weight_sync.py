@@ -19,6 +19,8 @@ from k1rl.protocol import (
     SamplingSpec,
     SFTBatch,
     SFTExample,
+    TrainBatch,
+    TrainSample,
     TrainStats,
     WeightManifest,
     WeightUpdateResult,
@@ -127,6 +129,29 @@ def test_a_stale_manifest_is_refused_and_the_engine_keeps_serving(stack):
         stack.rollout.call("update_weights", manifest, WeightUpdateResult)
     assert stack.rollout.ping().ready
     assert _sample(stack, n=1).policy_version == 3
+
+
+def test_an_rl_iteration_on_fresh_rollouts_sees_no_trainer_vllm_mismatch(stack):
+    """The mismatch alarm of the mirror-descent verb reads ~0 on on-policy samples."""
+    sampled = _sample(stack, n=4, seed=5)
+    samples = [
+        TrainSample(
+            group_id=g,
+            prompt_token_ids=r.prompt_token_ids,
+            response_token_ids=c.token_ids,
+            rollout_logprobs=c.logprobs,
+            reward=float(j == 0),  # one rewarded sample per group: a real gradient signal
+            policy_version=c.policy_version,
+        )
+        for g, r in enumerate(sampled.results)
+        for j, c in enumerate(r.completions)
+    ]
+    version = sampled.policy_version
+    stats = stack.trainer.call("train", TrainBatch(samples=samples), TrainStats, timeout_s=300)
+    assert stats.metrics["stale_samples"] == 0
+    assert stats.metrics["rollout_logprob_diff"] <= PARITY_TOL
+    assert stats.metrics["reward_mean"] == pytest.approx(0.25)
+    assert stats.policy_version == version + stats.steps
 
 
 def test_tensor_parallel_trainer_service_pushes_the_same_policy_vllm_scores(tmp_path):

@@ -25,6 +25,7 @@ from k1rl.protocol import (
     LogprobResult,
     PushWeightsRequest,
     SFTBatch,
+    TrainBatch,
     TrainStats,
     WeightManifest,
 )
@@ -68,6 +69,25 @@ class TrainerService:
             steps=1,
             loss=stats["loss"],
             metrics={k: float(v) for k, v in stats.items() if k != "loss"},
+        )
+
+    def train(self, batch: TrainBatch) -> TrainStats:
+        """One k1.5 RL iteration: reset the optimizer, take the reference, several steps."""
+        from trainer_svc.losses import loss_config
+
+        t = self.cfg.trainer
+        stats = self.trainer.mirror_descent_iteration(
+            batch,
+            loss_config(t.loss, tau=t.tau, baseline=t.baseline),
+            minibatches=t.minibatches_per_iteration,
+            epochs=t.epochs_per_iteration,
+        )
+        return TrainStats(
+            ref=batch.ref,
+            policy_version=self.trainer.policy_version,
+            steps=int(stats["steps"]),
+            loss=stats["loss"],
+            metrics={k: float(v) for k, v in stats.items() if k not in ("loss", "steps")},
         )
 
     def logprobs(self, req: LogprobRequest) -> LogprobResult:
@@ -154,6 +174,7 @@ class TrainerService:
     def routes(self) -> dict[str, tuple[type[BaseModel], Callable[[Any], Any]]]:
         return {
             "sft_step": (SFTBatch, self.sft_step),
+            "train": (TrainBatch, self.train),
             "logprobs": (LogprobRequest, self.logprobs),
             "push_weights": (PushWeightsRequest, self.push_weights),
             "checkpoint": (CheckpointRequest, self.checkpoint),
