@@ -52,9 +52,16 @@ class EngineLifecycle(ABC):
             self._proc.stop()
             self._proc = None
 
-    @abstractmethod
     def bring_up(self) -> bool:
-        """Make an engine available; True when a fresh one (dummy weights) was started."""
+        """Make an engine available; True when a fresh one (dummy weights) was started.
+
+        An engine that died since the last rollout is started again rather than failing
+        the run; the fresh engine then receives the full policy.
+        """
+        if self.running:
+            return False
+        self._spawn()
+        return True
 
     @abstractmethod
     def halt(self) -> None:
@@ -67,25 +74,12 @@ class EngineLifecycle(ABC):
 class RestartLifecycle(EngineLifecycle):
     name = "restart"
 
-    def bring_up(self) -> bool:
-        if self.running:
-            return False
-        self._spawn()
-        return True
-
     def halt(self) -> None:
         self._stop()
 
 
 class PersistentLifecycle(EngineLifecycle):
     name = "persistent"
-
-    def bring_up(self) -> bool:
-        if self.running:
-            return False
-        # First start, or the engine died since: start again rather than fail the run.
-        self._spawn()
-        return True
 
     def halt(self) -> None:
         pass
