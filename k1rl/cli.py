@@ -86,3 +86,24 @@ def demo_cmd(
     from k1rl.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(seed=seed, model_dir=model_dir, run_dir=run_dir, sft_steps=sft_steps))
+
+
+@app.command("run")
+def run_cmd(
+    config: Path = typer.Option(None, help="RunConfig YAML of a new run."),
+    run_dir: Path = typer.Option(None, help="Run directory (default: the config's run_dir)."),
+    resume: Path = typer.Option(None, help="Resume the run in this directory."),
+) -> None:
+    """Run the k1.5 RL loop with local services, or resume a stopped run."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from k1rl import master
+    from k1rl.config import load_config
+
+    if (config is None) == (resume is None):
+        raise typer.BadParameter("give exactly one of --config (new run) or --resume RUN_DIR")
+    if resume is not None:
+        state = master.run(None, resume, resume=True)
+    else:
+        cfg = load_config(config)
+        state = master.run(cfg, run_dir or Path(cfg.run_dir))
+    console.print(f"run done: {state.iterations_done} iterations, policy v{state.policy_version}")

@@ -238,6 +238,31 @@ class CheckpointEngineConfig(ServiceSection):
 _SERVICES = ("trainer", "rollout", "reward", "checkpoint_engine")
 
 
+class RLConfig(Section):
+    """The master loop: what is sampled, how much, for how long."""
+
+    iterations: int = Field(10, ge=1, description="RL iterations (each: rollout, reward, train).")
+    prompts_per_iteration: int = Field(
+        32, ge=1, description="Prompts sampled per iteration; each gets rollout.n samples."
+    )
+    tasks: list[str] = Field(
+        default_factory=lambda: ["add:2"],
+        min_length=1,
+        description="RL prompt set as family:difficulty levels of k1rl.data.tasks.",
+    )
+    pool_size: int = Field(2000, ge=1, description="Training problems generated per level.")
+    keep_checkpoints: int = Field(2, ge=1, description="Trainer checkpoints kept for resume.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _levels(cls, v: list[str]) -> list[str]:
+        for item in v:
+            family, _, level = item.partition(":")
+            if not family or not level.isdigit():
+                raise ValueError(f"{item!r} is not family:difficulty (e.g. add:2)")
+        return v
+
+
 class RunConfig(Section):
     run_id: str = Field("k1rl", min_length=1, description="Name of the run; tags messages.")
     seed: int = Field(0, ge=0, description="Global random seed.")
@@ -254,6 +279,7 @@ class RunConfig(Section):
     checkpoint_engine: CheckpointEngineConfig = Field(
         default_factory=CheckpointEngineConfig, description="The checkpoint-engine sidecar."
     )
+    rl: RLConfig = Field(default_factory=RLConfig, description="The master's RL loop.")
 
     @model_validator(mode="after")
     def _distinct_addresses(self) -> RunConfig:

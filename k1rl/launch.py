@@ -18,6 +18,18 @@ from pathlib import Path
 from k1rl.rpc import RPCClient, RPCTimeout
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the launching process dies.
+
+    Local services are the launcher's children; if the launcher is killed (even with
+    SIGKILL) they must not linger holding ports and memory. Linux-only (prctl).
+    """
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class ServiceStartError(RuntimeError):
     """A service process exited or never became ready; carries the tail of its log."""
 
@@ -85,6 +97,7 @@ def start_service(
         stderr=subprocess.STDOUT,
         env=full_env,
         start_new_session=True,  # own process group: stop() kills its children too
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
     return ServiceProcess(name, address, proc, log_path, log_file)
 

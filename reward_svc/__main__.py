@@ -7,7 +7,10 @@ import typer
 from k1rl.config import load_config
 from k1rl.service import setup_logging
 
+app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
 
+
+@app.command()
 def main(
     config: str = typer.Option(..., help="RunConfig YAML"),
     address: str = typer.Option(None, help="override reward.address"),
@@ -19,4 +22,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app()

@@ -1,0 +1,54 @@
+"""The master: drives the k1.5 loop across services (see loop.py) and resumes runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from k1rl.config import RunConfig, load_config
+from k1rl.launch import LocalCluster
+from k1rl.master.loop import Clients, Master
+from k1rl.master.state import RunState
+
+CONFIG_FILE = "config.yaml"
+
+
+def start_local_services(cfg: RunConfig, config_path: Path, log_dir: Path) -> LocalCluster:
+    """trainer, reward and the checkpoint-engine sidecar (which owns vLLM's lifecycle)."""
+    cluster = LocalCluster(log_dir)
+    try:
+        args = ["--config", str(config_path)]
+        cluster.start("trainer", "trainer_svc", args, cfg.trainer.address)
+        cluster.start("reward", "reward_svc", args, cfg.reward.address)
+        cluster.start("checkpoint_engine", "checkpoint_engine", args, cfg.checkpoint_engine.address)
+        cluster.wait_ready(900)
+        return cluster
+    except BaseException:
+        cluster.stop()
+        raise
+
+
+def run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False) -> RunState:
+    """Start a run in ``run_dir`` (or resume the one there) with local services."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if resume:
+        cfg = load_config(config_path)
+        state = RunState.load(run_dir)
+    else:
+        if cfg is None:
+            raise ValueError("a new run needs a config")
+        if (run_dir / "state.json").exists():
+            raise FileExistsError(f"{run_dir} already holds a run: resume it or pick another dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
+        config_path.write_text(cfg.dump_yaml())
+        state = RunState(run_id=cfg.run_id)
+    with start_local_services(cfg, config_path.resolve(), run_dir / "logs"):
+        clients = Clients.connect(cfg)
+        try:
+            return Master(cfg, run_dir, clients, state).run()
+        finally:
+            clients.close()
+
+
+__all__ = ["Clients", "Master", "RunState", "run", "start_local_services"]

@@ -1,0 +1,203 @@
+"""The k1.5 iterative synchronous loop: one named call per step.
+
+    sample prompts -> ROLLOUT (checkpoint engine pushes policy v into vLLM)
+    -> k samples per prompt -> rewards -> TRAIN (vLLM halted) -> mirror-descent
+    iteration -> checkpoint trainer + run state -> metrics
+
+Each iteration ends with the trainer checkpointed and the run state written
+atomically, so a master killed between iterations resumes without losing one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from k1rl.config import RunConfig
+from k1rl.data.tasks import Task, generate_tasks
+from k1rl.master.state import RunState
+from k1rl.protocol import (
+    CheckpointRequest,
+    CheckpointResult,
+    GenerateRequest,
+    GenerateResult,
+    PhaseCommand,
+    PhaseStatus,
+    RewardItem,
+    RewardRequest,
+    RewardResult,
+    RunRef,
+    SamplingSpec,
+    TrainBatch,
+    TrainSample,
+    TrainStats,
+)
+from k1rl.rpc import RPCClient
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Clients:
+    trainer: RPCClient
+    rollout: RPCClient
+    reward: RPCClient
+    checkpoint_engine: RPCClient
+
+    @classmethod
+    def connect(cls, cfg: RunConfig, timeout_s: float = 900.0) -> Clients:
+        return cls(
+            trainer=RPCClient(cfg.trainer.address, timeout_s=timeout_s),
+            rollout=RPCClient(cfg.rollout.address, timeout_s=timeout_s),
+            reward=RPCClient(cfg.reward.address, timeout_s=timeout_s),
+            checkpoint_engine=RPCClient(cfg.checkpoint_engine.address, timeout_s=timeout_s),
+        )
+
+    def close(self) -> None:
+        for c in (self.trainer, self.rollout, self.reward, self.checkpoint_engine):
+            c.close()
+
+
+def prompt_pool(cfg: RunConfig) -> list[Task]:
+    pool: list[Task] = []
+    for item in cfg.rl.tasks:
+        family, _, level = item.partition(":")
+        pool += generate_tasks(family, int(level), cfg.rl.pool_size, seed=cfg.seed, split="train")
+    return pool
+
+
+class Master:
+    def __init__(self, cfg: RunConfig, run_dir: Path, clients: Clients, state: RunState):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.clients = clients
+        self.state = state
+        self.pool = prompt_pool(cfg)
+        self.rng = state.rng(cfg.seed)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> RunState:
+        self.restore_trainer()
+        while self.state.iterations_done < self.cfg.rl.iterations:
+            self.iteration(self.state.iterations_done)
+        return self.state
+
+    def iteration(self, i: int) -> dict:
+        started = time.perf_counter()
+        ref = RunRef(run_id=self.cfg.run_id, iteration=i)
+        tasks = self.sample_prompts()
+        to_rollout = self.switch("rollout", ref)
+        t0 = time.perf_counter()
+        rollout = self.rollout(tasks, ref)
+        t1 = time.perf_counter()
+        rewards = self.score(tasks, rollout, ref)
+        t2 = time.perf_counter()
+        to_train = self.switch("train", ref)
+        t3 = time.perf_counter()
+        stats = self.train(rollout, rewards, ref)
+        t4 = time.perf_counter()
+        row = {
+            "iteration": i,
+            "policy_version_rollout": rollout.policy_version,
+            "policy_version": stats.policy_version,
+            "reward_mean": sum(rewards.rewards) / len(rewards.rewards),
+            "accuracy": sum(rewards.correct) / len(rewards.correct),
+            "response_tokens_mean": _mean_len(rollout),
+            "switch_to_rollout_s": to_rollout.switch_s,
+            "switch_to_train_s": to_train.switch_s,
+            "rollout_s": t1 - t0,
+            "reward_s": t2 - t1,
+            "train_s": t4 - t3,
+            "train_loss": stats.loss,
+            **{f"train_{k}": v for k, v in stats.metrics.items()},
+        }
+        self.checkpoint(i, stats.policy_version, row, time.perf_counter() - started)
+        return row
+
+    # ------------------------------------------------------------------- steps
+    def sample_prompts(self) -> list[Task]:
+        return self.rng.sample(self.pool, min(self.cfg.rl.prompts_per_iteration, len(self.pool)))
+
+    def switch(self, phase: str, ref: RunRef) -> PhaseStatus:
+        cmd = PhaseCommand(ref=ref, phase=phase)
+        return self.clients.checkpoint_engine.call("phase", cmd, PhaseStatus)
+
+    def rollout(self, tasks: list[Task], ref: RunRef) -> GenerateResult:
+        r = self.cfg.rollout
+        sampling = SamplingSpec(
+            n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
+            seed=self.rng.randrange(2**31),
+        )
+        req = GenerateRequest(ref=ref, prompts=[t.prompt for t in tasks], sampling=sampling)
+        return self.clients.rollout.call("generate", req, GenerateResult)
+
+    def score(self, tasks: list[Task], rollout: GenerateResult, ref: RunRef) -> RewardResult:
+        items = [
+            RewardItem(group_id=g, response=c.text, answer=t.answer,
+                       response_tokens=len(c.token_ids))
+            for g, (t, r) in enumerate(zip(tasks, rollout.results))
+            for c in r.completions
+        ]
+        return self.clients.reward.call("score", RewardRequest(ref=ref, items=items), RewardResult)
+
+    def train(self, rollout: GenerateResult, rewards: RewardResult, ref: RunRef) -> TrainStats:
+        completions = [(g, r, c) for g, r in enumerate(rollout.results) for c in r.completions]
+        samples = [
+            TrainSample(
+                group_id=g,
+                prompt_token_ids=r.prompt_token_ids,
+                response_token_ids=c.token_ids,
+                rollout_logprobs=c.logprobs,
+                reward=reward,
+                policy_version=c.policy_version,
+            )
+            for (g, r, c), reward in zip(completions, rewards.rewards)
+            if c.token_ids  # an empty response carries no token to learn from
+        ]
+        batch = TrainBatch(ref=ref, samples=samples)
+        return self.clients.trainer.call("train", batch, TrainStats)
+
+    def checkpoint(self, i: int, version: int, row: dict, seconds: float) -> None:
+        """Trainer weights first, then the metrics row, then the state that points at both."""
+        path = self.run_dir / "checkpoints" / f"iter_{i:05d}"
+        req = CheckpointRequest(action="save", path=str(path.resolve()))
+        self.clients.trainer.call("checkpoint", req, CheckpointResult)
+        row["iteration_s"] = seconds
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.state.iterations_done = i + 1
+        self.state.policy_version = version
+        self.state.trainer_checkpoint = str(path.resolve())
+        self.state.remember_rng(self.rng)
+        self.state.save(self.run_dir)
+        self._prune_checkpoints()
+
+    def restore_trainer(self) -> None:
+        """On resume: the trainer goes back to the last completed iteration's weights, and
+        metrics rows of an iteration that did not complete are dropped."""
+        _truncate_metrics(self.run_dir / METRICS_FILE, self.state.iterations_done)
+        if self.state.trainer_checkpoint:
+            req = CheckpointRequest(action="load", path=self.state.trainer_checkpoint)
+            self.clients.trainer.call("checkpoint", req, CheckpointResult)
+
+    def _prune_checkpoints(self) -> None:
+        ckpts = sorted((self.run_dir / "checkpoints").glob("iter_*"))
+        for old in ckpts[: -self.cfg.rl.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _mean_len(rollout: GenerateResult) -> float:
+    lengths = [len(c.token_ids) for r in rollout.results for c in r.completions]
+    return sum(lengths) / max(1, len(lengths))
+
+
+def _truncate_metrics(path: Path, iterations_done: int) -> None:
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["iteration"] < iterations_done]
+    if len(kept) != len(rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
