@@ -35,8 +35,17 @@ def handle_phase(machine: PhaseMachine, cmd: PhaseCommand) -> PhaseStatus:
     else:
         record = machine.to_train()
     log.info("%s: v%d in %.2f s", record.direction, record.policy_version, record.seconds)
+    breakdown = {
+        "engine_start_s": record.engine_start_s,
+        "push_s": record.push_s,
+        "update_s": record.update_s,
+        "weight_bytes": float(record.weight_bytes),
+    }
     return PhaseStatus(
-        phase=machine.phase.value, policy_version=machine.policy_version, switch_s=record.seconds
+        phase=machine.phase.value,
+        policy_version=machine.policy_version,
+        switch_s=record.seconds,
+        breakdown=breakdown if record.direction == "to_rollout" else {},
     )
 
 

@@ -310,6 +310,8 @@ class PhaseStatus(Message):
     phase: Phase
     policy_version: int
     switch_s: float = 0.0
+    # where the switch time went: engine_start_s, push_s, update_s (weight sync), ...
+    breakdown: dict[str, float] = Field(default_factory=dict)
 
 
 AnyMessage = Annotated[

@@ -108,6 +108,9 @@ class Master:
             "response_tokens_mean": _mean_len(rollout),
             "switch_to_rollout_s": to_rollout.switch_s,
             "switch_to_train_s": to_train.switch_s,
+            "engine_start_s": to_rollout.breakdown.get("engine_start_s", 0.0),
+            "weight_sync_s": to_rollout.breakdown.get("push_s", 0.0)
+            + to_rollout.breakdown.get("update_s", 0.0),
             "rollout_s": t1 - t0,
             "reward_s": t2 - t1,
             "train_s": t4 - t3,
