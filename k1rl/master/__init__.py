@@ -7,6 +7,7 @@ from pathlib import Path
 from k1rl.config import RunConfig, load_config
 from k1rl.launch import LocalCluster
 from k1rl.master.loop import Clients, Master
+from k1rl.master.plots import plot_run
 from k1rl.master.state import RunState
 
 CONFIG_FILE = "config.yaml"
@@ -46,9 +47,11 @@ def run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False) -> RunSta
     with start_local_services(cfg, config_path.resolve(), run_dir / "logs"):
         clients = Clients.connect(cfg)
         try:
-            return Master(cfg, run_dir, clients, state).run()
+            state = Master(cfg, run_dir, clients, state).run()
         finally:
             clients.close()
+    plot_run(run_dir)
+    return state
 
 
 __all__ = ["Clients", "Master", "RunState", "run", "start_local_services"]

@@ -1,0 +1,45 @@
+"""PNG plots of a run's metrics.jsonl: what a person looks at first after a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# (file name, title, y label, metric keys drawn on the same axes)
+PLOTS = (
+    ("reward.png", "Training reward", "mean reward", ("reward_mean", "accuracy")),
+    ("heldout_accuracy.png", "Held-out accuracy", "pass@1", ("eval_accuracy", "eval_greedy")),
+    ("response_length.png", "Mean response length", "tokens", ("response_tokens_mean",)),
+    ("switch_times.png", "Phase switch times", "seconds", ("switch_to_rollout_s", "switch_to_train_s")),
+)
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Write one PNG per plot whose metrics the run has; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    run_dir = Path(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    written = []
+    for name, title, ylabel, keys in PLOTS:
+        present = [k for k in keys if any(k in r for r in rows)]
+        if not present:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in present:
+            points = [(r["iteration"], r[key]) for r in rows if key in r]
+            ax.plot(*zip(*points), marker="o", label=key)
+        ax.set(title=title, xlabel="iteration", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = run_dir / name
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        written.append(out)
+    return written
