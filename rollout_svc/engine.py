@@ -28,6 +28,7 @@ from k1rl.protocol import (
 
 WORKER_EXTENSION = "rollout_svc.worker_ext.WeightSyncExtension"
 CPU_MAX_NUM_SEQS = 256
+NO_POLICY = -1  # dummy weights, or a half-applied update
 
 
 @dataclass(frozen=True)
@@ -89,15 +90,14 @@ class RolloutEngine:
         self.tokenizer = self.llm.get_tokenizer()
         # Weights loaded from disk are the checkpoint's version 0; dummy weights are
         # not a policy at all until the first push.
-        self.policy_version = 0 if spec.load_format != "dummy" else -1
+        self.policy_version = 0 if spec.load_format != "dummy" else NO_POLICY
 
     # ------------------------------------------------------------------ sampling
     def generate(self, req: GenerateRequest) -> GenerateResult:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if self.policy_version < 0:
-            raise RuntimeError("engine holds dummy weights: push a policy before generating")
+        self._require_policy()
         s = req.sampling
         if req.prompt_token_ids is not None:
             prompt_ids = [list(p) for p in req.prompt_token_ids]
@@ -148,6 +148,13 @@ class RolloutEngine:
             prompt = self.tokenizer.decode(prompt_ids)
         return PromptResult(prompt=prompt, prompt_token_ids=prompt_ids, completions=completions)
 
+    def _require_policy(self) -> None:
+        if self.policy_version == NO_POLICY:
+            raise RuntimeError(
+                "engine holds no complete policy (dummy weights, or the last weight update "
+                "failed part-way): push a policy before generating"
+            )
+
     def score(self, req: LogprobRequest) -> LogprobResult:
         """Log-probs the engine's current weights give to given responses (no sampling).
 
@@ -157,6 +164,7 @@ class RolloutEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._require_policy()
         if len(req.prompt_token_ids) != len(req.response_token_ids):
             raise ValueError("prompt_token_ids and response_token_ids differ in length")
         if any(not p for p in req.prompt_token_ids):
@@ -182,14 +190,17 @@ class RolloutEngine:
                 f"manifest carries {manifest.version}"
             )
         started = time.perf_counter()
+        # Buckets are loaded as they arrive, so a failure part-way leaves a mix of two
+        # policies in the engine: it holds no valid policy until a complete update.
+        self.policy_version = NO_POLICY
         per_worker = self.llm.collective_rpc(
             "k1rl_update_weights", args=(manifest.model_dump(), self.transport_options)
         )
+        if any(w["bytes"] != manifest.total_bytes for w in per_worker):
+            raise RuntimeError(f"a worker received fewer than {manifest.total_bytes} bytes")
         # Cached KV blocks were computed by the old weights.
         self.llm.reset_prefix_cache()
         self.policy_version = manifest.version
-        if any(w["bytes"] != manifest.total_bytes for w in per_worker):
-            raise RuntimeError(f"a worker received fewer than {manifest.total_bytes} bytes")
         return WeightUpdateResult(
             version=manifest.version,
             bytes=manifest.total_bytes,

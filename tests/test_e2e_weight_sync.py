@@ -154,6 +154,19 @@ def test_an_rl_iteration_on_fresh_rollouts_sees_no_trainer_vllm_mismatch(stack):
     assert stats.policy_version == version + stats.steps
 
 
+def test_a_failed_update_leaves_an_engine_that_refuses_to_sample_until_a_good_push(stack):
+    manifest = stack.trainer.call("push_weights", PushWeightsRequest(), WeightManifest)
+    # a newer version whose sender is unreachable: the pull fails
+    broken = manifest.model_copy(update={"version": manifest.version + 100,
+                                         "endpoint": "127.0.0.1:1"})
+    with pytest.raises(RemoteError):
+        stack.rollout.call("update_weights", broken, WeightUpdateResult, timeout_s=120)
+    with pytest.raises(RemoteError, match="no complete policy"):
+        _sample(stack, n=1)
+    assert _push(stack).version == manifest.version
+    assert _sample(stack, n=1).policy_version == manifest.version
+
+
 def test_tensor_parallel_trainer_service_pushes_the_same_policy_vllm_scores(tmp_path):
     """TP=2: rank 0 serves, rank 1 replays each call; the gathered weights reach vLLM."""
     from k1rl.config import RunConfig
