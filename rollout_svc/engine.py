@@ -212,9 +212,6 @@ class RolloutEngine:
             ),
         )
 
-    def weight_fingerprint(self) -> dict[str, float]:
-        return self.llm.collective_rpc("k1rl_weight_fingerprint")[0]
-
     def shutdown(self) -> None:
         try:
             self.llm.collective_rpc("k1rl_close_transport")

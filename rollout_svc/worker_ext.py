@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
 
 from checkpoint_engine import get_receiver
 from k1rl.protocol import WeightManifest
@@ -57,12 +56,6 @@ class WeightSyncExtension:
             "load_s": max(0.0, total - stats.wait_s),
             "checksum_ok": stats.checksum_ok,
         }
-
-    def k1rl_weight_fingerprint(self) -> dict[str, float]:
-        """A cheap probe of the loaded weights (sum per parameter) for debugging syncs."""
-        model = self.model_runner.get_model()
-        with torch.no_grad():
-            return {n: float(p.float().sum()) for n, p in model.named_parameters()}
 
     def k1rl_close_transport(self) -> bool:
         if self._k1rl_receiver is not None:
