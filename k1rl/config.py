@@ -99,8 +99,12 @@ class TrainerConfig(ServiceSection):
         description="Training sequence length in tokens; SFT packs several examples into "
         "one sequence of this length (k1.5 'vanilla SFT' packing).",
     )
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass.")
-    sft_steps: int = Field(200, ge=0, description="Optimizer steps of the SFT warm-up stage.")
+    micro_batch_tokens: int = Field(
+        8192,
+        ge=2,
+        description="Upper bound on rows x width of one forward/backward pass; larger batches "
+        "are split into micro-batches whose gradients accumulate.",
+    )
     loss: Literal["mirror_descent"] = Field(
         "mirror_descent", description="RL loss by registry name (trainer_svc/losses)."
     )

@@ -221,6 +221,7 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) 
         seed=cfg.seed,
         device=cfg.trainer.device,
         seq_length=cfg.trainer.seq_length,
+        micro_batch_tokens=cfg.trainer.micro_batch_tokens,
     )
     service = TrainerService(trainer, cfg, rank)
     try:
