@@ -1,8 +1,10 @@
 """Where an RL iteration's time goes, for the demo config, measured on real services.
 
-Runs a short k1.5 run (trainer_svc, reward_svc, checkpoint-engine sidecar restarting
-vLLM per rollout) and reports medians over its iterations. The last output line is one
-JSON object.
+Runs a short k1.5 run (trainer_svc, reward_svc, checkpoint-engine sidecar owning vLLM)
+with the RL part of the demo config (k1rl/demo.yaml) and reports medians over its
+iterations. The model is the demo's shape, untrained unless --model-dir points at a
+trained one: random weights rarely emit EOS, so responses run to max_tokens (the slow
+case). The last output line is one JSON object.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from k1rl import master  # noqa: E402
-from k1rl.config import RunConfig, load_config  # noqa: E402
+from k1rl.config import load_config  # noqa: E402
+from k1rl.demo import load_demo_config  # noqa: E402
 from k1rl.launch import free_tcp_address  # noqa: E402
 
 KEYS = (
@@ -34,18 +37,24 @@ KEYS = (
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--config", help="RunConfig YAML (default: built-in defaults)")
+    ap.add_argument("--config", help="RunConfig YAML (default: the demo's run config)")
     ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--model-dir", default="artifacts/tiny-model")
+    ap.add_argument("--lifecycle", choices=("restart", "persistent"),
+                    help="override checkpoint_engine.engine_lifecycle")
+    ap.add_argument("--model-dir", default="artifacts/bench-demo-model")
     args = ap.parse_args()
 
-    cfg = load_config(args.config) if args.config else RunConfig()
+    demo = load_demo_config()
+    cfg = load_config(args.config) if args.config else demo.run
     cfg.rl.iterations = args.iterations
+    cfg.rl.eval_every = 0
+    if args.lifecycle:
+        cfg.checkpoint_engine.engine_lifecycle = args.lifecycle
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
         from k1rl.data.tiny_model import init_model
 
-        init_model(model_dir, seed=cfg.seed)
+        init_model(model_dir, seed=cfg.seed, **demo.model.model_dump())
     cfg.model.path = str(model_dir.resolve())
     for section in (cfg.trainer, cfg.rollout, cfg.reward, cfg.checkpoint_engine):
         section.address = free_tcp_address()

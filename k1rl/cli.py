@@ -77,15 +77,15 @@ def gen_tasks_cmd(
 @app.command("demo")
 def demo_cmd(
     seed: int = typer.Option(0, help="Seeds the model, data and sampling."),
-    model_dir: Path = typer.Option(Path("artifacts/tiny-model"), help="HF model dir (built if missing)."),
-    run_dir: Path = typer.Option(Path("runs/demo"), help="Where metrics, summary and checkpoint go."),
-    sft_steps: int = typer.Option(60, help="SFT optimizer steps."),
+    run_dir: Path = typer.Option(None, help="Run directory (default: runs/demo-seed<SEED>)."),
+    config: Path = typer.Option(None, help="Demo config YAML (default: k1rl/demo.yaml)."),
 ) -> None:
-    """Build the tiny model, SFT it on megatron-core, push it into vLLM, sample."""
+    """Build the tiny model, SFT it, run k1.5 RL on it, and report held-out accuracy."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from k1rl.demo import DemoOptions, run_demo
+    from k1rl.demo import DEFAULT_CONFIG, load_demo_config, run_demo
 
-    run_demo(DemoOptions(seed=seed, model_dir=model_dir, run_dir=run_dir, sft_steps=sft_steps))
+    cfg = load_demo_config(config or DEFAULT_CONFIG)
+    run_demo(cfg, seed=seed, run_dir=run_dir or Path(f"runs/demo-seed{seed}"))
 
 
 @app.command("run")

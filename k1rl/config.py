@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -256,6 +256,22 @@ class RLConfig(Section):
     )
     pool_size: int = Field(2000, ge=1, description="Training problems generated per level.")
     keep_checkpoints: int = Field(2, ge=1, description="Trainer checkpoints kept for resume.")
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Evaluate on the held-out split of rl.tasks every this many iterations "
+        "(during the rollout phase, so it costs no extra weight sync) and after the last "
+        "one; 0 = never.",
+    )
+    eval_problems: int = Field(
+        200, ge=1, description="Held-out problems per level in each evaluation."
+    )
+    eval_samples: int = Field(
+        4,
+        ge=1,
+        description="Samples per held-out problem at the rollout temperature (pass@1 is "
+        "their mean accuracy); one greedy sample is taken as well.",
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -298,22 +314,30 @@ class RunConfig(Section):
     @classmethod
     def from_yaml_text(cls, text: str, source: str = "<text>") -> RunConfig:
         """Parse and validate YAML text; raise ConfigError naming every bad field."""
-        try:
-            data = yaml.load(text, Loader=_StrictLoader)
-        except yaml.YAMLError as e:
-            raise ConfigError(source, [_yaml_problem(e)]) from e
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(source, [f"top level must be a mapping, got {type(data).__name__}"])
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(source, _problems(e)) from e
+        return parse_yaml_model(cls, text, source)
 
     def dump_yaml(self) -> str:
         """YAML text that loads back to an equal RunConfig."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_yaml_model(model: type[M], text: str, source: str = "<text>") -> M:
+    """Parse YAML (duplicate keys refused) into ``model``; ConfigError names every bad field."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(source, [_yaml_problem(e)]) from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"top level must be a mapping, got {type(data).__name__}"])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, _problems(e, model)) from e
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -368,7 +392,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{kind} at line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
-def _problems(exc: ValidationError) -> list[str]:
+def _problems(exc: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
     """``dotted.path: value — reason`` for each pydantic error."""
     out = []
     for err in exc.errors(include_url=False):
@@ -377,15 +401,15 @@ def _problems(exc: ValidationError) -> list[str]:
         if not path:  # model-level validators already name their fields
             out.append(msg)
         elif err["type"] == "extra_forbidden":
-            out.append(f"{path}: unknown key (allowed: {_allowed_keys(err['loc'])})")
+            out.append(f"{path}: unknown key (allowed: {_allowed_keys(err['loc'], root)})")
         else:
             msg = msg[:1].lower() + msg[1:]
             out.append(f"{path}: {err['input']!r} — {msg}")
     return out
 
 
-def _allowed_keys(loc: tuple[int | str, ...]) -> str:
-    model: type[BaseModel] = RunConfig
+def _allowed_keys(loc: tuple[int | str, ...], root: type[BaseModel] | None = None) -> str:
+    model: type[BaseModel] = root or RunConfig
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = field.annotation if field else None

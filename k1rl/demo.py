@@ -1,56 +1,95 @@
-"""`make demo`: build the tiny model, SFT it with megatron-core, push the weights into a
-dummy-started vLLM over Mooncake, and sample from the pushed policy.
+"""`make demo`: the whole k1.5 recipe on a tiny model, from nothing, on CPU.
 
-Each step is one named function, so the RL loop (k1rl.master) can grow out of the
-same pieces.
+    build tokenizer + tiny Qwen2  ->  SFT on easy problems (megatron-core)
+    ->  RL with online policy mirror descent on harder ones (k1rl.master: checkpoint
+        engine, vLLM rollouts, reward_svc, trainer_svc; held-out evaluation at
+        iteration 0, i.e. right after SFT, every rl.eval_every iterations and at the end)
+    ->  before/after table, summary.json, metrics.jsonl, PNG plots, final HF checkpoint
+
+Everything the demo does is set by one YAML file (``k1rl/demo.yaml`` by default): the
+model shape, the SFT schedule and a complete RunConfig for the RL part. The run
+directory holds a normal run (config.yaml, state.json, checkpoints), so an interrupted
+demo's RL part continues with ``k1rl run --resume RUN_DIR``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from k1rl.config import RunConfig
-from k1rl.data.tasks import Task, extract_answer, generate_suite, generate_tasks
-from k1rl.launch import LocalStack
-from k1rl.protocol import (
-    CheckpointRequest,
-    CheckpointResult,
-    GenerateRequest,
-    GenerateResult,
-    PushWeightsRequest,
-    SamplingSpec,
-    SFTBatch,
-    SFTExample,
-    TrainStats,
-    WeightManifest,
-    WeightUpdateResult,
-)
+from k1rl.config import ConfigError, RunConfig, parse_yaml_model
+from k1rl.data.tasks import Task, generate_suite
+from k1rl.launch import free_tcp_address
+from k1rl.protocol import CheckpointRequest, CheckpointResult, SFTBatch, SFTExample, TrainStats
 
 console = Console()
-
-# The SFT curriculum of the demo: easy problems the tiny model can learn in minutes.
-SFT_LEVELS = (("add", 1), ("add", 2), ("sub", 1), ("sub", 2))
-EVAL_LEVEL = ("add", 2)
+DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
 
 
-@dataclass
-class DemoOptions:
-    seed: int = 0
-    model_dir: Path = Path("artifacts/tiny-model")
-    run_dir: Path = Path("runs/demo")
-    sft_steps: int = 60
-    sft_batch: int = 64
-    lr: float = 2e-3
-    eval_problems: int = 200
-    eval_samples: int = 4
+class ModelShape(BaseModel):
+    """Shape of the tiny Qwen2 the demo builds (see k1rl.data.tiny_model.init_model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(352, ge=1)
+
+
+class SFTSettings(BaseModel):
+    """Supervised warm-up: AdamW, linear warm-up then cosine decay to a floor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    levels: list[str] = Field(min_length=1, description="family:difficulty levels of the SFT mix.")
+    problems_per_level: int = Field(3000, ge=1)
+    steps: int = Field(ge=1, description="Optimizer steps.")
+    batch: int = Field(64, ge=1, description="Examples per step.")
+    lr: float = Field(gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_fraction: float = Field(0.1, ge=0, le=1, description="Final lr / peak lr.")
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[str]) -> list[str]:
+        for item in v:
+            family, _, level = item.partition(":")
+            if not family or not level.isdigit():
+                raise ValueError(f"{item!r} is not family:difficulty (e.g. add:2)")
+        return v
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * (self.min_lr_fraction + (1 - self.min_lr_fraction) * cosine)
+
+
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelShape = Field(default_factory=ModelShape)
+    sft: SFTSettings
+    run: RunConfig
+
+
+def load_demo_config(path: Path = DEFAULT_CONFIG) -> DemoConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read file: {e.strerror or e}"]) from e
+    return parse_yaml_model(DemoConfig, text, str(path))
 
 
 def _progress() -> Progress:
@@ -65,132 +104,183 @@ def _progress() -> Progress:
     )
 
 
-def build_model(opts: DemoOptions) -> None:
-    if (opts.model_dir / "config.json").exists():
-        console.print(f"model: reusing {opts.model_dir}")
+def _parse_levels(levels: list[str]) -> tuple[tuple[str, int], ...]:
+    return tuple((item.partition(":")[0], int(item.partition(":")[2])) for item in levels)
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def build_model(model_dir: Path, shape: ModelShape, seed: int) -> None:
+    if (model_dir / "config.json").exists():
+        console.print(f"model: reusing {model_dir}")
         return
     from k1rl.data.tiny_model import init_model
 
     with console.status("building tokenizer and tiny Qwen2 model"):
-        summary = init_model(opts.model_dir, seed=opts.seed)
-    console.print(f"model: {summary.params:,} parameters, vocab {summary.vocab_size} -> {opts.model_dir}")
+        summary = init_model(model_dir, seed=seed, **shape.model_dump())
+    console.print(f"model: {summary.params:,} parameters, vocab {summary.vocab_size} -> {model_dir}")
 
 
-def sft_data(opts: DemoOptions) -> list[Task]:
-    return generate_suite(3000, seed=opts.seed, levels=SFT_LEVELS, split="train")
+def run_config(cfg: DemoConfig, seed: int, run_dir: Path, model_dir: Path) -> RunConfig:
+    """The RL run's config: the demo's, with this seed, this run dir and fresh local ports."""
+    run = cfg.run.model_copy(deep=True)
+    run.seed = seed
+    run.run_dir = str(run_dir)
+    run.model.path = str(model_dir.resolve())
+    for section in (run.trainer, run.rollout, run.reward, run.checkpoint_engine):
+        section.address = free_tcp_address()
+    return RunConfig.model_validate(run.model_dump())  # re-validate the edited copy
 
 
-def run_sft(stack: LocalStack, tasks: list[Task], opts: DemoOptions) -> list[dict]:
-    tok = stack.tokenizer
+def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int) -> list[dict]:
     encoded = [
         SFTExample(
-            prompt_token_ids=tok.encode(t.prompt),
-            response_token_ids=tok.encode(t.target) + [tok.eos_token_id],
+            prompt_token_ids=tokenizer.encode(t.prompt),
+            response_token_ids=tokenizer.encode(t.target) + [tokenizer.eos_token_id],
         )
         for t in tasks
     ]
-    rng = random.Random(opts.seed)
+    rng = random.Random(seed)
     history = []
     with _progress() as progress:
-        bar = progress.add_task("SFT (megatron-core)", total=opts.sft_steps, info="")
-        for step in range(opts.sft_steps):
-            batch = SFTBatch(examples=rng.sample(encoded, min(opts.sft_batch, len(encoded))))
-            stats = stack.trainer.call("sft_step", batch, TrainStats, timeout_s=600)
+        bar = progress.add_task("SFT (megatron-core)", total=settings.steps, info="")
+        for step in range(settings.steps):
+            batch = SFTBatch(
+                examples=rng.sample(encoded, min(settings.batch, len(encoded))),
+                lr=settings.lr_at(step),
+            )
+            stats = trainer.call("sft_step", batch, TrainStats, timeout_s=600)
             history.append({"step": step, "loss": stats.loss, **stats.metrics})
             progress.update(bar, advance=1, info=f"loss {stats.loss:.3f}")
     return history
 
 
-def push_weights(stack: LocalStack) -> WeightUpdateResult:
+def rl(master, iterations: int) -> None:
+    with _progress() as progress:
+        bar = progress.add_task("RL (mirror descent)", total=iterations,
+                                completed=master.state.iterations_done, info="")
+
+        def report(row: dict) -> None:
+            info = f"reward {row['reward_mean']:.3f}  v{row['policy_version']}"
+            if "eval_accuracy" in row:
+                info += f"  held-out {row['eval_accuracy']:.3f}"
+            progress.update(bar, completed=row["iteration"] + 1, info=info)
+
+        master.run(on_iteration=report)
+
+
+def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo")) -> dict:
+    from k1rl.data.tokenizer import load_tokenizer
+    from k1rl.master import CONFIG_FILE, start_local_services
+    from k1rl.master.loop import METRICS_FILE, Clients, Master
+    from k1rl.master.plots import plot_run
+    from k1rl.master.state import RunState
+
     started = time.perf_counter()
-    manifest = stack.trainer.call("push_weights", PushWeightsRequest(), WeightManifest)
-    result = stack.rollout.call("update_weights", manifest, WeightUpdateResult, timeout_s=600)
-    console.print(
-        f"weights: policy v{result.version}, {result.bytes / 1e6:.1f} MB over "
-        f"{manifest.transport} in {time.perf_counter() - started:.2f} s "
-        f"(checksum ok: {result.checksum_ok})"
-    )
-    return result
+    run_dir = Path(run_dir)
+    if (run_dir / "state.json").exists():
+        raise FileExistsError(f"{run_dir} holds a run already: pick another --run-dir, or "
+                              f"continue its RL part with `k1rl run --resume {run_dir}`")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = run_dir / "base-model"
+    build_model(model_dir, cfg.model, seed)
+    run = run_config(cfg, seed, run_dir, model_dir)
+    if not run.rl.eval_every:
+        raise ConfigError("run.rl.eval_every must be > 0: the demo reports held-out accuracy")
+    config_path = run_dir / CONFIG_FILE
+    config_path.write_text(run.dump_yaml())
+    sft_tasks = generate_suite(cfg.sft.problems_per_level, seed=seed,
+                               levels=_parse_levels(cfg.sft.levels), split="train")
 
+    with console.status("starting trainer_svc, reward_svc and the checkpoint-engine sidecar "
+                        "(which starts vLLM)"):
+        cluster = start_local_services(run, config_path.resolve(), run_dir / "logs")
+    with cluster:
+        clients = Clients.connect(run)
+        try:
+            history = sft(clients.trainer, load_tokenizer(model_dir), sft_tasks, cfg.sft, seed)
+            sft_ckpt = (run_dir / "checkpoints" / "sft").resolve()
+            saved = clients.trainer.call(
+                "checkpoint", CheckpointRequest(action="save", path=str(sft_ckpt)), CheckpointResult
+            )
+            # The RL run starts from the SFT weights: a resumed run that stopped before
+            # its first iteration completed goes back to them, not to the random model.
+            state = RunState(run_id=run.run_id, policy_version=saved.policy_version,
+                             trainer_checkpoint=str(sft_ckpt))
+            state.save(run_dir)
+            master = Master(run, run_dir, clients, state)
+            rl(master, run.rl.iterations)
+            final = (run_dir / "final").resolve()
+            clients.trainer.call(
+                "checkpoint", CheckpointRequest(action="export_hf", path=str(final)),
+                CheckpointResult,
+            )
+        finally:
+            clients.close()
 
-def evaluate(stack: LocalStack, tasks: list[Task], temperature: float, n: int, seed: int):
-    req = GenerateRequest(
-        prompts=[t.prompt for t in tasks],
-        sampling=SamplingSpec(n=n, temperature=temperature, max_tokens=96, seed=seed),
-    )
-    result = stack.rollout.call("generate", req, GenerateResult, timeout_s=600)
-    correct = [
-        [extract_answer(c.text) == t.answer for c in r.completions]
-        for t, r in zip(tasks, result.results)
-    ]
-    accuracy = sum(map(sum, correct)) / sum(map(len, correct))
-    return accuracy, result
-
-
-def show_samples(tasks: list[Task], result: GenerateResult, k: int = 4) -> None:
-    table = Table(title=f"vLLM samples from trainer-pushed policy v{result.policy_version}")
-    table.add_column("prompt")
-    table.add_column("completion")
-    table.add_column("ok")
-    for t, r in list(zip(tasks, result.results))[:k]:
-        c = r.completions[0]
-        ok = "yes" if extract_answer(c.text) == t.answer else "no"
-        table.add_row(t.prompt.replace("\n", " "), c.text.strip(), ok)
-    console.print(table)
-
-
-def run_demo(opts: DemoOptions) -> dict:
-    started = time.perf_counter()
-    build_model(opts)
-    cfg = RunConfig(seed=opts.seed)
-    cfg.trainer.lr = opts.lr
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
-    family, level = EVAL_LEVEL
-    heldout = generate_tasks(family, level, opts.eval_problems, seed=opts.seed + 1, split="heldout")
-    with console.status("starting trainer_svc (megatron-core) and rollout_svc (vLLM, dummy weights)"):
-        stack = LocalStack.start(opts.run_dir / "services", cfg=cfg, model_dir=opts.model_dir)
-    with stack:
-        push_weights(stack)
-        before, _ = evaluate(stack, heldout, 0.0, 1, opts.seed)
-        history = run_sft(stack, sft_data(opts), opts)
-        push_weights(stack)
-        greedy, greedy_result = evaluate(stack, heldout, 0.0, 1, opts.seed)
-        sampled, _ = evaluate(stack, heldout, 1.0, opts.eval_samples, opts.seed)
-        show_samples(heldout, greedy_result)
-        final = opts.run_dir / "final"
-        stack.trainer.call(
-            "checkpoint", CheckpointRequest(action="export_hf", path=str(final.resolve())),
-            CheckpointResult,
-        )
-    summary = {
-        "seed": opts.seed,
-        "sft_steps": opts.sft_steps,
-        "final_sft_loss": history[-1]["loss"],
-        "eval_level": f"{family}:{level}",
-        "eval_greedy_before_sft": before,
-        "eval_greedy_after_sft": greedy,
-        "eval_accuracy_after_sft": sampled,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "final_checkpoint": str(final),
-    }
-    (opts.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    with open(opts.run_dir / "metrics.jsonl", "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-    _print_summary(summary)
+    with open(run_dir / "sft_metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in history)
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    plot_run(run_dir)
+    summary = summarize(rows, history, cfg, run, time.perf_counter() - started)
+    summary["final_checkpoint"] = str(final)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary)
     return summary
 
 
-def _print_summary(summary: dict) -> None:
-    table = Table(title="held-out accuracy (" + summary["eval_level"] + ")")
+def summarize(rows: list[dict], sft_history: list[dict], cfg: DemoConfig, run: RunConfig,
+              wall_s: float) -> dict:
+    iterations = [r for r in rows if "reward_mean" in r]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    if not iterations or len(evals) < 2 or evals[0]["iteration"] != 0:
+        raise RuntimeError("the run has no held-out evaluation before and after RL")
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in iterations) / len(iterations)
+
+    before, after = evals[0], evals[-1]
+    return {
+        "seed": run.seed,
+        "model_parameters_shape": cfg.model.model_dump(),
+        "sft_levels": cfg.sft.levels,
+        "sft_steps": cfg.sft.steps,
+        "final_sft_loss": sft_history[-1]["loss"],
+        "rl_levels": run.rl.tasks,
+        "heldout_problems": run.rl.eval_problems * len(run.rl.tasks),
+        "heldout_samples_per_problem": run.rl.eval_samples,
+        "eval_accuracy_after_sft": before["eval_accuracy"],
+        "eval_accuracy_after_rl": after["eval_accuracy"],
+        "eval_greedy_after_sft": before["eval_greedy"],
+        "eval_greedy_after_rl": after["eval_greedy"],
+        "rl_gain": after["eval_accuracy"] - before["eval_accuracy"],
+        "iterations": len(iterations),
+        "policy_version": after["policy_version"],
+        "train_reward_first": iterations[0]["reward_mean"],
+        "train_reward_last": iterations[-1]["reward_mean"],
+        "mean_switch_to_rollout_s": mean("switch_to_rollout_s"),
+        "mean_switch_to_train_s": mean("switch_to_train_s"),
+        "mean_iteration_s": mean("iteration_s"),
+        "mean_rollout_s": mean("rollout_s"),
+        "mean_train_s": mean("train_s"),
+        "wall_seconds": round(wall_s, 1),
+    }
+
+
+def print_summary(summary: dict) -> None:
+    levels = ", ".join(summary["rl_levels"])
+    table = Table(title=f"held-out accuracy ({levels}; {summary['heldout_problems']} problems)")
     table.add_column("stage")
+    table.add_column(f"pass@1 (T=1, {summary['heldout_samples_per_problem']} samples)")
     table.add_column("greedy")
-    table.add_column("sampled pass@1 (T=1)")
-    table.add_row("random init", f"{summary['eval_greedy_before_sft']:.3f}", "")
-    table.add_row(
-        "after SFT",
-        f"{summary['eval_greedy_after_sft']:.3f}",
-        f"{summary['eval_accuracy_after_sft']:.3f}",
-    )
+    table.add_row("after SFT", f"{summary['eval_accuracy_after_sft']:.3f}",
+                  f"{summary['eval_greedy_after_sft']:.3f}")
+    table.add_row(f"after RL ({summary['iterations']} iterations)",
+                  f"{summary['eval_accuracy_after_rl']:.3f}",
+                  f"{summary['eval_greedy_after_rl']:.3f}")
     console.print(table)
-    console.print(f"done in {summary['wall_seconds']} s")
+    console.print(
+        f"RL gain {summary['rl_gain']:+.3f}; switch to rollout {summary['mean_switch_to_rollout_s']:.2f} s, "
+        f"to train {summary['mean_switch_to_train_s']:.2f} s; done in {summary['wall_seconds']} s"
+    )

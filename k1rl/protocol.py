@@ -196,6 +196,9 @@ class SFTBatch(Message):
     kind: Literal["sft_batch"] = "sft_batch"
     ref: RunRef = Field(default_factory=RunRef)
     examples: list[SFTExample] = Field(min_length=1)
+    lr: float | None = Field(
+        None, gt=0, description="Learning rate for this step (an SFT schedule); None keeps it."
+    )
 
 
 class TrainSample(Message):

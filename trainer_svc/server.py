@@ -62,6 +62,8 @@ class TrainerService:
     # -------------------------------------------------------------------- verbs
     def sft_step(self, batch: SFTBatch) -> TrainStats:
         examples = [(e.prompt_token_ids, e.response_token_ids) for e in batch.examples]
+        if batch.lr is not None:
+            self.trainer.set_lr(batch.lr)
         stats = self.trainer.sft_step(examples)
         return TrainStats(
             ref=batch.ref,
@@ -76,6 +78,8 @@ class TrainerService:
         from trainer_svc.losses import loss_config
 
         t = self.cfg.trainer
+        # SFT steps may have scheduled another lr; RL iterations always use the configured one.
+        self.trainer.set_lr(t.lr)
         stats = self.trainer.mirror_descent_iteration(
             batch,
             loss_config(t.loss, tau=t.tau, baseline=t.baseline),

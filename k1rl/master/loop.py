@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,12 +62,24 @@ class Clients:
             c.close()
 
 
+def _levels(cfg: RunConfig) -> list[tuple[str, int]]:
+    return [(item.partition(":")[0], int(item.partition(":")[2])) for item in cfg.rl.tasks]
+
+
 def prompt_pool(cfg: RunConfig) -> list[Task]:
     pool: list[Task] = []
-    for item in cfg.rl.tasks:
-        family, _, level = item.partition(":")
-        pool += generate_tasks(family, int(level), cfg.rl.pool_size, seed=cfg.seed, split="train")
+    for family, level in _levels(cfg):
+        pool += generate_tasks(family, level, cfg.rl.pool_size, seed=cfg.seed, split="train")
     return pool
+
+
+def heldout_set(cfg: RunConfig) -> list[Task]:
+    """Problems of the RL levels that no training prompt can be (the hash-split held-out side)."""
+    tasks: list[Task] = []
+    for family, level in _levels(cfg):
+        tasks += generate_tasks(family, level, cfg.rl.eval_problems, seed=cfg.seed + 1,
+                                split="heldout")
+    return tasks
 
 
 class Master:
@@ -76,13 +89,19 @@ class Master:
         self.clients = clients
         self.state = state
         self.pool = prompt_pool(cfg)
+        self.heldout = heldout_set(cfg) if cfg.rl.eval_every else []
         self.rng = state.rng(cfg.seed)
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> RunState:
+    def run(self, on_iteration: Callable[[dict], None] | None = None) -> RunState:
+        """Iterate until rl.iterations are done; ``on_iteration`` gets each metrics row."""
         self.restore_trainer()
         while self.state.iterations_done < self.cfg.rl.iterations:
-            self.iteration(self.state.iterations_done)
+            row = self.iteration(self.state.iterations_done)
+            if on_iteration is not None:
+                on_iteration(row)
+        if self.cfg.rl.eval_every:
+            self.final_evaluation()
         return self.state
 
     def iteration(self, i: int) -> dict:
@@ -90,6 +109,8 @@ class Master:
         ref = RunRef(run_id=self.cfg.run_id, iteration=i)
         tasks = self.sample_prompts()
         to_rollout = self.switch("rollout", ref)
+        # the engine now holds policy v_i: evaluating it here needs no extra weight sync
+        evaluation = self.evaluate(ref) if self._eval_due(i) else {}
         t0 = time.perf_counter()
         rollout = self.rollout(tasks, ref)
         t1 = time.perf_counter()
@@ -116,8 +137,52 @@ class Master:
             "train_s": t4 - t3,
             "train_loss": stats.loss,
             **{f"train_{k}": v for k, v in stats.metrics.items()},
+            **evaluation,
         }
         self.checkpoint(i, stats.policy_version, row, time.perf_counter() - started)
+        return row
+
+    # -------------------------------------------------------------- evaluation
+    def _eval_due(self, i: int) -> bool:
+        return bool(self.cfg.rl.eval_every) and i % self.cfg.rl.eval_every == 0
+
+    def evaluate(self, ref: RunRef) -> dict[str, float]:
+        """Held-out accuracy of the policy in the engine: pass@1 of ``rl.eval_samples``
+        samples at the rollout temperature, and greedy accuracy. Needs the ROLLOUT phase.
+
+        The sampling seed is fixed by the run seed, not drawn from the loop's RNG, so
+        evaluating more or less often leaves the training prompts and samples unchanged.
+        """
+        if not self.heldout:
+            self.heldout = heldout_set(self.cfg)
+        r = self.cfg.rollout
+        started = time.perf_counter()
+        result = {}
+        for key, n, temperature in (("eval_accuracy", self.cfg.rl.eval_samples, r.temperature),
+                                    ("eval_greedy", 1, 0.0)):
+            sampling = SamplingSpec(n=n, temperature=temperature, top_p=r.top_p,
+                                    max_tokens=r.max_tokens, seed=self.cfg.seed + 7919)
+            req = GenerateRequest(ref=ref, prompts=[t.prompt for t in self.heldout],
+                                  sampling=sampling)
+            generated = self.clients.rollout.call("generate", req, GenerateResult)
+            correct = self.score(self.heldout, generated, ref).correct
+            result[key] = sum(correct) / len(correct)
+        result["eval_s"] = time.perf_counter() - started
+        return result
+
+    def final_evaluation(self) -> dict[str, float]:
+        """Evaluate the policy after the last iteration and append it as a metrics row
+        (iteration = iterations done, so a resumed run replaces it)."""
+        i = self.state.iterations_done
+        ref = RunRef(run_id=self.cfg.run_id, iteration=i)
+        self.switch("rollout", ref)
+        try:
+            row = {"iteration": i, "policy_version": self.state.policy_version,
+                   **self.evaluate(ref)}
+        finally:
+            self.switch("train", ref)
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
         return row
 
     # ------------------------------------------------------------------- steps
