@@ -88,7 +88,15 @@ class TrainerConfig(ServiceSection):
         description="torch.distributed backend. cpu requires gloo; cuda normally uses nccl "
         "(gloo is allowed there for debugging).",
     )
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam",
+        description="Optimizer of RL iterations, re-created at the start of each (k1.5 "
+        "resets it). adam = AdamW, whose first step after a reset is ~lr*sign(gradient) on "
+        "every parameter; sgd = plain SGD (no momentum), whose step follows the gradient, "
+        "so with grad_clip it moves the weights by at most lr*grad_clip. SFT steps always "
+        "use AdamW.",
+    )
+    lr: float = Field(1e-3, gt=0, description="Learning rate of RL iterations.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")

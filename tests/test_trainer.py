@@ -22,6 +22,7 @@ from trainer_svc.model import check_examples, pack_rows, unwrap
 
 LR = 1e-3
 TRAIN_LR = 5e-3
+SGD_LR = 1e-2
 
 
 def _examples(seed: int = 0, n: int = 6) -> list[tuple[list[int], list[int]]]:
@@ -111,7 +112,24 @@ def _training_scenario(rank, world, hf_dir, work_dir):
     restarted.reset_optimizer()
     restarted.set_lr(1e-5)
     result["surrogate"] = _surrogate_step(restarted)
+    # plain SGD (an RL option): the step follows the clipped gradient, not its sign
+    restarted.configure_optimizer("sgd", SGD_LR)
+    before = _weights(restarted)
+    stats = restarted.sft_step(EXAMPLES)
+    after = _weights(restarted)
+    result["sgd"] = {
+        "grad_norm": stats["grad_norm"],
+        "delta_norm": torch.cat([(after[n] - before[n]).flatten() for n in _unique(before)]).norm(),
+        "update_over_lr": _update_over_lr(before, after),
+    }
     return result
+
+
+def _unique(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Names without the tied lm_head (the same tensor as the embedding)."""
+    tied = "lm_head.weight" in weights and torch.equal(
+        weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    return [n for n in weights if not (tied and n == "lm_head.weight")]
 
 
 def _surrogate_step(trainer: MegatronTrainer) -> dict:
@@ -417,6 +435,15 @@ def test_train_step_hook_sums_token_logprobs_per_sample(training):
         assert surrogate["stats"]["loss"] == pytest.approx(1.0, abs=1e-4)
         assert surrogate["stats"]["policy_version"] == 24
         assert surrogate["gap_after"] < 1.0  # the step moved sequences towards the target
+
+
+@pytest.mark.slow
+def test_sgd_moves_the_weights_along_the_clipped_gradient(training):
+    """SGD: |delta| = lr * min(|grad|, clip), element sizes vary (unlike Adam's first step)."""
+    sgd = training[0]["sgd"]
+    expected = min(sgd["grad_norm"], 1.0)  # grad_clip defaults to 1.0
+    assert sgd["delta_norm"] / SGD_LR == pytest.approx(expected, rel=1e-3)
+    assert ((sgd["update_over_lr"] - 1).abs() < 0.01).float().mean() < 0.1
 
 
 @pytest.mark.slow

@@ -62,8 +62,8 @@ class TrainerService:
     # -------------------------------------------------------------------- verbs
     def sft_step(self, batch: SFTBatch) -> TrainStats:
         examples = [(e.prompt_token_ids, e.response_token_ids) for e in batch.examples]
-        if batch.lr is not None:
-            self.trainer.set_lr(batch.lr)
+        # SFT is plain supervised learning: always AdamW, whatever RL iterations use
+        self.trainer.configure_optimizer("adam", batch.lr or self.trainer.optim.lr)
         stats = self.trainer.sft_step(examples)
         return TrainStats(
             ref=batch.ref,
@@ -78,8 +78,9 @@ class TrainerService:
         from trainer_svc.losses import loss_config
 
         t = self.cfg.trainer
-        # SFT steps may have scheduled another lr; RL iterations always use the configured one.
-        self.trainer.set_lr(t.lr)
+        # SFT steps may have scheduled another lr; RL iterations always use the configured
+        # optimizer and lr (the iteration re-creates the optimizer anyway).
+        self.trainer.configure_optimizer(t.optimizer, t.lr)
         stats = self.trainer.mirror_descent_iteration(
             batch,
             loss_config(t.loss, tau=t.tau, baseline=t.baseline),

@@ -63,8 +63,10 @@ LossFn = Callable[[Tensor, TokenBatch], Tensor]
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW hyper-parameters (``betas`` = Adam's beta1, beta2; ``grad_clip`` 0 disables)."""
+    """Optimizer hyper-parameters: ``name`` "adam" (AdamW; ``betas`` = beta1, beta2) or
+    "sgd" (plain SGD, no momentum); ``grad_clip`` 0 disables clipping."""
 
+    name: str = "adam"
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -72,6 +74,8 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.name not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.name!r}")
         for field in ("lr", "weight_decay", "eps", "grad_clip"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
@@ -206,7 +210,8 @@ class MegatronTrainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         config = OptimizerConfig(
-            optimizer="adam",
+            optimizer=self.optim.name,
+            sgd_momentum=0.0,
             lr=self.optim.lr,
             weight_decay=self.optim.weight_decay,
             adam_beta1=self.optim.betas[0],
@@ -226,6 +231,15 @@ class MegatronTrainer:
 
     def reset_optimizer(self) -> None:
         """Fresh optimizer state (k1.5 resets it at the start of every iteration)."""
+        self.optimizer = self._make_optimizer()
+
+    def configure_optimizer(self, name: str, lr: float) -> None:
+        """Use optimizer ``name`` at ``lr`` from the next step on; a new kind of optimizer
+        starts with fresh state, the same kind keeps its state."""
+        if name == self.optim.name:
+            self.set_lr(lr)
+            return
+        self.optim = OptimConfig(**{**vars(self.optim), "name": name, "lr": lr})
         self.optimizer = self._make_optimizer()
 
     def set_lr(self, lr: float) -> None:
