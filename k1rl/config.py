@@ -250,6 +250,17 @@ class CheckpointEngineConfig(ServiceSection):
 _SERVICES = ("trainer", "rollout", "reward", "checkpoint_engine")
 
 
+def parse_levels(items: list[str]) -> list[tuple[str, int]]:
+    """``family:difficulty`` strings (e.g. ``add:2``) as (family, difficulty) pairs."""
+    levels = []
+    for item in items:
+        family, _, level = item.partition(":")
+        if not family or not level.isdigit():
+            raise ValueError(f"{item!r} is not family:difficulty (e.g. add:2)")
+        levels.append((family, int(level)))
+    return levels
+
+
 class RLConfig(Section):
     """The master loop: what is sampled, how much, for how long."""
 
@@ -284,10 +295,7 @@ class RLConfig(Section):
     @field_validator("tasks")
     @classmethod
     def _levels(cls, v: list[str]) -> list[str]:
-        for item in v:
-            family, _, level = item.partition(":")
-            if not family or not level.isdigit():
-                raise ValueError(f"{item!r} is not family:difficulty (e.g. add:2)")
+        parse_levels(v)
         return v
 
 

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from k1rl.config import ConfigError, RunConfig, parse_yaml_model
+from k1rl.config import ConfigError, RunConfig, parse_levels, parse_yaml_model
 from k1rl.data.tasks import Task, generate_suite
 from k1rl.launch import free_tcp_address
 from k1rl.protocol import CheckpointRequest, CheckpointResult, SFTBatch, SFTExample, TrainStats
@@ -62,10 +62,7 @@ class SFTSettings(BaseModel):
     @field_validator("levels")
     @classmethod
     def _levels(cls, v: list[str]) -> list[str]:
-        for item in v:
-            family, _, level = item.partition(":")
-            if not family or not level.isdigit():
-                raise ValueError(f"{item!r} is not family:difficulty (e.g. add:2)")
+        parse_levels(v)
         return v
 
     def lr_at(self, step: int) -> float:
@@ -102,10 +99,6 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=console,
     )
-
-
-def _parse_levels(levels: list[str]) -> tuple[tuple[str, int], ...]:
-    return tuple((item.partition(":")[0], int(item.partition(":")[2])) for item in levels)
 
 
 # ---------------------------------------------------------------------------- steps
@@ -191,7 +184,7 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
     config_path = run_dir / CONFIG_FILE
     config_path.write_text(run.dump_yaml())
     sft_tasks = generate_suite(cfg.sft.problems_per_level, seed=seed,
-                               levels=_parse_levels(cfg.sft.levels), split="train")
+                               levels=tuple(parse_levels(cfg.sft.levels)), split="train")
 
     with console.status("starting trainer_svc, reward_svc and the checkpoint-engine sidecar "
                         "(which starts vLLM)"):

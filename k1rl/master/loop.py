@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from k1rl.config import RunConfig
+from k1rl.config import RunConfig, parse_levels
 from k1rl.data.tasks import Task, generate_tasks
 from k1rl.master.state import RunState
 from k1rl.protocol import (
@@ -62,13 +62,9 @@ class Clients:
             c.close()
 
 
-def _levels(cfg: RunConfig) -> list[tuple[str, int]]:
-    return [(item.partition(":")[0], int(item.partition(":")[2])) for item in cfg.rl.tasks]
-
-
 def prompt_pool(cfg: RunConfig) -> list[Task]:
     pool: list[Task] = []
-    for family, level in _levels(cfg):
+    for family, level in parse_levels(cfg.rl.tasks):
         pool += generate_tasks(family, level, cfg.rl.pool_size, seed=cfg.seed, split="train")
     return pool
 
@@ -76,7 +72,7 @@ def prompt_pool(cfg: RunConfig) -> list[Task]:
 def heldout_set(cfg: RunConfig) -> list[Task]:
     """Problems of the RL levels that no training prompt can be (the hash-split held-out side)."""
     tasks: list[Task] = []
-    for family, level in _levels(cfg):
+    for family, level in parse_levels(cfg.rl.tasks):
         tasks += generate_tasks(family, level, cfg.rl.eval_problems, seed=cfg.seed + 1,
                                 split="heldout")
     return tasks
@@ -89,7 +85,7 @@ class Master:
         self.clients = clients
         self.state = state
         self.pool = prompt_pool(cfg)
-        self.heldout = heldout_set(cfg) if cfg.rl.eval_every else []
+        self.heldout: list[Task] = []  # built on the first evaluation
         self.rng = state.rng(cfg.seed)
 
     # ------------------------------------------------------------------ the loop
