@@ -133,6 +133,12 @@ class TrainerConfig(ServiceSection):
     epochs_per_iteration: int = Field(
         1, ge=1, description="Passes over the iteration's batch; the optimizer is reset before."
     )
+    skip_uniform_groups: bool = Field(
+        False,
+        description="Leave out of the update the prompts whose k rewards are all equal (zero "
+        "advantage: they add only the tau term, which is zero on an iteration's first step). "
+        "Exact with one optimizer step per iteration, and it saves their compute.",
+    )
 
     @field_validator("dist_backend")
     @classmethod

@@ -24,6 +24,7 @@ from trainer_svc.losses import LOSSES, MirrorDescentConfig, get_loss, loss_confi
 from trainer_svc.losses.mirror_descent import (
     as_train_samples,
     mirror_descent_loss,
+    mixed_groups,
     split_groups,
     uniform_group_fraction,
 )
@@ -267,6 +268,7 @@ def test_samples_come_as_messages_or_tuples_and_bad_ones_are_named():
         as_train_samples([], 4)
     rewards = [(g, [1], [2], [0.0], r) for g, r in [(0, 1.0), (0, 1.0), (1, 0.0), (1, 1.0)]]
     assert uniform_group_fraction(as_train_samples(rewards, 0)) == 0.5
+    assert [s.group_id for s in mixed_groups(as_train_samples(rewards, 0))] == [1, 1]
 
 
 # ------------------------------------------------------------------ MegatronTrainer
@@ -381,3 +383,27 @@ def test_iteration_metrics(iteration_tp1):
         0.05 * second["log_ratio_sq"])
     assert second["stale_samples"] == 0 and first["stale_samples"] == 0
     assert first["grad_norm"] > 0 and math.isfinite(second["loss"])
+
+
+def _one_step_scenario(rank, world, hf_dir, skip):
+    trainer = MegatronTrainer.from_hf(hf_dir, tp=world, lr=LR, seed=0)
+    stats = trainer.mirror_descent_iteration(_toy_batch(trainer), MirrorDescentConfig(tau=0.1),
+                                             skip_uniform_groups=skip)
+    return stats, _weights(trainer)
+
+
+@pytest.mark.slow
+def test_skipping_uniform_groups_is_exact_for_a_one_step_iteration(trainer_hf_dir):
+    """An all-wrong group has zero advantage and, on the first step, a zero tau term: leaving
+    it out changes neither the step (Adam's first step ignores the gradient's scale) nor the
+    reported batch statistics, only how many samples were trained on."""
+    full, w_full = run_distributed(_one_step_scenario, 1, str(trainer_hf_dir), False)[0]
+    skip, w_skip = run_distributed(_one_step_scenario, 1, str(trainer_hf_dir), True)[0]
+    assert full["trained_samples"] == 11 and skip["trained_samples"] == 8
+    for key in ("samples", "reward_mean", "uniform_groups", "policy_version"):
+        assert skip[key] == full[key], key
+    diff = torch.cat([(w_full[n] - w_skip[n]).abs().flatten() for n in w_full]) / LR
+    # 2 groups instead of 3 rescale the gradient by 3/2, which Adam's first step divides out
+    # except where a gradient is within reach of Adam's eps
+    assert diff.max().item() < 0.01
+    assert (diff < 1e-4).float().mean().item() > 0.99

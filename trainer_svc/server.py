@@ -86,6 +86,7 @@ class TrainerService:
             loss_config(t.loss, tau=t.tau, baseline=t.baseline),
             minibatches=t.minibatches_per_iteration,
             epochs=t.epochs_per_iteration,
+            skip_uniform_groups=t.skip_uniform_groups,
         )
         return TrainStats(
             ref=batch.ref,

@@ -38,6 +38,7 @@ from trainer_svc.losses.mirror_descent import (
     MirrorDescentConfig,
     as_train_samples,
     mirror_descent_loss,
+    mixed_groups,
     split_groups,
     uniform_group_fraction,
 )
@@ -364,6 +365,7 @@ class MegatronTrainer:
         minibatches: int = 1,
         epochs: int = 1,
         reset_optimizer: bool = True,
+        skip_uniform_groups: bool = False,
     ) -> dict[str, float]:
         """One k1.5 RL iteration: ``minibatches * epochs`` optimizer steps on ``samples``.
 
@@ -388,6 +390,9 @@ class MegatronTrainer:
             raise ValueError(f"minibatches={minibatches} and epochs={epochs} must be >= 1")
         samples = as_train_samples(samples, self.policy_version)
         stale = sum(s.policy_version != self.policy_version for s in samples)
+        received = samples
+        if skip_uniform_groups:
+            samples = mixed_groups(received) or received
         if reset_optimizer:
             self.reset_optimizer()
         plan, diffs = [], []
@@ -414,9 +419,10 @@ class MegatronTrainer:
             "grad_norm_last": steps[-1]["grad_norm"],
             "lr": self.optim.lr,
             "policy_version": float(self.policy_version),
-            "samples": float(len(samples)),
-            "reward_mean": sum(s.reward for s in samples) / len(samples),
-            "uniform_groups": uniform_group_fraction(samples),
+            "samples": float(len(received)),
+            "reward_mean": sum(s.reward for s in received) / len(received),
+            "uniform_groups": uniform_group_fraction(received),
+            "trained_samples": float(len(samples)),
             "response_tokens": float(diff.numel()),
             "rollout_logprob_diff": diff.mean().item(),
             "rollout_logprob_diff_max": diff.max().item(),

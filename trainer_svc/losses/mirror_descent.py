@@ -172,3 +172,11 @@ def uniform_group_fraction(samples: Sequence[TrainSample]) -> float:
     for s in samples:
         rewards.setdefault(s.group_id, set()).add(s.reward)
     return sum(len(r) == 1 for r in rewards.values()) / len(rewards)
+
+
+def mixed_groups(samples: Sequence[TrainSample]) -> list[TrainSample]:
+    """The samples of groups whose rewards are not all equal (the ones with a policy gradient)."""
+    rewards: dict[int, set[float]] = {}
+    for s in samples:
+        rewards.setdefault(s.group_id, set()).add(s.reward)
+    return [s for s in samples if len(rewards[s.group_id]) > 1]
