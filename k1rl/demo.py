@@ -18,6 +18,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from k1rl.config import ConfigError, RunConfig, parse_levels, parse_yaml_model
-from k1rl.data.tasks import Task, generate_suite
+from k1rl.data.tasks import Task, generate_suite, generate_tasks
 from k1rl.launch import free_tcp_address
 from k1rl.protocol import CheckpointRequest, CheckpointResult, SFTBatch, SFTExample, TrainStats
 
@@ -46,6 +47,29 @@ class ModelShape(BaseModel):
     intermediate_size: int = Field(352, ge=1)
 
 
+class SFTStop(BaseModel):
+    """Stop SFT once the RL levels are partly solved, measured on validation problems.
+
+    The step at which the tiny model learns to copy operands correctly varies by tens of
+    steps from seed to seed, and with it how much of the RL levels SFT leaves unsolved;
+    a fixed step count starts RL from very different places. Validation problems are
+    train-split problems of the RL levels that are not in the RL prompt pool (the
+    held-out set is a different split altogether).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    accuracy: float = Field(gt=0, le=1, description="Stop once validation pass@1 (samples at "
+                            "the rollout temperature) reaches this.")
+    every: int = Field(20, ge=1, description="Steps between validations.")
+    min_steps: int = Field(0, ge=0, description="No validation before this step.")
+    problems: int = Field(100, ge=1, description="Validation problems, split over the RL levels.")
+    samples: int = Field(4, ge=1, description="Samples per validation problem.")
+
+    def due(self, steps_done: int) -> bool:
+        return steps_done >= self.min_steps and steps_done % self.every == 0
+
+
 class SFTSettings(BaseModel):
     """Supervised warm-up: AdamW, linear warm-up then cosine decay to a floor."""
 
@@ -53,7 +77,8 @@ class SFTSettings(BaseModel):
 
     levels: list[str] = Field(min_length=1, description="family:difficulty levels of the SFT mix.")
     problems_per_level: int = Field(3000, ge=1)
-    steps: int = Field(ge=1, description="Optimizer steps.")
+    steps: int = Field(ge=1, description="Optimizer steps (at most, with stop_when).")
+    stop_when: SFTStop | None = Field(None, description="Early stop on validation accuracy.")
     batch: int = Field(64, ge=1, description="Examples per step.")
     lr: float = Field(gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(0, ge=0)
@@ -126,7 +151,22 @@ def run_config(cfg: DemoConfig, seed: int, run_dir: Path, model_dir: Path) -> Ru
     return RunConfig.model_validate(run.model_dump())  # re-validate the edited copy
 
 
-def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int) -> list[dict]:
+def validation_set(run: RunConfig, problems: int) -> list[Task]:
+    """Train-split problems of the RL levels outside the RL prompt pool (see SFTStop)."""
+    from k1rl.master.loop import prompt_pool
+
+    pool = {t.id for t in prompt_pool(run)}
+    levels = parse_levels(run.rl.tasks)
+    per_level = math.ceil(problems / len(levels))
+    return [t for family, level in levels
+            for t in generate_tasks(family, level, per_level, seed=run.seed + 2,
+                                    split="train", exclude=pool)]
+
+
+def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int,
+        validate: Callable[[], dict[str, float]] | None = None) -> list[dict]:
+    """SFT steps until ``settings.steps``, or until ``validate()["val_accuracy"]`` reaches
+    ``settings.stop_when.accuracy``; one history row per step (validations included)."""
     encoded = [
         SFTExample(
             prompt_token_ids=tokenizer.encode(t.prompt),
@@ -135,9 +175,11 @@ def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int)
         for t in tasks
     ]
     rng = random.Random(seed)
-    history = []
+    stop = settings.stop_when
+    history: list[dict] = []
     with _progress() as progress:
         bar = progress.add_task("SFT (megatron-core)", total=settings.steps, info="")
+        val = ""
         for step in range(settings.steps):
             batch = SFTBatch(
                 examples=rng.sample(encoded, min(settings.batch, len(encoded))),
@@ -145,7 +187,14 @@ def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int)
             )
             stats = trainer.call("sft_step", batch, TrainStats, timeout_s=600)
             history.append({"step": step, "loss": stats.loss, **stats.metrics})
-            progress.update(bar, advance=1, info=f"loss {stats.loss:.3f}")
+            done = step + 1
+            if stop and validate and stop.due(done):
+                history[-1].update(validate())
+                val = f"  validation {history[-1]['val_accuracy']:.3f}"
+            progress.update(bar, advance=1, info=f"loss {stats.loss:.3f}{val}")
+            if stop and history[-1].get("val_accuracy", 0.0) >= stop.accuracy:
+                progress.update(bar, total=done)
+                break
     return history
 
 
@@ -192,17 +241,25 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
     with cluster:
         clients = Clients.connect(run)
         try:
-            history = sft(clients.trainer, load_tokenizer(model_dir), sft_tasks, cfg.sft, seed)
+            master = Master(run, run_dir, clients, RunState(run_id=run.run_id))
+            validate = None
+            if cfg.sft.stop_when:
+                val_tasks = validation_set(run, cfg.sft.stop_when.problems)
+
+                def validate() -> dict[str, float]:
+                    return master.measure_in_rollout(val_tasks, cfg.sft.stop_when.samples, "val")
+
+            history = sft(clients.trainer, load_tokenizer(model_dir), sft_tasks, cfg.sft, seed,
+                          validate)
             sft_ckpt = (run_dir / "checkpoints" / "sft").resolve()
             saved = clients.trainer.call(
                 "checkpoint", CheckpointRequest(action="save", path=str(sft_ckpt)), CheckpointResult
             )
             # The RL run starts from the SFT weights: a resumed run that stopped before
             # its first iteration completed goes back to them, not to the random model.
-            state = RunState(run_id=run.run_id, policy_version=saved.policy_version,
-                             trainer_checkpoint=str(sft_ckpt))
-            state.save(run_dir)
-            master = Master(run, run_dir, clients, state)
+            master.state.policy_version = saved.policy_version
+            master.state.trainer_checkpoint = str(sft_ckpt)
+            master.state.save(run_dir)
             rl(master, run.rl.iterations)
             final = (run_dir / "final").resolve()
             clients.trainer.call(
@@ -238,8 +295,11 @@ def summarize(rows: list[dict], sft_history: list[dict], cfg: DemoConfig, run: R
         "seed": run.seed,
         "model_parameters_shape": cfg.model.model_dump(),
         "sft_levels": cfg.sft.levels,
-        "sft_steps": cfg.sft.steps,
+        "sft_steps": len(sft_history),
         "final_sft_loss": sft_history[-1]["loss"],
+        "sft_validation": [{"after_steps": r["step"] + 1, "accuracy": r["val_accuracy"],
+                            "greedy": r["val_greedy"]}
+                           for r in sft_history if "val_accuracy" in r],
         "rl_levels": run.rl.tasks,
         "heldout_problems": run.rl.eval_problems * len(run.rl.tasks),
         "heldout_samples_per_problem": run.rl.eval_samples,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from k1rl.config import ConfigError
-from k1rl.demo import DEFAULT_CONFIG, SFTSettings, load_demo_config
+from k1rl.demo import DEFAULT_CONFIG, SFTSettings, SFTStop, load_demo_config, validation_set
 
 
 def test_the_shipped_demo_config_measures_what_the_report_promises():
@@ -45,6 +45,24 @@ def test_sft_schedule_warms_up_linearly_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_sft_validates_every_n_steps_from_min_steps_on():
+    stop = SFTStop(accuracy=0.2, every=20, min_steps=200)
+    assert [n for n in range(1, 301) if stop.due(n)] == [200, 220, 240, 260, 280, 300]
+
+
+def test_sft_validation_problems_are_rl_levels_outside_the_prompt_pool_and_heldout_set():
+    from k1rl.data.tasks import is_heldout
+    from k1rl.master.loop import heldout_set, prompt_pool
+
+    run = load_demo_config(DEFAULT_CONFIG).run
+    val = validation_set(run, 100)
+    assert len(val) == 100 and len({t.id for t in val}) == 100
+    assert {f"{t.family}:{t.difficulty}" for t in val} == set(run.rl.tasks)
+    assert not {t.id for t in val} & {t.id for t in prompt_pool(run)}
+    assert not {t.id for t in val} & {t.id for t in heldout_set(run)}
+    assert not any(is_heldout(t.id) for t in val)
+
+
 @pytest.mark.slow
 def test_a_miniature_demo_writes_the_full_report(tmp_path):
     """Same code path as `make demo`, with 5 SFT steps and 2 RL iterations."""
@@ -52,6 +70,8 @@ def test_a_miniature_demo_writes_the_full_report(tmp_path):
 
     data = yaml.safe_load(DEFAULT_CONFIG.read_text())
     data["sft"].update(steps=5, problems_per_level=50)
+    # validated after steps 2 and 4; an accuracy of 1 is out of a 5-step model's reach
+    data["sft"]["stop_when"] = dict(accuracy=1.0, every=2, min_steps=2, problems=4, samples=2)
     data["run"]["rollout"]["max_tokens"] = 24
     data["run"]["rl"].update(iterations=2, eval_every=1, eval_problems=5, eval_samples=2,
                              prompts_per_iteration=4, pool_size=50)
@@ -79,5 +99,8 @@ def test_a_miniature_demo_writes_the_full_report(tmp_path):
     assert (run_dir / "final" / "config.json").is_file()
     assert (run_dir / "final" / "model.safetensors").is_file()
     assert len((run_dir / "sft_metrics.jsonl").read_text().splitlines()) == 5
+    assert summary["sft_steps"] == 5
+    assert [v["after_steps"] for v in summary["sft_validation"]] == [2, 4]
+    assert all(0 <= v["accuracy"] < 1 for v in summary["sft_validation"])
     with pytest.raises(FileExistsError, match="resume"):
         run_demo(load_demo_config(path), seed=3, run_dir=run_dir)

@@ -143,43 +143,58 @@ class Master:
         return bool(self.cfg.rl.eval_every) and i % self.cfg.rl.eval_every == 0
 
     def evaluate(self, ref: RunRef) -> dict[str, float]:
-        """Held-out accuracy of the policy in the engine: pass@1 of ``rl.eval_samples``
-        samples at the rollout temperature, and greedy accuracy. Needs the ROLLOUT phase.
+        """Held-out accuracy of the policy in the engine (``eval_accuracy``, ``eval_greedy``,
+        ``eval_s``): see :meth:`accuracy`. Needs the ROLLOUT phase."""
+        if not self.heldout:
+            self.heldout = heldout_set(self.cfg)
+        return self.accuracy(self.heldout, ref, self.cfg.rl.eval_samples, prefix="eval")
+
+    def accuracy(self, tasks: list[Task], ref: RunRef, samples: int,
+                 prefix: str) -> dict[str, float]:
+        """Accuracy of the policy in the engine on ``tasks``: ``<prefix>_accuracy`` = pass@1
+        of ``samples`` samples at the rollout temperature, ``<prefix>_greedy``, and the
+        seconds it took. Needs the ROLLOUT phase.
 
         The sampling seed is fixed by the run seed, not drawn from the loop's RNG, so
         evaluating more or less often leaves the training prompts and samples unchanged.
         """
-        if not self.heldout:
-            self.heldout = heldout_set(self.cfg)
         r = self.cfg.rollout
         started = time.perf_counter()
         result = {}
-        for key, n, temperature in (("eval_accuracy", self.cfg.rl.eval_samples, r.temperature),
-                                    ("eval_greedy", 1, 0.0)):
+        for key, n, temperature in ((f"{prefix}_accuracy", samples, r.temperature),
+                                    (f"{prefix}_greedy", 1, 0.0)):
             sampling = SamplingSpec(n=n, temperature=temperature, top_p=r.top_p,
                                     max_tokens=r.max_tokens, seed=self.cfg.seed + 7919)
-            req = GenerateRequest(ref=ref, prompts=[t.prompt for t in self.heldout],
-                                  sampling=sampling)
+            req = GenerateRequest(ref=ref, prompts=[t.prompt for t in tasks], sampling=sampling)
             generated = self.clients.rollout.call("generate", req, GenerateResult)
-            correct = self.score(self.heldout, generated, ref).correct
+            correct = self.score(tasks, generated, ref).correct
             result[key] = sum(correct) / len(correct)
-        result["eval_s"] = time.perf_counter() - started
+        result[f"{prefix}_s"] = time.perf_counter() - started
         return result
 
     def final_evaluation(self) -> dict[str, float]:
         """Evaluate the policy after the last iteration and append it as a metrics row
         (iteration = iterations done, so a resumed run replaces it)."""
         i = self.state.iterations_done
-        ref = RunRef(run_id=self.cfg.run_id, iteration=i)
-        self.switch("rollout", ref)
-        try:
-            row = {"iteration": i, "policy_version": self.state.policy_version,
-                   **self.evaluate(ref)}
-        finally:
-            self.switch("train", ref)
+        row = {"iteration": i, "policy_version": self.state.policy_version,
+               **self.in_rollout_phase(i, lambda ref: self.evaluate(ref))}
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         return row
+
+    def measure_in_rollout(self, tasks: list[Task], samples: int, prefix: str) -> dict[str, float]:
+        """:meth:`accuracy` of the trainer's current weights, outside an iteration (e.g.
+        between SFT steps): a round trip TRAIN -> ROLLOUT -> TRAIN."""
+        i = self.state.iterations_done
+        return self.in_rollout_phase(i, lambda ref: self.accuracy(tasks, ref, samples, prefix))
+
+    def in_rollout_phase(self, iteration: int, fn: Callable[[RunRef], dict]) -> dict:
+        ref = RunRef(run_id=self.cfg.run_id, iteration=iteration)
+        self.switch("rollout", ref)
+        try:
+            return fn(ref)
+        finally:
+            self.switch("train", ref)
 
     # ------------------------------------------------------------------- steps
     def sample_prompts(self) -> list[Task]:
