@@ -191,6 +191,9 @@ def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int,
             if stop and validate and stop.due(done):
                 history[-1].update(validate())
                 val = f"  validation {history[-1]['val_accuracy']:.3f}"
+                progress.console.print(
+                    f"SFT step {done}: validation pass@1 {history[-1]['val_accuracy']:.3f}, "
+                    f"greedy {history[-1]['val_greedy']:.3f} (stop at {stop.accuracy})")
             progress.update(bar, advance=1, info=f"loss {stats.loss:.3f}{val}")
             if stop and history[-1].get("val_accuracy", 0.0) >= stop.accuracy:
                 progress.update(bar, total=done)
