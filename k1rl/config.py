@@ -253,7 +253,41 @@ class CheckpointEngineConfig(ServiceSection):
     )
 
 
-_SERVICES = ("trainer", "rollout", "reward", "checkpoint_engine")
+class SandboxConfig(ServiceSection):
+    """The code-execution service (sandbox/): where it listens and how it isolates."""
+
+    address: str = Field("tcp://127.0.0.1:5705", description="RPC (ZMQ) address of the sandbox.")
+    http_port: int | None = Field(
+        8080, ge=0, le=65535,
+        description="Port of the JSON HTTP API (POST /run_code); 0 picks a free one, null "
+        "serves ZMQ only.")
+    http_host: str = Field("127.0.0.1", description="Interface the HTTP API listens on.")
+    workers: int = Field(2, ge=1, le=256, description="Programs run at once (one per core).")
+    runner: Literal["bwrap", "podman"] = Field(
+        "bwrap",
+        description="bwrap: bubblewrap namespaces + seccomp + rlimits (+ cgroups when "
+        "writable), ~ms per run; podman: a runc container per run (~0.5 s), for clusters "
+        "that require real containers.")
+    work_root: str = Field(
+        "/tmp/k1rl-sandbox", min_length=1,
+        description="Host directory for the pre-created per-worker work dirs.")
+    uid_base: int = Field(
+        61000, ge=1000, le=2**31 - 1024,
+        description="Worker i runs programs as uid/gid uid_base + i: never root (root "
+        "ignores RLIMIT_NPROC) and never shared between workers (the limit counts per uid).")
+    scratch_mb: int = Field(64, ge=1, le=65536,
+                            description="Size of the writable tmpfs a program runs in.")
+    max_processes: int = Field(64, ge=1, description="Processes/threads per run (RLIMIT_NPROC, "
+                                                     "and pids.max when a cgroup is writable).")
+    max_open_files: int = Field(64, ge=8, description="RLIMIT_NOFILE per run.")
+    use_cgroups: Literal["auto", "off"] = Field(
+        "auto", description="auto: pids+memory cgroup per worker when /sys/fs/cgroup is "
+                            "writable (v1 or v2); off: rlimits only.")
+    podman_image: str = Field("localhost/k1rl-sandbox:latest",
+                              description="Image the podman runner starts (sandbox/Dockerfile).")
+
+
+_SERVICES = ("trainer", "rollout", "reward", "checkpoint_engine", "sandbox")
 
 
 def parse_levels(items: list[str]) -> list[tuple[str, int]]:
@@ -321,6 +355,8 @@ class RunConfig(Section):
     checkpoint_engine: CheckpointEngineConfig = Field(
         default_factory=CheckpointEngineConfig, description="The checkpoint-engine sidecar."
     )
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig,
+                                   description="Code execution for code rewards.")
     rl: RLConfig = Field(default_factory=RLConfig, description="The master's RL loop.")
 
     @model_validator(mode="after")

@@ -295,6 +295,114 @@ class RewardResult(Message):
         return self
 
 
+# ------------------------------------------------------------------------ sandbox
+
+Verdict = Literal[
+    "accepted",
+    "wrong_answer",
+    "time_limit",
+    "memory_limit",
+    "runtime_error",
+    "output_limit",
+    "compile_error",
+    # the sandbox itself failed (could not start the program, checker crashed): never
+    # the program's fault, so a reward must not count it as a wrong answer
+    "sandbox_error",
+]
+
+MAX_SOURCE_BYTES = 1 << 20
+MAX_TESTS = 1000
+
+
+class TestCase(Message):
+    """One run of the program: its stdin and, when checked, the expected stdout."""
+
+    __test__ = False  # not a pytest class
+
+    stdin: str = Field("", max_length=64 << 20)
+    expected: str | None = Field(None, max_length=64 << 20)
+
+
+class Checker(Message):
+    """How a test's stdout is compared with its expected output.
+
+    exact: byte-equal; whitespace: equal as sequences of whitespace-separated tokens;
+    float: tokens equal, numbers within abs_tol or rel_tol; custom: a checker program
+    (``source`` in ``language``) run in the sandbox as ``checker input expected output``
+    (three file paths), accepting with exit code 0.
+    """
+
+    name: Literal["exact", "whitespace", "float", "custom"] = "whitespace"
+    abs_tol: float = Field(1e-6, ge=0)
+    rel_tol: float = Field(1e-6, ge=0)
+    source: str = Field("", max_length=MAX_SOURCE_BYTES)
+    language: str = "python"
+
+    @model_validator(mode="after")
+    def _custom_has_source(self) -> Checker:
+        if self.name == "custom" and not self.source.strip():
+            raise ValueError("a custom checker needs its program in 'source'")
+        return self
+
+
+class RunCodeRequest(Message):
+    kind: Literal["run_code"] = "run_code"
+    language: str = Field(min_length=1, description="registry name, e.g. python, cpp, c")
+    source: str = Field(max_length=MAX_SOURCE_BYTES)
+    compile_options: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="extra compiler arguments (e.g. -O2); each one argv item, no shell")
+    tests: list[TestCase] = Field(default_factory=lambda: [TestCase()], min_length=1,
+                                  max_length=MAX_TESTS)
+    time_limit_s: float = Field(2.0, gt=0, le=60, description="CPU seconds per test")
+    wall_limit_s: float | None = Field(
+        None, gt=0, le=300, description="wall seconds per test (default: 2 x time + 1)")
+    memory_limit_mb: int = Field(256, ge=16, le=16384)
+    output_limit_kb: int = Field(1024, ge=1, le=65536, description="stdout cap per test")
+    checker: Checker = Field(default_factory=Checker)
+    stop_on_first_failure: bool = Field(
+        False, description="skip the remaining tests once one is not accepted")
+
+    @property
+    def wall_limit(self) -> float:
+        return self.wall_limit_s or 2 * self.time_limit_s + 1.0
+
+
+class CompileOutcome(Message):
+    ok: bool
+    exit_code: int | None = None
+    time_s: float = 0.0
+    output: str = Field("", description="compiler stdout+stderr, truncated")
+
+
+class TestOutcome(Message):
+    __test__ = False
+
+    verdict: Verdict
+    exit_code: int | None = None
+    signal: int | None = None
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    memory_kb: int = 0
+    stdout: str = Field("", description="truncated")
+    stderr: str = Field("", description="truncated")
+    detail: str = Field("", description="why this verdict (checker message, limit hit)")
+
+
+class RunCodeResult(Message):
+    kind: Literal["run_code_result"] = "run_code_result"
+    verdict: Verdict = Field(description="first test verdict that is not accepted, else accepted")
+    compile: CompileOutcome | None = None
+    tests: list[TestOutcome] = Field(default_factory=list)
+    skipped: int = Field(0, ge=0, description="tests not run (stop_on_first_failure)")
+    runner: str = ""
+    error: str = Field("", description="what went wrong when verdict is sandbox_error")
+
+    @property
+    def passed(self) -> int:
+        return sum(t.verdict == "accepted" for t in self.tests)
+
+
 # -------------------------------------------------------------------------- phase
 
 
@@ -336,6 +444,8 @@ AnyMessage = Annotated[
     | RewardRequest
     | RewardResult
     | PhaseCommand
+    | RunCodeRequest
+    | RunCodeResult
     | PhaseStatus,
     Field(discriminator="kind"),
 ]

@@ -178,7 +178,9 @@ class RPCServer:
 
     Threading design: the ROUTER socket is touched only by the loop thread (ZMQ sockets
     are not thread-safe). Handlers run one at a time on a single worker thread, because a
-    service drives one engine (a trainer, a vLLM instance) that must not be entered twice.
+    service drives one engine (a trainer, a vLLM instance) that must not be entered twice;
+    a service whose handlers are thread-safe (the sandbox's pool of worker processes)
+    asks for ``handler_threads`` > 1 to serve that many requests at once.
     Keeping them off the loop thread is what lets ``ping`` — and methods registered with
     ``inline=True``, such as an abort — be answered while a long generate or train step
     runs. The worker hands each finished reply to the loop through an inproc PUSH/PULL
@@ -191,8 +193,12 @@ class RPCServer:
     # how often the loop wakes to notice stop(); bounds stop() latency, costs nothing
     POLL_MS = 50
 
-    def __init__(self, address: str, service: str, *, ready: bool = True) -> None:
+    def __init__(self, address: str, service: str, *, ready: bool = True,
+                 handler_threads: int = 1) -> None:
+        if handler_threads < 1:
+            raise ValueError(f"handler_threads must be >= 1, got {handler_threads}")
         self.service = service
+        self._handler_threads = handler_threads
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.linger = 0
@@ -273,8 +279,9 @@ class RPCServer:
         if self._loop_thread is None:
             # serving on the caller's thread: stop() from elsewhere must join, not close
             self._loop_thread = threading.current_thread()
-        worker = threading.Thread(target=self._work, name=f"{self.service}-rpc-worker", daemon=True)
-        worker.start()
+        for i in range(self._handler_threads):
+            threading.Thread(target=self._work, name=f"{self.service}-rpc-worker-{i}",
+                             daemon=True).start()
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
@@ -290,7 +297,8 @@ class RPCServer:
                     except Exception:  # a bug here must not take the service down
                         log.exception("%s: failed to handle a request", self.service)
         finally:
-            self._jobs.put(None)
+            for _ in range(self._handler_threads):
+                self._jobs.put(None)
             self._close()
 
     def stop(self, timeout_s: float = 5.0) -> None:

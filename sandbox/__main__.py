@@ -1,0 +1,85 @@
+"""python -m sandbox serve | run  (see sandbox/README.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from k1rl.config import ConfigError, RunConfig, SandboxConfig, load_config
+from k1rl.service import setup_logging
+
+app = typer.Typer(pretty_exceptions_enable=False, add_completion=False, no_args_is_help=True)
+
+
+def _config(path: str | None) -> SandboxConfig:
+    return load_config(path).sandbox if path else RunConfig().sandbox
+
+
+@app.command()
+def serve(
+    config: str = typer.Option(None, help="RunConfig YAML (its `sandbox` section)"),
+    address: str = typer.Option(None, help="override sandbox.address (ZMQ)"),
+    http_port: int = typer.Option(None, help="override sandbox.http_port (0: any free port)"),
+    workers: int = typer.Option(None, help="override sandbox.workers"),
+) -> None:
+    """Serve run_code over ZMQ and POST /run_code over HTTP until SIGTERM."""
+    setup_logging()
+    from sandbox.server import serve as serve_forever
+
+    cfg = _config(config)
+    updates = {k: v for k, v in (("http_port", http_port), ("workers", workers)) if v is not None}
+    cfg = SandboxConfig.model_validate({**cfg.model_dump(), **updates})
+    serve_forever(cfg, address=address)
+
+
+@app.command()
+def run(
+    language: str = typer.Option(..., help="python, cpp, c, ..."),
+    source: Path = typer.Option(..., exists=True, dir_okay=False, help="program file"),
+    stdin: Path = typer.Option(None, exists=True, dir_okay=False, help="its stdin"),
+    expected: Path = typer.Option(None, exists=True, dir_okay=False,
+                                  help="expected stdout (whitespace-insensitive check)"),
+    time_limit: float = typer.Option(2.0, help="CPU seconds"),
+    memory_mb: int = typer.Option(256, help="memory limit in MB"),
+    address: str = typer.Option(None, help="sandbox service (default: sandbox.address)"),
+    config: str = typer.Option(None, help="RunConfig YAML giving sandbox.address"),
+    timeout_s: float = typer.Option(300.0, help="how long to wait for the service"),
+) -> None:
+    """Run one program through a sandbox service and print its JSON response.
+
+    Exit code 0 when the service answered (whatever the verdict), 2 for a request the
+    service refused, 1 when it could not be reached.
+    """
+    from k1rl.protocol import RunCodeRequest, RunCodeResult, TestCase
+    from k1rl.rpc import RemoteError, RPCClient, RPCTimeout
+
+    req = RunCodeRequest(
+        language=language, source=source.read_text(),
+        tests=[TestCase(stdin=stdin.read_text() if stdin else "",
+                        expected=expected.read_text() if expected else None)],
+        time_limit_s=time_limit, memory_limit_mb=memory_mb,
+    )
+    addr = address or _config(config).address
+    client = RPCClient(addr, timeout_s=timeout_s)
+    try:
+        result = client.call("run_code", req, RunCodeResult, timeout_s=timeout_s)
+    except RemoteError as e:
+        typer.echo(json.dumps({"error": str(e)}), err=True)
+        raise typer.Exit(2) from None
+    except (RPCTimeout, OSError) as e:
+        typer.echo(json.dumps({"error": f"no answer from the sandbox at {addr}: {e}"}), err=True)
+        raise typer.Exit(1) from None
+    finally:
+        client.close()
+    typer.echo(json.dumps(result.model_dump(), indent=2))
+
+
+if __name__ == "__main__":
+    try:
+        app()
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,186 @@
+"""Per-worker cgroups: a pids limit, a memory limit, and exact accounting of both.
+
+Created once per worker slot and reused (creating a cgroup per run costs more than
+the run). Works with cgroup v1 (one hierarchy per controller, as on this project's
+build machines: pids, memory, cpuacct) and the unified v2 hierarchy. When no
+hierarchy is writable (an unprivileged pod), :func:`create` returns None and the
+sandbox relies on rlimits alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass
+class Stats:
+    oom: bool
+    peak_memory_bytes: int
+    cpu_s: float
+
+
+class CgroupSet:
+    """The cgroup dirs of one slot; v1 has one per controller, v2 one in all."""
+
+    def __init__(self, dirs: dict[str, Path], v2: bool) -> None:
+        self.dirs = dirs
+        self.v2 = v2
+        self._oom_before = 0
+
+    # -------------------------------------------------------------- per run
+    def reset(self, memory_bytes: int, pids: int) -> None:
+        self.kill_all()
+        if self.v2:
+            d = self.dirs["unified"]
+            _write(d / "memory.max", memory_bytes)
+            _write(d / "memory.swap.max", 0, missing_ok=True)
+            _write(d / "pids.max", pids)
+            _write(d / "memory.peak", 0, missing_ok=True)  # resettable on kernels >= 6.12
+            self._oom_before = self._oom_kills()
+        else:
+            m = self.dirs["memory"]
+            # memsw (memory + swap) may never be below the memory limit: raise it first
+            # when growing, lower it last when shrinking
+            memsw = m / "memory.memsw.limit_in_bytes"
+            current = _read_int(m / "memory.limit_in_bytes") or 0
+            if memory_bytes > current:
+                _write(memsw, memory_bytes, missing_ok=True)
+            _write(m / "memory.limit_in_bytes", memory_bytes)
+            _write(memsw, memory_bytes, missing_ok=True)
+            _write(m / "memory.max_usage_in_bytes", 0)
+            _write(m / "memory.failcnt", 0)
+            _write(self.dirs["pids"] / "pids.max", pids)
+            if "cpuacct" in self.dirs:
+                _write(self.dirs["cpuacct"] / "cpuacct.usage", 0)
+
+    def enter(self, pid: int) -> None:
+        """Move ``pid`` (the forked child, before it execs) into every controller."""
+        for d in self.dirs.values():
+            with open(d / "cgroup.procs", "w") as f:
+                f.write(str(pid))
+
+    def stats(self) -> Stats:
+        if self.v2:
+            d = self.dirs["unified"]
+            peak = max(0, (_read_int(d / "memory.peak") or 0)
+                       - _stat(d / "memory.stat").get("file", 0))
+            usage = {k: int(v) for k, v in (line.split() for line in
+                                             (d / "cpu.stat").read_text().splitlines())}
+            return Stats(self._oom_kills() > self._oom_before, peak,
+                         usage.get("usage_usec", 0) / 1e6)
+        m = self.dirs["memory"]
+        cpu = (_read_int(self.dirs["cpuacct"] / "cpuacct.usage") or 0) / 1e9 \
+            if "cpuacct" in self.dirs else 0.0
+        # the peak counts page cache charged to the slot (the interpreter's and the
+        # binary's pages, first touched by one of its runs, stay charged to it): take
+        # out what is cache at the end, which is nearly all of that
+        cache = _stat(m / "memory.stat").get("total_cache", 0)
+        peak = _read_int(m / "memory.max_usage_in_bytes") or 0
+        return Stats((_read_int(m / "memory.failcnt") or 0) > 0, max(0, peak - cache), cpu)
+
+    def kill_all(self) -> None:
+        """SIGKILL whatever is left in the slot's cgroups (a run must leave nothing behind)."""
+        d = self.dirs.get("unified") or self.dirs["pids"]
+        if self.v2 and (d / "cgroup.kill").exists():
+            _write(d / "cgroup.kill", 1)
+            return
+        for _ in range(100):  # a forking program can add pids between reads
+            pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _oom_kills(self) -> int:
+        events = self.dirs["unified"] / "memory.events"
+        for line in events.read_text().splitlines():
+            key, value = line.split()
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def remove(self) -> None:
+        self.kill_all()
+        for d in self.dirs.values():
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def remove_stale(instance: str = "") -> None:
+    """Remove the cgroups of sandbox services that are gone (named svc<pid>-w<i>), and
+    those of ``instance`` (a service shutting down)."""
+    for parent in (ROOT / "k1rl-sandbox", *(ROOT / c / "k1rl-sandbox"
+                                            for c in ("pids", "memory", "cpuacct"))):
+        if not parent.is_dir():
+            continue
+        for d in parent.glob("svc*-w*"):
+            pid = d.name[3:].split("-", 1)[0]
+            gone = pid.isdigit() and not Path(f"/proc/{pid}").exists()
+            if gone or (instance and d.name.startswith(f"{instance}-")):
+                dirs = {"unified" if parent.parent == ROOT else "pids": d}
+                CgroupSet(dirs, v2=parent.parent == ROOT).remove()
+
+
+def create(name: str) -> CgroupSet | None:
+    """Cgroups ``k1rl-sandbox/<name>``, or None when none can be created here."""
+    try:
+        if (ROOT / "cgroup.controllers").exists():  # v2 unified
+            base = ROOT / "k1rl-sandbox"
+            base.mkdir(exist_ok=True)
+            _write(base / "cgroup.subtree_control", "+memory +pids +cpu", missing_ok=True)
+            d = base / name
+            d.mkdir(exist_ok=True)
+            return CgroupSet({"unified": d}, v2=True)
+        dirs = {}
+        for controller in ("pids", "memory", "cpuacct"):
+            if not (ROOT / controller).is_dir():
+                if controller == "cpuacct":
+                    continue
+                return None
+            d = ROOT / controller / "k1rl-sandbox" / name
+            d.mkdir(parents=True, exist_ok=True)
+            dirs[controller] = d
+        cg = CgroupSet(dirs, v2=False)
+        cg.reset(64 << 20, 64)  # proves the files are writable, not just the dirs
+        return cg
+    except OSError as e:
+        log.warning("no writable cgroup for %s (%s): limits come from rlimits only", name, e)
+        return None
+
+
+def _write(path: Path, value, missing_ok: bool = False) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(str(value))
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+    except OSError:
+        if not missing_ok:
+            raise
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stat(path: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
+    except (OSError, ValueError):
+        return {}

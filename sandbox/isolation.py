@@ -1,0 +1,349 @@
+"""Running one untrusted command under hard limits, and what came of it.
+
+A :class:`Runner` executes an argv inside a per-worker :class:`Slot` (a work dir on the
+host, a uid, optionally cgroups) and returns an :class:`Execution`: exit status, CPU
+and wall time, peak memory, capped stdout/stderr and which limit (if any) stopped it.
+Turning that into a verdict is the service's job (sandbox/judge.py), so runners stay
+interchangeable: :class:`BwrapRunner` (default, namespaces + seccomp + rlimits +
+cgroups, a few ms per run) and :class:`PodmanRunner` (a runc container per run).
+
+Layers of the bwrap runner, outermost first (each one alone would not be enough):
+- a pids + memory cgroup per worker, when /sys/fs/cgroup is writable;
+- rlimits set in the forked child before exec: CPU, address space, file size, open
+  files, processes, core = 0;
+- a non-root uid per worker (root ignores RLIMIT_NPROC, and one uid per worker keeps
+  one program's processes from eating another's allowance);
+- bubblewrap: new user/pid/net/ipc/uts/cgroup namespaces, a new session, /usr and a
+  few linker files read-only and nothing else of the host, a fresh /proc showing only
+  the sandbox's processes, the program's code dir read-only (writable while
+  compiling) and a size-bounded tmpfs as its only writable place;
+- a seccomp filter (sandbox/seccomp.py) against kernel attack surface;
+- a wall-clock deadline that SIGKILLs the whole process tree, and a stdout cap that
+  does the same the moment a program writes past it.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import os
+import resource
+import selectors
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandbox import cgroups
+from sandbox.seccomp import filter_bytes
+
+# What of the host a program sees, read-only: the toolchains and the shared libraries.
+_RO_PATHS = ("/usr", "/etc/ld.so.cache", "/etc/alternatives")
+_SYMLINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"),
+             ("usr/lib64", "/lib64"), ("usr/lib32", "/lib32"))
+CODE_DIR = "/code"     # the program's files: source, binary, input files
+SCRATCH_DIR = "/tmp"   # the only writable place while a program runs
+_PIPE_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpu_s: float
+    wall_s: float
+    memory_mb: int
+    output_bytes: int           # stdout cap; stderr is kept to stderr_bytes and never fatal
+    processes: int = 64
+    open_files: int = 64
+    scratch_mb: int = 64
+    stderr_bytes: int = 64 << 10
+
+
+@dataclass
+class Execution:
+    exit_code: int | None = None    # None when killed by a signal
+    signal: int | None = None
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    memory_kb: int = 0
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_overflow: bool = False   # wrote past Limits.output_bytes (and was killed)
+    wall_timeout: bool = False      # still running at Limits.wall_s (and was killed)
+    oom_killed: bool = False        # the memory cgroup hit its limit
+    start_error: str = ""           # the sandbox could not start the command at all
+
+
+@dataclass
+class Slot:
+    """One worker's private resources, created once and reused for every request."""
+
+    index: int
+    uid: int
+    root: Path                       # host dir holding code/
+    cgroup: cgroups.CgroupSet | None = None
+    _prepared: bool = field(default=False, repr=False)
+
+    @property
+    def code(self) -> Path:
+        return self.root / "code"
+
+    def prepare(self) -> None:
+        """(Re)create an empty code dir owned by the slot's uid."""
+        if self.code.exists():
+            shutil.rmtree(self.code, ignore_errors=True)
+        self.code.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711)
+        os.chown(self.code, self.uid, self.uid)
+        os.chmod(self.code, 0o700)
+        self._prepared = True
+
+    def mkdir(self, name: str) -> Path:
+        path = self.code / name
+        path.mkdir()
+        os.chown(path, self.uid, self.uid)
+        return path
+
+    def write(self, name: str, data: bytes, mode: int = 0o644) -> Path:
+        path = self.code / name
+        path.write_bytes(data)
+        os.chown(path, self.uid, self.uid)
+        os.chmod(path, mode)
+        return path
+
+
+class Runner(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def execute(self, slot: Slot, argv: list[str], *, stdin: bytes, limits: Limits,
+                writable_code: bool = False, cwd: str = "") -> Execution:
+        """Run ``argv`` in the slot's code dir (or its subdir ``cwd``); never raises
+        because of what the program does. ``start_error`` is set when the sandbox itself
+        could not start the command."""
+
+
+# ---------------------------------------------------------------------------- bwrap
+
+
+class BwrapRunner(Runner):
+    name = "bwrap"
+
+    def __init__(self, bwrap: str | None = None) -> None:
+        self.bwrap = bwrap or shutil.which("bwrap") or "/usr/bin/bwrap"
+        if not os.access(self.bwrap, os.X_OK):
+            raise RuntimeError("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
+        self._seccomp = filter_bytes()
+        self._ro = [p for p in _RO_PATHS if os.path.exists(p)]
+        self._links = [(t, p) for t, p in _SYMLINKS if os.path.exists("/" + t)]
+
+    def argv(self, slot: Slot, command: list[str], limits: Limits, writable_code: bool,
+             seccomp_fd: int, status_fd: int, cwd: str = "") -> list[str]:
+        args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+                "--new-session", "--hostname", "sandbox", "--clearenv",
+                "--uid", str(slot.uid), "--gid", str(slot.uid)]
+        for path in self._ro:
+            args += ["--ro-bind", path, path]
+        for target, link in self._links:
+            args += ["--symlink", target, link]
+        args += ["--proc", "/proc", "--dev", "/dev",
+                 "--size", str(limits.scratch_mb << 20), "--tmpfs", SCRATCH_DIR,
+                 "--bind" if writable_code else "--ro-bind", str(slot.code), CODE_DIR,
+                 "--chdir", f"{CODE_DIR}/{cwd}" if cwd else CODE_DIR,
+                 "--json-status-fd", str(status_fd),
+                 "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
+                 "--setenv", "HOME", SCRATCH_DIR, "--setenv", "TMPDIR", SCRATCH_DIR,
+                 "--setenv", "LANG", "C.UTF-8",
+                 "--seccomp", str(seccomp_fd), "--", *command]
+        return args
+
+    def execute(self, slot: Slot, argv: list[str], *, stdin: bytes, limits: Limits,
+                writable_code: bool = False, cwd: str = "") -> Execution:
+        filter_r, filter_w = os.pipe()
+        try:
+            os.write(filter_w, self._seccomp)  # < pipe buffer: the filter is ~1 KB
+        finally:
+            os.close(filter_w)
+        status_r, status_w = os.pipe()
+        try:
+            command = self.argv(slot, argv, limits, writable_code, filter_r, status_w, cwd)
+            # _supervise closes status_w once the child has its copy (or failed to start),
+            # so reading status_r ends at the child's exit
+            result = _supervise(command, slot, stdin, limits, pass_fds=(filter_r, status_w),
+                                hand_over=(status_w,))
+            status = _read_all(status_r)
+        finally:
+            os.close(filter_r)
+            os.close(status_r)
+        # bwrap reports {"child-pid": N} once the sandbox is set up and the command
+        # started; without it, the failure was bwrap's (a bad mount, no namespaces)
+        # and its stderr says why, whatever the exit code suggests.
+        if not result.start_error and b'"child-pid"' not in status:
+            result.start_error = "sandbox set-up failed: " + result.stderr.decode(
+                "utf-8", "replace").strip()
+        return result
+
+
+def _read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _preexec(slot: Slot, limits: Limits):
+    """Runs in the forked child before exec (the worker is single-threaded, so this is safe)."""
+    cpu = int(limits.cpu_s) + 1  # the kernel's backstop; the verdict uses measured time
+    memory = (limits.memory_mb + 64) << 20  # address-space headroom for runtimes' mappings
+    procs = limits.processes + 4  # bwrap's own two processes and some slack
+
+    def setup() -> None:
+        if slot.cgroup is not None:
+            slot.cgroup.enter(os.getpid())
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.scratch_mb << 20,) * 2)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files,) * 2)
+        resource.setrlimit(resource.RLIMIT_NPROC, (procs, procs))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.setgroups([])
+        os.setgid(slot.uid)
+        os.setuid(slot.uid)
+
+    return setup
+
+
+def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
+               pass_fds: tuple[int, ...] = (), hand_over: tuple[int, ...] = ()
+               ) -> Execution:
+    """Start ``argv``, feed stdin, drain capped output, enforce the wall clock, reap."""
+    result = Execution()
+    if slot.cgroup is not None:
+        slot.cgroup.reset(limits.memory_mb << 20, limits.processes + 4)
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=slot.root, preexec_fn=_preexec(slot, limits), start_new_session=True,
+            pass_fds=pass_fds, close_fds=True, env={},
+        )
+    except OSError as e:
+        result.start_error = f"cannot start the sandbox: {e}"
+        return result
+    finally:
+        for fd in hand_over:  # the child holds its own copy
+            os.close(fd)
+    deadline = started + limits.wall_s
+    out, err = bytearray(), bytearray()
+    sel = selectors.DefaultSelector()
+    pending = memoryview(stdin)
+    for stream in (proc.stdout, proc.stderr):
+        os.set_blocking(stream.fileno(), False)
+        sel.register(stream, selectors.EVENT_READ)
+    if pending:
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin, selectors.EVENT_WRITE)
+    else:
+        proc.stdin.close()
+    killed = False
+    while sel.get_map():
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            result.wall_timeout = True
+            break
+        for key, _ in sel.select(timeout):
+            stream = key.fileobj
+            if stream is proc.stdin:
+                try:
+                    pending = pending[os.write(stream.fileno(), pending[:_PIPE_CHUNK]):]
+                except BrokenPipeError:
+                    pending = pending[:0]  # the program stopped reading: its business
+                if not pending:
+                    sel.unregister(stream)
+                    stream.close()
+                continue
+            try:
+                chunk = os.read(stream.fileno(), _PIPE_CHUNK)
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    continue
+                chunk = b""
+            if not chunk:
+                sel.unregister(stream)
+                continue
+            if stream is proc.stdout:
+                room = limits.output_bytes - len(out)
+                out += chunk[: max(room, 0)]
+                if len(chunk) > room:
+                    result.stdout_overflow = True
+            elif len(err) < limits.stderr_bytes:
+                err += chunk[: limits.stderr_bytes - len(err)]
+        if result.stdout_overflow:
+            break
+    if result.wall_timeout or result.stdout_overflow:
+        _kill_tree(proc, slot)
+        killed = True
+    # output closed, but the program may still run (it closed stdout, or a child holds on)
+    status, usage, late = _reap(proc, deadline, slot)
+    result.wall_timeout |= late
+    killed |= late
+    result.wall_s = time.monotonic() - started
+    sel.close()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream and not stream.closed:
+            stream.close()
+    if os.WIFSIGNALED(status):
+        result.signal = os.WTERMSIG(status)
+    else:
+        result.exit_code = os.WEXITSTATUS(status)
+    # bwrap's pid namespace keeps the program's rusage from reaching wait4 (its init
+    # does not pass it up), so time and memory come from the slot's cgroup; without
+    # one only the limits hold (RLIMIT_CPU, RLIMIT_AS) and the figures stay 0
+    del usage
+    if slot.cgroup is not None:
+        stats = slot.cgroup.stats()
+        result.oom_killed = stats.oom
+        result.cpu_s = stats.cpu_s
+        result.memory_kb = stats.peak_memory_bytes // 1024
+        slot.cgroup.kill_all()  # nothing may outlive its run
+    if killed and result.signal is None:
+        result.signal = signal.SIGKILL
+    result.stdout, result.stderr = bytes(out), bytes(err)
+    return result
+
+
+def _kill_tree(proc: subprocess.Popen, slot: Slot) -> None:
+    # bwrap's pid-namespace init dies with bwrap (--die-with-parent), and the kernel
+    # then kills every process of the namespace; the cgroup sweep catches the rest.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if slot.cgroup is not None:
+        slot.cgroup.kill_all()
+
+
+def _reap(proc: subprocess.Popen, deadline: float, slot: Slot):
+    """wait4 the child (its rusage covers the waited-for tree); past the wall deadline,
+    kill it first. Returns (status, rusage, killed_at_deadline)."""
+    late = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            _kill_tree(proc, slot)
+            late = True
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.0005)
+    proc.returncode = status  # keep subprocess from waiting again
+    return status, usage, late

@@ -1,0 +1,140 @@
+"""Serve the sandbox: ZMQ (k1rl.rpc, method ``run_code``) and a JSON HTTP API.
+
+HTTP, for tools outside k1rl:
+    POST /run_code   body: a RunCodeRequest as JSON (``kind`` may be omitted)
+                     200 + RunCodeResult; 400 + {"error": ...} for a bad request
+    GET  /health     200 + {"ready": true, "workers": N, "runner": ..., "cgroups": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from pydantic import ValidationError
+
+from k1rl.config import SandboxConfig
+from k1rl.protocol import RunCodeRequest, RunCodeResult
+from k1rl.rpc import RPCServer
+from k1rl.service import run_until_signalled
+
+from sandbox.pool import WorkerPool
+
+log = logging.getLogger(__name__)
+MAX_BODY = 80 << 20
+
+
+class SandboxService:
+    def __init__(self, cfg: SandboxConfig) -> None:
+        self.cfg = cfg
+        self.pool = WorkerPool(cfg)
+
+    def run_code(self, req: RunCodeRequest) -> RunCodeResult:
+        return self.pool.run(req)
+
+    def health(self) -> dict:
+        return {"ready": True, "workers": self.cfg.workers, "runner": self.cfg.runner,
+                "cgroups": self.pool.cgroups, "worker_restarts": self.pool.restarts}
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _http_handler(service: SandboxService):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # route to logging, not stderr
+            log.debug("http %s: " + fmt, self.client_address[0], *args)
+
+        def _reply(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._reply(200, service.health())
+            else:
+                self._reply(404, {"error": f"no such endpoint: GET {self.path}"})
+
+        def do_POST(self):
+            if self.path != "/run_code":
+                self._reply(404, {"error": f"no such endpoint: POST {self.path}"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self._reply(411, {"error": "Content-Length required"})
+                return
+            if length > MAX_BODY:
+                self._reply(413, {"error": f"body over {MAX_BODY} bytes"})
+                return
+            raw = self.rfile.read(length)
+            try:
+                payload = json.loads(raw)
+                if isinstance(payload, dict):
+                    payload.setdefault("kind", "run_code")
+                req = RunCodeRequest.model_validate(payload)
+                result = service.run_code(req)
+            except json.JSONDecodeError as e:
+                self._reply(400, {"error": f"body is not JSON: {e}"})
+            except ValidationError as e:
+                self._reply(400, {"error": "invalid request", "details": json.loads(e.json())})
+            except ValueError as e:
+                self._reply(400, {"error": str(e)})
+            else:
+                self._reply(200, result.model_dump())
+
+    return Handler
+
+
+class Servers:
+    """The running endpoints; ``http_port`` is the real port (after binding 0)."""
+
+    def __init__(self, cfg: SandboxConfig, address: str | None = None) -> None:
+        self.service = SandboxService(cfg)
+        self.rpc = RPCServer(address or cfg.address, service="sandbox",
+                             handler_threads=cfg.workers)
+        self.rpc.register("run_code", RunCodeRequest, self.service.run_code)
+        self.http: ThreadingHTTPServer | None = None
+        if cfg.http_port is not None:
+            self.http = ThreadingHTTPServer((cfg.http_host, cfg.http_port),
+                                            _http_handler(self.service))
+            self.http.daemon_threads = True
+        self.rpc.set_ready(True, **{k: v for k, v in self.service.health().items()
+                                    if k != "ready"})
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.server_address[1] if self.http else None
+
+    def start(self) -> Servers:
+        self.rpc.start_in_thread()
+        if self.http:
+            threading.Thread(target=self.http.serve_forever, name="sandbox-http",
+                             daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.rpc.stop()
+        if self.http:
+            self.http.shutdown()
+            self.http.server_close()
+        self.service.close()
+
+
+def serve(cfg: SandboxConfig, *, address: str | None = None) -> None:
+    servers = Servers(cfg, address).start()
+    log.info("sandbox ready: zmq %s, http %s, %d workers (%s runner, cgroups %s)",
+             servers.rpc.address, servers.http_port, cfg.workers, cfg.runner,
+             servers.service.pool.cgroups)
+    try:
+        run_until_signalled(servers.rpc)
+    finally:
+        servers.stop()
