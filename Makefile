@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.k1rl-installed
 SEED ?= 0
-APT_PACKAGES := libibverbs1 bubblewrap
+# sandbox: bubblewrap (isolation), libseccomp2 (its filter), g++/gcc (C, C++ programs)
+APT_PACKAGES := libibverbs1 bubblewrap libseccomp2 g++ gcc
 # vLLM's PyPI deps pull torchvision/torchaudio/torchcodec builds that do not load
 # beside the +cpu torch and break `transformers` imports: they are removed after install.
 BROKEN_WITH_CPU_TORCH := torchvision torchaudio torchcodec

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class CgroupSet:
             _write(m / "memory.limit_in_bytes", memory_bytes)
             _write(memsw, memory_bytes, missing_ok=True)
             _write(m / "memory.max_usage_in_bytes", 0)
-            _write(m / "memory.failcnt", 0)
+            self._oom_before = self._oom_kills()
             _write(self.dirs["pids"] / "pids.max", pids)
             if "cpuacct" in self.dirs:
                 _write(self.dirs["cpuacct"] / "cpuacct.usage", 0)
@@ -83,7 +84,7 @@ class CgroupSet:
         # out what is cache at the end, which is nearly all of that
         cache = _stat(m / "memory.stat").get("total_cache", 0)
         peak = _read_int(m / "memory.max_usage_in_bytes") or 0
-        return Stats((_read_int(m / "memory.failcnt") or 0) > 0, max(0, peak - cache), cpu)
+        return Stats(self._oom_kills() > self._oom_before, max(0, peak - cache), cpu)
 
     def kill_all(self) -> None:
         """SIGKILL whatever is left in the slot's cgroups (a run must leave nothing behind)."""
@@ -91,7 +92,9 @@ class CgroupSet:
         if self.v2 and (d / "cgroup.kill").exists():
             _write(d / "cgroup.kill", 1)
             return
-        for _ in range(100):  # a forking program can add pids between reads
+        # a forking program adds pids between reads, and killed ones stay listed until
+        # they have exited: sweep until the group is empty (bounded: ~2 s)
+        for _ in range(400):
             pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
             if not pids:
                 return
@@ -100,14 +103,14 @@ class CgroupSet:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            time.sleep(0.005)
+        log.error("processes of %s survived 400 SIGKILL sweeps", d)
 
     def _oom_kills(self) -> int:
-        events = self.dirs["unified"] / "memory.events"
-        for line in events.read_text().splitlines():
-            key, value = line.split()
-            if key == "oom_kill":
-                return int(value)
-        return 0
+        """OOM kills so far (the counter never resets, so runs compare before/after)."""
+        if self.v2:
+            return _stat(self.dirs["unified"] / "memory.events").get("oom_kill", 0)
+        return _stat(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0)
 
     def remove(self) -> None:
         self.kill_all()

@@ -155,6 +155,7 @@ class BwrapRunner(Runner):
                  "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
                  "--setenv", "HOME", SCRATCH_DIR, "--setenv", "TMPDIR", SCRATCH_DIR,
                  "--setenv", "LANG", "C.UTF-8",
+                 "--remount-ro", "/",  # the sandbox's own root: no files beside the mounts
                  "--seccomp", str(seccomp_fd), "--", *command]
         return args
 
@@ -176,10 +177,12 @@ class BwrapRunner(Runner):
         finally:
             os.close(filter_r)
             os.close(status_r)
-        # bwrap reports {"child-pid": N} once the sandbox is set up and the command
-        # started; without it, the failure was bwrap's (a bad mount, no namespaces)
-        # and its stderr says why, whatever the exit code suggests.
-        if not result.start_error and b'"child-pid"' not in status:
+        # Without {"child-pid": N} bwrap never cloned the sandbox; a set-up failure in
+        # the clone (a mount, a namespace) ends it with exit 1 and "bwrap: ..." on
+        # stderr before the command runs. (A program can print that too: it gains a
+        # sandbox_error, which earns no reward either.)
+        setup_failed = result.exit_code == 1 and result.stderr.startswith(b"bwrap: ")
+        if not result.start_error and (b'"child-pid"' not in status or setup_failed):
             result.start_error = "sandbox set-up failed: " + result.stderr.decode(
                 "utf-8", "replace").strip()
         return result

@@ -66,6 +66,18 @@ def _worker_main(index: int, cfg_json: str, instance: str, conn: Connection) -> 
             cgroup.remove()
 
 
+def _make_reachable(path: Path) -> None:
+    """Create ``path``; every dir above it must let the sandbox uids pass (o+x)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o711)
+    for parent in path.resolve().parents:
+        if not os.stat(parent).st_mode & 0o001:
+            raise ValueError(
+                f"sandbox.work_root {path.parent}: {parent} is not searchable by other users "
+                f"(mode {oct(os.stat(parent).st_mode & 0o777)}), so the sandbox uids cannot "
+                "reach their work dirs; pick a work_root under a world-searchable dir")
+
+
 class _Worker:
     def __init__(self, index: int, cfg: SandboxConfig, instance: str) -> None:
         self.index = index
@@ -96,6 +108,7 @@ class WorkerPool:
         # one instance id per service process: cgroups and work dirs of two services on
         # one host never collide (uids do unless uid_base differs: see SandboxConfig)
         self.instance = f"svc{os.getpid()}"
+        _make_reachable(Path(cfg.work_root) / self.instance)
         if cfg.use_cgroups == "auto":
             from sandbox import cgroups
 
