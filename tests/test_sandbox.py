@@ -1,0 +1,220 @@
+"""The sandbox service on ordinary programs: verdicts, checkers, languages, APIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from k1rl.config import SandboxConfig
+from k1rl.protocol import Checker, RunCodeRequest, RunCodeResult, TestCase
+from k1rl.rpc import RPCClient
+from sandbox import languages
+from sandbox.checkers import compare
+
+needs_bwrap = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="needs bubblewrap")
+
+
+# ------------------------------------------------------------------ checkers (pure)
+
+
+def test_exact_checker_is_byte_exact():
+    assert compare(Checker(name="exact"), "3\n", "3\n") == (True, "")
+    ok, why = compare(Checker(name="exact"), "3", "3\n")
+    assert not ok and "1 characters, expected 2" in why
+
+
+def test_whitespace_checker_compares_tokens():
+    assert compare(Checker(name="whitespace"), "1  2\n3\n\n", "1 2 3")[0]
+    ok, why = compare(Checker(name="whitespace"), "1 2 4", "1 2 3")
+    assert not ok and "token 3" in why
+
+
+def test_float_checker_uses_absolute_or_relative_tolerance():
+    c = Checker(name="float", abs_tol=1e-6, rel_tol=1e-6)
+    assert compare(c, "0.30000000000000004 x", "0.3 x")[0]
+    assert compare(c, "1000000.5", "1000000.0")[0]        # relative
+    assert not compare(c, "0.31", "0.3")[0]
+    assert compare(c, "nan", "nan")[0] and not compare(c, "nan", "0")[0]
+    assert not compare(c, "0.3 y", "0.3 x")[0]            # non-numbers must match exactly
+    assert not compare(c, "0.3", "0.3 0.4")[0]
+    assert not compare(c, "inf", "1e308")[0]
+
+
+def test_custom_checker_needs_a_program():
+    with pytest.raises(ValueError, match="custom checker needs"):
+        Checker(name="custom")
+
+
+def test_languages_registry():
+    assert languages.get("Python3") is languages.get("python")
+    assert languages.get("c++").compile_argv(["-DX=1"])[:2] == ["/usr/bin/g++", "-std=c++17"]
+    assert "-DX=1" in languages.get("cpp").compile_argv(["-DX=1"])
+    with pytest.raises(ValueError, match="unknown language 'cobol'"):
+        languages.get("cobol")
+
+
+# ------------------------------------------------------------------ the service
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    from k1rl.launch import free_tcp_address
+    from sandbox.server import Servers
+
+    cfg = SandboxConfig(address=free_tcp_address(), http_port=0, workers=2, uid_base=62100,
+                        work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}")
+    servers = Servers(cfg).start()
+    client = RPCClient(servers.rpc.address, timeout_s=120)
+    yield client, servers
+    client.close()
+    servers.stop()
+
+
+def run(sandbox, **kw) -> RunCodeResult:
+    client, _ = sandbox
+    return client.call("run_code", RunCodeRequest(**kw), RunCodeResult, timeout_s=300)
+
+
+SUM = {
+    "python": "import sys\nprint(sum(map(int, sys.stdin.read().split())))\n",
+    "cpp": "#include <iostream>\nint main(){long s=0,x;while(std::cin>>x)s+=x;std::cout<<s<<'\\n';}",
+    "c": "#include <stdio.h>\nint main(){long s=0,x;while(scanf(\"%ld\",&x)==1)s+=x;"
+         "printf(\"%ld\\n\",s);return 0;}",
+}
+SUM_TESTS = [TestCase(stdin="1 2 3", expected="6"), TestCase(stdin="10\n-4\n", expected="6\n"),
+             TestCase(stdin="", expected="0")]
+
+
+@needs_bwrap
+@pytest.mark.parametrize("language", ["python", "cpp", "c"])
+def test_a_correct_program_is_accepted_on_every_test(sandbox, language):
+    r = run(sandbox, language=language, source=SUM[language], tests=SUM_TESTS)
+    assert r.verdict == "accepted" and r.passed == 3, r
+    assert (r.compile is None) == (language == "python")
+    assert all(t.cpu_s < 1 and t.wall_s < 5 for t in r.tests)
+    assert r.tests[0].stdout.strip() == "6"
+
+
+@needs_bwrap
+def test_wrong_answer_on_some_tests(sandbox):
+    src = "import sys\nxs = list(map(int, sys.stdin.read().split()))\nprint(max(xs) * 2)\n"
+    r = run(sandbox, language="python", source=src, tests=SUM_TESTS[:2])
+    assert r.verdict == "wrong_answer"
+    assert [t.verdict for t in r.tests] == ["accepted", "wrong_answer"]
+    assert "token 1: '20', expected '6'" in r.tests[1].detail
+
+
+@needs_bwrap
+def test_stop_on_first_failure_skips_the_rest(sandbox):
+    r = run(sandbox, language="python", source="print(0)", tests=SUM_TESTS,
+            stop_on_first_failure=True)
+    assert [t.verdict for t in r.tests] == ["wrong_answer"] and r.skipped == 2
+
+
+@needs_bwrap
+def test_compile_error_reports_the_compiler_output_and_runs_nothing(sandbox):
+    r = run(sandbox, language="cpp", source="int main() { return undeclared; }", tests=SUM_TESTS)
+    assert r.verdict == "compile_error" and not r.tests and r.skipped == 3
+    assert "undeclared" in r.compile.output and not r.compile.ok
+
+
+@needs_bwrap
+def test_compile_options_are_passed(sandbox):
+    src = "#include <cstdio>\nint main(){ printf(\"%d\\n\", VALUE); }"
+    r = run(sandbox, language="cpp", source=src, compile_options=["-DVALUE=41+1"],
+            tests=[TestCase(expected="42")])
+    assert r.verdict == "accepted", r
+
+
+@needs_bwrap
+@pytest.mark.parametrize("language,src", [
+    ("python", "import sys\nsys.exit(3)"),
+    ("python", "raise ValueError('boom')"),
+    ("cpp", "int main(){ int* p = nullptr; return *p; }"),
+    ("c", "#include <stdlib.h>\nint main(){ abort(); }"),
+])
+def test_runtime_errors(sandbox, language, src):
+    r = run(sandbox, language=language, source=src)
+    assert r.verdict == "runtime_error", r
+    assert r.tests[0].detail.startswith(("exit code", "killed by"))
+
+
+@needs_bwrap
+def test_float_and_custom_checkers_in_the_service(sandbox):
+    r = run(sandbox, language="python", source="print(1/3)",
+            tests=[TestCase(expected="0.333333")], checker=Checker(name="float", abs_tol=1e-5))
+    assert r.verdict == "accepted"
+    # a checker that accepts any permutation of the expected numbers
+    checker = ("import sys\ninp, exp, out = (open(f).read().split() for f in sys.argv[1:])\n"
+               "ok = sorted(exp) == sorted(out)\nprint('ok' if ok else 'not a permutation')\n"
+               "sys.exit(0 if ok else 1)\n")
+    tests = [TestCase(stdin="3 1 2", expected="1 2 3")]
+    good = run(sandbox, language="python", source="print(3, 2, 1)", tests=tests,
+               checker=Checker(name="custom", source=checker))
+    bad = run(sandbox, language="python", source="print(3, 3, 1)", tests=tests,
+              checker=Checker(name="custom", source=checker))
+    assert good.verdict == "accepted" and bad.verdict == "wrong_answer"
+    assert "not a permutation" in bad.tests[0].detail
+    broken = run(sandbox, language="python", source="print(1)", tests=tests,
+                 checker=Checker(name="custom", source="raise SystemExit(7)"))
+    assert broken.verdict == "sandbox_error" and "checker failed" in broken.tests[0].detail
+
+
+@needs_bwrap
+def test_unknown_language_is_a_clear_error_not_a_verdict(sandbox):
+    from k1rl.rpc import RemoteError
+
+    with pytest.raises(RemoteError, match="unknown language 'cobol'"):
+        run(sandbox, language="cobol", source="DISPLAY 'HI'.")
+
+
+@needs_bwrap
+def test_http_api(sandbox):
+    _, servers = sandbox
+    base = f"http://127.0.0.1:{servers.http_port}"
+    health = json.loads(urllib.request.urlopen(f"{base}/health", timeout=10).read())
+    assert health["ready"] and health["workers"] == 2 and health["runner"] == "bwrap"
+
+    def post(body: bytes):
+        req = urllib.request.Request(f"{base}/run_code", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            resp = urllib.request.urlopen(req, timeout=60)
+            return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, body = post(json.dumps({"language": "python", "source": "print(input()[::-1])",
+                                    "tests": [{"stdin": "abc", "expected": "cba"}]}).encode())
+    assert status == 200 and body["verdict"] == "accepted"
+    status, body = post(b"{not json")
+    assert status == 400 and "not JSON" in body["error"]
+    status, body = post(json.dumps({"language": "python"}).encode())
+    assert status == 400 and body["details"][0]["loc"] == ["source"]
+    status, body = post(json.dumps({"language": "cobol", "source": "x"}).encode())
+    assert status == 400 and "unknown language" in body["error"]
+
+
+@needs_bwrap
+def test_cli_run_prints_the_json_response(sandbox, tmp_path):
+    client, servers = sandbox
+    (tmp_path / "p.cpp").write_text("#include <cstdio>\nint main(){int a;scanf(\"%d\",&a);"
+                                    "printf(\"%d\\n\",a*a);}")
+    (tmp_path / "in").write_text("12")
+    (tmp_path / "out").write_text("144")
+    cmd = [sys.executable, "-m", "sandbox", "run", "--language", "cpp",
+           "--source", str(tmp_path / "p.cpp"), "--stdin", str(tmp_path / "in"),
+           "--expected", str(tmp_path / "out"), "--address", servers.rpc.address]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["verdict"] == "accepted"
+    # a service that is not there: exit code 1 and a message, not a traceback
+    dead = [*cmd[:-1], "tcp://127.0.0.1:1", "--timeout-s", "2"]
+    done = subprocess.run(dead, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "no answer from the sandbox" in done.stderr
