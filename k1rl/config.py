@@ -240,6 +240,21 @@ class RewardConfig(ServiceSection):
         description="Wall-clock limit for checking one non-integer answer with math-verify "
         "(sympy can hang on inputs like 10^{10^{10}}); past it the answer scores 0.",
     )
+    sandbox_address: str = Field(
+        "tcp://127.0.0.1:5705", description="The sandbox service code rewards run programs on.")
+    code_reward: Literal["all_pass", "fraction"] = Field(
+        "all_pass",
+        description="Code task reward: 1 when every test passes (k1.5), or the fraction passed.")
+    code_concurrency: int = Field(
+        4, ge=1, le=256,
+        description="Code responses checked at once (keep >= the sandbox's workers).")
+    code_timeout_s: float = Field(
+        300.0, gt=0, description="Longest wait for the sandbox to judge one response.")
+
+    @field_validator("sandbox_address")
+    @classmethod
+    def _sandbox_address(cls, v: str) -> str:
+        return check_address(v)
 
 
 class CheckpointEngineConfig(ServiceSection):

@@ -285,10 +285,13 @@ class RewardResult(Message):
     task_rewards: list[float] = Field(default_factory=list)
     length_rewards: list[float] = Field(default_factory=list, description="unweighted")
     length_penalty_weight: float = Field(0.0, description="weight applied (0 during warm-up)")
+    # per item, "" when judged; else why it could not be (e.g. the code sandbox failed):
+    # such an item is neither right nor wrong and must not be trained on
+    errors: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _components_aligned(self) -> RewardResult:
-        for name in ("task_rewards", "length_rewards"):
+        for name in ("task_rewards", "length_rewards", "errors"):
             n = len(getattr(self, name))
             if n and n != len(self.rewards):
                 raise ValueError(f"{n} {name} for {len(self.rewards)} rewards")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from k1rl.config import RewardConfig
 from k1rl.protocol import RewardRequest, RewardResult
 
 from reward_svc import verifiers
 from reward_svc.length_penalty import length_rewards
-from reward_svc.verifiers import Verifier
+from reward_svc.verifiers import Check, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,8 @@ class RewardService:
         items = request.items
         # resolve every verifier first, so an unknown name fails before any work is done
         checkers = [self._verifier(item.verifier) for item in items]
-        correct = []
-        for i, (item, checker) in enumerate(zip(items, checkers)):
-            try:
-                correct.append(checker.verify(item.response, item.answer))
-            except ValueError as e:  # a bad gold answer: name the item carrying it
-                raise ValueError(
-                    f"items[{i}] (group {item.group_id}): {type(e).__name__}: {e}"
-                ) from e
+        checks = self._check_all(items, checkers)
+        correct = [c.correct for c in checks]
         length = [0.0] * len(items)
         for members in _groups(item.group_id for item in items).values():
             group_rewards = length_rewards(
@@ -59,14 +54,39 @@ class RewardService:
             for j, value in zip(members, group_rewards):
                 length[j] = value
         weight = self.length_penalty_weight(request.ref.iteration)
-        task = [float(ok) for ok in correct]
+        task = [c.score for c in checks]
+        errors = [c.error for c in checks]
         return RewardResult(
             rewards=[t + weight * n for t, n in zip(task, length)],
             correct=correct,
             task_rewards=task,
             length_rewards=length,
             length_penalty_weight=weight,
+            errors=errors if any(errors) else [],
         )
+
+    def _check_all(self, items, checkers: list[Verifier]) -> list[Check]:
+        """Check every item; verifiers that allow it check several items at once."""
+
+        def check(i: int) -> Check:
+            try:
+                return checkers[i].check(items[i].response, items[i].answer)
+            except ValueError as e:  # a bad gold answer: name the item carrying it
+                raise ValueError(
+                    f"items[{i}] (group {items[i].group_id}): {type(e).__name__}: {e}"
+                ) from e
+
+        checks: list[Check | None] = [None] * len(items)
+        parallel = [i for i, c in enumerate(checkers) if c.concurrency > 1]
+        for i in range(len(items)):
+            if checkers[i].concurrency == 1:
+                checks[i] = check(i)
+        if parallel:
+            width = max(checkers[i].concurrency for i in parallel)
+            with ThreadPoolExecutor(max_workers=min(width, len(parallel))) as pool:
+                for i, result in zip(parallel, pool.map(check, parallel)):
+                    checks[i] = result
+        return checks
 
     def close(self) -> None:
         for checker in self._verifiers.values():

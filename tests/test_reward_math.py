@@ -190,5 +190,5 @@ def test_registry_creates_math_from_config():
         assert isinstance(v, MathVerifier) and v.worker.timeout_s == 1.5
     finally:
         v.close()
-    with pytest.raises(verifiers.UnknownVerifierError, match="'code'.*registered: math"):
-        verifiers.create("code", RewardConfig())
+    with pytest.raises(verifiers.UnknownVerifierError, match="'chess'.*registered: code, math"):
+        verifiers.create("chess", RewardConfig())

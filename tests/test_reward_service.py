@@ -81,8 +81,8 @@ def test_empty_batch(service):
 
 
 def test_unknown_verifier_fails_before_scoring(service):
-    bad = [item(0, "85", 3), item(0, "85", 4, verifier="code")]
-    with pytest.raises(ValueError, match="unknown verifier 'code'"):
+    bad = [item(0, "85", 3), item(0, "85", 4, verifier="chess")]
+    with pytest.raises(ValueError, match="unknown verifier 'chess'"):
         service.score(request(0, bad))
 
 

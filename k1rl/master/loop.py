@@ -122,6 +122,7 @@ class Master:
             "policy_version": stats.policy_version,
             "reward_mean": sum(rewards.rewards) / len(rewards.rewards),
             "accuracy": sum(rewards.correct) / len(rewards.correct),
+            "reward_errors": sum(bool(e) for e in rewards.errors),
             "response_tokens_mean": _mean_len(rollout),
             "switch_to_rollout_s": to_rollout.switch_s,
             "switch_to_train_s": to_train.switch_s,
@@ -224,6 +225,7 @@ class Master:
 
     def train(self, rollout: GenerateResult, rewards: RewardResult, ref: RunRef) -> TrainStats:
         completions = [(g, r, c) for g, r in enumerate(rollout.results) for c in r.completions]
+        errors = rewards.errors or [""] * len(completions)
         samples = [
             TrainSample(
                 group_id=g,
@@ -233,8 +235,10 @@ class Master:
                 reward=reward,
                 policy_version=c.policy_version,
             )
-            for (g, r, c), reward in zip(completions, rewards.rewards)
-            if c.token_ids  # an empty response carries no token to learn from
+            for (g, r, c), reward, error in zip(completions, rewards.rewards, errors)
+            # an empty response carries no token to learn from; one the reward service
+            # could not judge (the sandbox failed) is neither right nor wrong
+            if c.token_ids and not error
         ]
         batch = TrainBatch(ref=ref, samples=samples)
         return self.clients.trainer.call("train", batch, TrainStats)

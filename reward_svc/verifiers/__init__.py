@@ -9,12 +9,27 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from k1rl.config import RewardConfig
 
 
 class UnknownVerifierError(ValueError):
     """A request named a verifier that is not registered."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A verifier's judgement of one response.
+
+    ``score`` is the task reward (1/0, or a fraction of tests passed); ``error`` is set
+    when the response could not be judged (the code sandbox failed): such an item is
+    neither right nor wrong, and the trainer leaves it out.
+    """
+
+    correct: bool
+    score: float
+    error: str = ""
 
 
 class Verifier(ABC):
@@ -30,8 +45,15 @@ class Verifier(ABC):
     @abstractmethod
     def from_config(cls, config: RewardConfig) -> Verifier: ...
 
+    # how many responses the service may check at once with this verifier
+    concurrency: int = 1
+
     @abstractmethod
     def verify(self, response: str, answer: str) -> bool: ...
+
+    def check(self, response: str, answer: str) -> Check:
+        ok = self.verify(response, answer)
+        return Check(correct=ok, score=float(ok))
 
     def start(self) -> None:
         """Acquire expensive resources now rather than on the first call."""
@@ -72,4 +94,5 @@ def create(name: str, config: RewardConfig) -> Verifier:
 
 
 # Imported for their registration side effect; they need the names above, so they come last.
+from reward_svc.verifiers import code as _code  # noqa: E402, F401
 from reward_svc.verifiers import math as _math  # noqa: E402, F401

@@ -1,0 +1,117 @@
+"""Code rewards: run the response's program against the task's tests in the sandbox.
+
+The gold "answer" of a code task is a JSON :class:`CodeTask`: the tests (stdin and
+expected stdout), limits, checker and default language. The program is the last fenced
+code block of the response (```python ... ```); its info string, when it names a
+language the sandbox knows, overrides the task's default. A response without a code
+block, a program that does not compile, fails or times out scores 0 like a wrong
+answer. When the sandbox itself fails (unreachable, a crashed worker, a broken
+checker) the item carries an error instead: it was not judged, so it is neither
+rewarded nor punished.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from k1rl.config import RewardConfig
+from k1rl.protocol import Checker, RunCodeRequest, RunCodeResult, TestCase
+from k1rl.rpc import RemoteError, RPCClient, RPCError
+
+from reward_svc.verifiers import Check, Verifier, register
+
+_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.S)
+# fence info strings that name a sandbox language
+LANGUAGE_TAGS = {"python": "python", "python3": "python", "py": "python", "cpp": "cpp",
+                 "c++": "cpp", "cxx": "cpp", "cc": "cpp", "c": "c"}
+MAX_PROGRAM_CHARS = 64 << 10
+
+
+class CodeTask(BaseModel):
+    """What a code task's gold answer holds (JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tests: list[TestCase] = Field(min_length=1)
+    language: str = "python"
+    time_limit_s: float = Field(2.0, gt=0, le=60)
+    memory_limit_mb: int = Field(256, ge=16)
+    checker: Checker = Field(default_factory=Checker)
+
+
+def extract_program(response: str) -> tuple[str | None, str]:
+    """(language tag or None, program) of the last fenced block; ("", "") without one."""
+    blocks = _FENCE.findall(response)
+    if not blocks:
+        return None, ""
+    tag, body = blocks[-1]
+    return LANGUAGE_TAGS.get(tag.lower()), body
+
+
+@register("code")
+class CodeVerifier(Verifier):
+    concurrency = 4
+
+    def __init__(self, address: str, reward: str = "all_pass", concurrency: int = 4,
+                 timeout_s: float = 300.0) -> None:
+        self.address = address
+        self.reward = reward
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self._local = threading.local()  # ZMQ sockets are per thread
+        self._clients: list[RPCClient] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: RewardConfig) -> CodeVerifier:
+        return cls(config.sandbox_address, config.code_reward, config.code_concurrency,
+                   config.code_timeout_s)
+
+    def verify(self, response: str, answer: str) -> bool:
+        return self.check(response, answer).correct
+
+    def check(self, response: str, answer: str) -> Check:
+        try:
+            task = CodeTask.model_validate_json(answer)
+        except ValidationError as e:
+            raise ValueError(f"code task answer is not a valid CodeTask: {e}") from None
+        tag, program = extract_program(response)
+        if not program.strip() or len(program) > MAX_PROGRAM_CHARS:
+            return Check(correct=False, score=0.0)
+        req = RunCodeRequest(language=tag or task.language, source=program, tests=task.tests,
+                             time_limit_s=task.time_limit_s,
+                             memory_limit_mb=task.memory_limit_mb, checker=task.checker,
+                             stop_on_first_failure=self.reward == "all_pass")
+        try:
+            result = self._client().call("run_code", req, RunCodeResult,
+                                         timeout_s=self.timeout_s)
+        except RemoteError as e:  # the sandbox refused the request (e.g. unknown language)
+            return Check(correct=False, score=0.0, error=f"sandbox refused the program: {e}")
+        except RPCError as e:
+            return Check(correct=False, score=0.0, error=f"sandbox unavailable: {e}")
+        errors = [t.detail for t in result.tests if t.verdict == "sandbox_error"]
+        if result.verdict == "sandbox_error" or errors:
+            return Check(correct=False, score=0.0,
+                         error=f"sandbox error: {result.error or errors[0]}")
+        passed = result.passed
+        correct = result.verdict == "accepted"
+        score = float(correct) if self.reward == "all_pass" else passed / len(task.tests)
+        return Check(correct=correct, score=score)
+
+    def _client(self) -> RPCClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = RPCClient(self.address, timeout_s=self.timeout_s)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients:
+                c.close()
+            self._clients.clear()
