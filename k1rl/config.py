@@ -278,11 +278,10 @@ class SandboxConfig(ServiceSection):
         "serves ZMQ only.")
     http_host: str = Field("127.0.0.1", description="Interface the HTTP API listens on.")
     workers: int = Field(2, ge=1, le=256, description="Programs run at once (one per core).")
-    runner: Literal["bwrap", "podman"] = Field(
+    runner: Literal["bwrap"] = Field(
         "bwrap",
         description="bwrap: bubblewrap namespaces + seccomp + rlimits (+ cgroups when "
-        "writable), ~ms per run; podman: a runc container per run (~0.5 s), for clusters "
-        "that require real containers.")
+        "writable), a few ms per run. (A podman/runc runner is planned, not built yet.)")
     work_root: str = Field(
         "/tmp/k1rl-sandbox", min_length=1,
         description="Host directory for the pre-created per-worker work dirs.")
@@ -298,8 +297,6 @@ class SandboxConfig(ServiceSection):
     use_cgroups: Literal["auto", "off"] = Field(
         "auto", description="auto: pids+memory cgroup per worker when /sys/fs/cgroup is "
                             "writable (v1 or v2); off: rlimits only.")
-    podman_image: str = Field("localhost/k1rl-sandbox:latest",
-                              description="Image the podman runner starts (sandbox/Dockerfile).")
 
 
 _SERVICES = ("trainer", "rollout", "reward", "checkpoint_engine", "sandbox")

@@ -4,8 +4,8 @@ A :class:`Runner` executes an argv inside a per-worker :class:`Slot` (a work dir
 host, a uid, optionally cgroups) and returns an :class:`Execution`: exit status, CPU
 and wall time, peak memory, capped stdout/stderr and which limit (if any) stopped it.
 Turning that into a verdict is the service's job (sandbox/judge.py), so runners stay
-interchangeable: :class:`BwrapRunner` (default, namespaces + seccomp + rlimits +
-cgroups, a few ms per run) and :class:`PodmanRunner` (a runc container per run).
+interchangeable behind :class:`Runner`: :class:`BwrapRunner` (namespaces + seccomp +
+rlimits + cgroups, a few ms per run) is the one built so far.
 
 Layers of the bwrap runner, outermost first (each one alone would not be enough):
 - a pids + memory cgroup per worker, when /sys/fs/cgroup is writable;

@@ -30,10 +30,6 @@ class WorkerCrashed(RuntimeError):
 
 
 def make_runner(cfg: SandboxConfig):
-    if cfg.runner == "podman":
-        from sandbox.podman import PodmanRunner
-
-        return PodmanRunner(cfg.podman_image)
     from sandbox.isolation import BwrapRunner
 
     return BwrapRunner()
