@@ -77,6 +77,47 @@ def run(
     typer.echo(json.dumps(result.model_dump(), indent=2))
 
 
+@app.command("build-tests")
+def build_tests(
+    problem: Path = typer.Argument(..., exists=True, file_okay=False,
+                                   help="problem dir: problem.yaml, gen.py, solutions/"),
+    out: Path = typer.Option(None, help="where to write the test set (default PROBLEM/tests.json)"),
+    address: str = typer.Option(None, help="sandbox service (default: sandbox.address)"),
+    config: str = typer.Option(None, help="RunConfig YAML giving sandbox.address"),
+    parallel: int = typer.Option(2, min=1, help="references run at once"),
+) -> None:
+    """Generate CYaRon cases, keep those the references agree on, check the references."""
+    import threading
+
+    from k1rl.protocol import RunCodeRequest, RunCodeResult
+    from k1rl.rpc import RPCClient
+    from sandbox.testgen import build_tests as build, write_test_set
+
+    addr = address or _config(config).address
+    local = threading.local()
+    clients: list[RPCClient] = []
+
+    def run_one(req: RunCodeRequest) -> RunCodeResult:
+        if not hasattr(local, "client"):  # ZMQ sockets are per thread
+            local.client = RPCClient(addr, timeout_s=600)
+            clients.append(local.client)
+        return local.client.call("run_code", req, RunCodeResult, timeout_s=600)
+
+    try:
+        test_set = build(problem, run_one, parallel=parallel)
+    finally:
+        for c in clients:
+            c.close()
+    target = out or problem / "tests.json"
+    write_test_set(test_set, target)
+    status = "kept" if test_set.kept else f"DROPPED ({test_set.reason})"
+    typer.echo(f"{test_set.problem}: {len(test_set.tests)}/{test_set.cases_generated} cases "
+               f"kept, {len(test_set.passing_references)}/{len(test_set.references)} "
+               f"references pass them all; problem {status} -> {target}")
+    if not test_set.kept:
+        raise typer.Exit(3)
+
+
 if __name__ == "__main__":
     try:
         app()
