@@ -395,21 +395,28 @@ class MegatronTrainer:
             samples = mixed_groups(received) or received
         if reset_optimizer:
             self.reset_optimizer()
+        # With a single step θ = θ_i throughout it, so the step's own forward pass is the
+        # reference (same numbers, one forward pass fewer); with more steps the reference
+        # is taken up front, before any weight moves.
+        single_step = minibatches * epochs == 1
         plan, diffs = [], []
         for idx in split_groups([s.group_id for s in samples], minibatches):
             part = [samples[i] for i in idx]
             prompts = [s.prompt_token_ids for s in part]
             batches = self.micro_batches(prompts, [s.response_token_ids for s in part], pack=True)
-            ref, tokens = self._sequence_logprobs(batches, len(part))
+            ref = None
+            if not single_step:
+                ref, tokens = self._sequence_logprobs(batches, len(part))
+                diffs += _rollout_diffs(part, tokens)
             plan.append((part, batches, ref))
-            diffs += [(t - torch.tensor(s.rollout_logprobs, device=t.device)).abs()
-                      for s, t in zip(part, tokens, strict=True)]
         steps, ratios = [], []
         for _ in range(epochs):
             for part, batches, ref in plan:
-                loss_fn, step_ratios = self._mirror_descent_loss_fn(part, ref, loss_cfg)
+                loss_fn, step_ratios, seen = self._mirror_descent_loss_fn(part, ref, loss_cfg)
                 steps.append(self.train_step(loss_fn, batches))
                 ratios.append(torch.cat(step_ratios))
+                if ref is None:
+                    diffs += _rollout_diffs(part, _tokens_by_sample(*seen, len(part)))
         diff, log_ratio_sq = torch.cat(diffs), torch.cat(ratios).square().mean().item()
         return {
             "steps": float(len(steps)),
@@ -450,20 +457,19 @@ class MegatronTrainer:
             seq.index_add_(0, batch.sample_index[mask], logprobs[mask])
             index.append(batch.sample_index[mask])
             values.append(logprobs[mask])
-        index = torch.cat(index)
-        # row-major order keeps each sample's tokens in order; a stable sort groups them
-        order = torch.sort(index, stable=True).indices
-        counts = torch.bincount(index, minlength=n).tolist()
-        return seq, list(torch.cat(values)[order].split(counts))
+        return seq, _tokens_by_sample(index, values, n)
 
     def _mirror_descent_loss_fn(
-        self, part: Sequence[TrainSample], ref: Tensor, cfg: MirrorDescentConfig
-    ) -> tuple[LossFn, list[Tensor]]:
-        """The train_step loss of one mini-batch, and the list its log-ratios go to."""
+        self, part: Sequence[TrainSample], ref: Tensor | None, cfg: MirrorDescentConfig
+    ) -> tuple[LossFn, list[Tensor], tuple[list[Tensor], list[Tensor]]]:
+        """The train_step loss of one mini-batch, the list its log-ratios go to and, when
+        ``ref`` is None (the step's own forward is the reference), where the token
+        log-probs it saw go (sample indices, values) for the rollout mismatch alarm."""
         n = len(part)
         rewards = torch.tensor([s.reward for s in part], device=self.device)
         groups = torch.tensor([s.group_id for s in part], device=self.device)
         ratios: list[Tensor] = []
+        seen: tuple[list[Tensor], list[Tensor]] = ([], [])
 
         def loss_fn(logprobs: Tensor, batch: TokenBatch) -> Tensor:
             mask = batch.sample_index >= 0
@@ -472,10 +478,15 @@ class MegatronTrainer:
             seq = seq.index_add(0, index, logprobs[mask])
             present = torch.zeros(n, dtype=torch.bool, device=self.device)
             present[index] = True
-            ratios.append((seq.detach() - ref)[present])
-            return mirror_descent_loss(seq, ref, rewards, groups, cfg, present=present)
+            step_ref = ref
+            if ref is None:  # a sample's tokens all sit in one micro-batch: seq is whole
+                step_ref = seq.detach()
+                seen[0].append(index)
+                seen[1].append(logprobs[mask].detach())
+            ratios.append((seq.detach() - step_ref)[present])
+            return mirror_descent_loss(seq, step_ref, rewards, groups, cfg, present=present)
 
-        return loss_fn, ratios
+        return loss_fn, ratios, seen
 
     # ----------------------------------------------------------------- weight export
 
@@ -600,3 +611,18 @@ def _copy_into_params(gpt: torch.nn.Module, state: Mapping[str, Tensor]) -> None
         if param.shape != state[name].shape:
             raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
         param.copy_(state[name])
+
+
+def _tokens_by_sample(index: Sequence[Tensor], values: Sequence[Tensor], n: int) -> list[Tensor]:
+    """Per-sample token log-probs, in token order, from micro-batch (sample index, value)
+    pairs; row-major order keeps each sample's tokens in order, a stable sort groups them."""
+    flat = torch.cat(list(index))
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=n).tolist()
+    return list(torch.cat(list(values))[order].split(counts))
+
+
+def _rollout_diffs(part: Sequence[TrainSample], tokens: Sequence[Tensor]) -> list[Tensor]:
+    """|rollout - trainer| token log-prob per sample (the mismatch alarm)."""
+    return [(t - torch.tensor(s.rollout_logprobs, device=t.device)).abs()
+            for s, t in zip(part, tokens, strict=True)]
