@@ -157,6 +157,11 @@ class RolloutConfig(ServiceSection):
     kv_cache_gib: float = Field(
         1.0, gt=0, description="KV-cache size in GiB on CPU (sets VLLM_CPU_KVCACHE_SPACE)."
     )
+    max_num_seqs: int = Field(
+        256, ge=1,
+        description="Sequences vLLM-CPU decodes at once (cpu only; CUDA keeps vLLM's "
+        "default). A rollout of prompts x n samples above it runs in several waves; a "
+        "decode step of a tiny model is mostly fixed overhead, so one wave is faster.")
     gpu_memory_utilization: float = Field(
         0.5, gt=0, le=1, description="Fraction of GPU memory vLLM may take (cuda only)."
     )

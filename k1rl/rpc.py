@@ -280,8 +280,8 @@ class RPCServer:
             # serving on the caller's thread: stop() from elsewhere must join, not close
             self._loop_thread = threading.current_thread()
         for i in range(self._handler_threads):
-            threading.Thread(target=self._work, name=f"{self.service}-rpc-worker-{i}",
-                             daemon=True).start()
+            name = f"{self.service}-rpc-worker" + (f"-{i}" if self._handler_threads > 1 else "")
+            threading.Thread(target=self._work, name=name, daemon=True).start()
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)

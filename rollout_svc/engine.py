@@ -27,7 +27,6 @@ from k1rl.protocol import (
 )
 
 WORKER_EXTENSION = "rollout_svc.worker_ext.WeightSyncExtension"
-CPU_MAX_NUM_SEQS = 256
 NO_POLICY = -1  # dummy weights, or a half-applied update
 
 
@@ -38,6 +37,7 @@ class EngineSpec:
     dtype: str = "float32"
     max_model_len: int = 512
     kv_cache_gib: float = 1.0
+    max_num_seqs: int = 256
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
     in_process: bool = True
@@ -83,8 +83,8 @@ class RolloutEngine:
             # ("CPU Generator does not use offset": it rewinds the generator of a
             # discarded partial-prefill sample). A budget that fits every scheduled
             # sequence's whole prefill means no prefill is ever split.
-            kwargs["max_num_seqs"] = CPU_MAX_NUM_SEQS
-            kwargs["max_num_batched_tokens"] = CPU_MAX_NUM_SEQS * spec.max_model_len
+            kwargs["max_num_seqs"] = spec.max_num_seqs
+            kwargs["max_num_batched_tokens"] = spec.max_num_seqs * spec.max_model_len
         self.llm = LLM(**kwargs)
         self.start_s = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()

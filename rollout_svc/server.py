@@ -22,6 +22,7 @@ def engine_spec(cfg: RunConfig, *, dummy_weights: bool = False) -> EngineSpec:
         dtype=cfg.model.dtype,
         max_model_len=r.max_model_len,
         kv_cache_gib=r.kv_cache_gib,
+        max_num_seqs=r.max_num_seqs,
         gpu_memory_utilization=r.gpu_memory_utilization,
         enforce_eager=r.enforce_eager,
         in_process=r.in_process,

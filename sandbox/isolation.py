@@ -202,6 +202,32 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants. bwrap's outer process can exit before reaping the
+    sandbox's init, which is then re-parented to PID 1, and a container's PID 1 (often
+    not a real init) may never reap it: the zombies count against the slot uid's
+    RLIMIT_NPROC until forks fail. As a subreaper the worker gets and reaps them."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def reap_orphans() -> None:
+    """Reap every exited child of this (single-purpose worker) process."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def _preexec(slot: Slot, limits: Limits):
     """Runs in the forked child before exec (the worker is single-threaded, so this is safe)."""
     cpu = int(limits.cpu_s) + 1  # the kernel's backstop; the verdict uses measured time
@@ -320,6 +346,7 @@ def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
     if killed and result.signal is None:
         result.signal = signal.SIGKILL
     result.stdout, result.stderr = bytes(out), bytes(err)
+    reap_orphans()
     return result
 
 

@@ -37,8 +37,10 @@ def make_runner(cfg: SandboxConfig):
 
 def _worker_main(index: int, cfg_json: str, instance: str, conn: Connection) -> None:
     from sandbox import cgroups
-    from sandbox.isolation import Slot
+    from sandbox.isolation import Slot, become_subreaper
     from sandbox.judge import Judge
+
+    become_subreaper()
 
     cfg = SandboxConfig.model_validate_json(cfg_json)
     cgroup = cgroups.create(f"{instance}-w{index}") if cfg.use_cgroups == "auto" else None
