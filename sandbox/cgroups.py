@@ -1,8 +1,8 @@
-"""Per-worker cgroups: a pids limit, a memory limit, and exact accounting of both.
+"""Per-worker cgroups: a pids limit and a memory limit whose OOM kills are detected.
 
 Created once per worker slot and reused (creating a cgroup per run costs more than
 the run). Works with cgroup v1 (one hierarchy per controller, as on this project's
-build machines: pids, memory, cpuacct) and the unified v2 hierarchy. When no
+build machines: pids, memory) and the unified v2 hierarchy. When no
 hierarchy is writable (an unprivileged pod), :func:`create` returns None and the
 sandbox relies on rlimits alone.
 """
@@ -13,18 +13,10 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 ROOT = Path("/sys/fs/cgroup")
-
-
-@dataclass
-class Stats:
-    oom: bool
-    peak_memory_bytes: int
-    cpu_s: float
 
 
 class CgroupSet:
@@ -43,7 +35,6 @@ class CgroupSet:
             _write(d / "memory.max", memory_bytes)
             _write(d / "memory.swap.max", 0, missing_ok=True)
             _write(d / "pids.max", pids)
-            _write(d / "memory.peak", 0, missing_ok=True)  # resettable on kernels >= 6.12
             self._oom_before = self._oom_kills()
         else:
             m = self.dirs["memory"]
@@ -55,11 +46,8 @@ class CgroupSet:
                 _write(memsw, memory_bytes, missing_ok=True)
             _write(m / "memory.limit_in_bytes", memory_bytes)
             _write(memsw, memory_bytes, missing_ok=True)
-            _write(m / "memory.max_usage_in_bytes", 0)
             self._oom_before = self._oom_kills()
             _write(self.dirs["pids"] / "pids.max", pids)
-            if "cpuacct" in self.dirs:
-                _write(self.dirs["cpuacct"] / "cpuacct.usage", 0)
 
     def enter(self, pid: int) -> None:
         """Move ``pid`` (the forked child, before it execs) into every controller."""
@@ -67,24 +55,9 @@ class CgroupSet:
             with open(d / "cgroup.procs", "w") as f:
                 f.write(str(pid))
 
-    def stats(self) -> Stats:
-        if self.v2:
-            d = self.dirs["unified"]
-            peak = max(0, (_read_int(d / "memory.peak") or 0)
-                       - _stat(d / "memory.stat").get("file", 0))
-            usage = {k: int(v) for k, v in (line.split() for line in
-                                             (d / "cpu.stat").read_text().splitlines())}
-            return Stats(self._oom_kills() > self._oom_before, peak,
-                         usage.get("usage_usec", 0) / 1e6)
-        m = self.dirs["memory"]
-        cpu = (_read_int(self.dirs["cpuacct"] / "cpuacct.usage") or 0) / 1e9 \
-            if "cpuacct" in self.dirs else 0.0
-        # the peak counts page cache charged to the slot (the interpreter's and the
-        # binary's pages, first touched by one of its runs, stay charged to it): take
-        # out what is cache at the end, which is nearly all of that
-        cache = _stat(m / "memory.stat").get("total_cache", 0)
-        peak = _read_int(m / "memory.max_usage_in_bytes") or 0
-        return Stats(self._oom_kills() > self._oom_before, max(0, peak - cache), cpu)
+    def oom_killed(self) -> bool:
+        """Whether the kernel OOM-killed a process of the slot since the last reset."""
+        return self._oom_kills() > self._oom_before
 
     def kill_all(self) -> None:
         """SIGKILL whatever is left in the slot's cgroups (a run must leave nothing behind)."""
@@ -142,15 +115,13 @@ def create(name: str) -> CgroupSet | None:
         if (ROOT / "cgroup.controllers").exists():  # v2 unified
             base = ROOT / "k1rl-sandbox"
             base.mkdir(exist_ok=True)
-            _write(base / "cgroup.subtree_control", "+memory +pids +cpu", missing_ok=True)
+            _write(base / "cgroup.subtree_control", "+memory +pids", missing_ok=True)
             d = base / name
             d.mkdir(exist_ok=True)
             return CgroupSet({"unified": d}, v2=True)
         dirs = {}
-        for controller in ("pids", "memory", "cpuacct"):
+        for controller in ("pids", "memory"):
             if not (ROOT / controller).is_dir():
-                if controller == "cpuacct":
-                    continue
                 return None
             d = ROOT / controller / "k1rl-sandbox" / name
             d.mkdir(parents=True, exist_ok=True)

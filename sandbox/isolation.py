@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import json
 import os
 import resource
 import selectors
@@ -177,6 +178,7 @@ class BwrapRunner(Runner):
         finally:
             os.close(filter_r)
             os.close(status_r)
+        _account(result, status)
         # Without {"child-pid": N} bwrap never cloned the sandbox; a set-up failure in
         # the clone (a mount, a namespace) ends it with exit 1 and "bwrap: ..." on
         # stderr before the command runs. (A program can print that too: it gains a
@@ -336,18 +338,46 @@ def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
     # bwrap's pid namespace keeps the program's rusage from reaching wait4 (its init
     # does not pass it up), so time and memory come from the slot's cgroup; without
     # one only the limits hold (RLIMIT_CPU, RLIMIT_AS) and the figures stay 0
-    del usage
+    result.cpu_s = usage.ru_utime + usage.ru_stime  # the outer bwrap's; see _account
     if slot.cgroup is not None:
-        stats = slot.cgroup.stats()
-        result.oom_killed = stats.oom
-        result.cpu_s = stats.cpu_s
-        result.memory_kb = stats.peak_memory_bytes // 1024
+        result.oom_killed = slot.cgroup.oom_killed()
         slot.cgroup.kill_all()  # nothing may outlive its run
     if killed and result.signal is None:
         result.signal = signal.SIGKILL
     result.stdout, result.stderr = bytes(out), bytes(err)
-    reap_orphans()
     return result
+
+
+def _account(result: Execution, status: bytes) -> None:
+    """CPU time and peak memory of the program, from the sandbox's init process.
+
+    The outer bwrap exits without reaping its child, the pid-namespace init (which does
+    reap the program), so wait4 on bwrap sees neither's usage. The worker is a child
+    subreaper (:func:`become_subreaper`): the init, whose host pid bwrap reports on the
+    status fd, becomes our child, and its rusage covers the program it reaped.
+    """
+    inner = None
+    for line in status.splitlines():
+        try:
+            inner = json.loads(line).get("child-pid", inner)
+        except (ValueError, AttributeError):
+            continue
+    if inner:
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                pid, _, usage = os.wait4(inner, os.WNOHANG)
+            except ChildProcessError:  # not ours: the worker is not a subreaper
+                break
+            if pid:
+                result.cpu_s = usage.ru_utime + usage.ru_stime
+                result.memory_kb = usage.ru_maxrss
+                break
+            if time.monotonic() > deadline:
+                os.kill(inner, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.0002)
+    reap_orphans()
 
 
 def _kill_tree(proc: subprocess.Popen, slot: Slot) -> None:
