@@ -22,7 +22,7 @@ class Language:
     # compilers need far more than the programs they build
     compile_time_s: float = 30.0
     compile_memory_mb: int = 1024
-    # processes a run may need besides the program itself (e.g. none for Python)
+    # other names requests may use (matched case-insensitively)
     aliases: tuple[str, ...] = field(default=())
 
     def compile_argv(self, options: list[str]) -> list[str]:
