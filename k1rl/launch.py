@@ -132,11 +132,35 @@ class LocalCluster:
 
 
 def free_tcp_address(host: str = "127.0.0.1") -> str:
+    """A ``tcp://host:port`` nobody listens on, for a service started a moment later.
+
+    The port is taken below the kernel's ephemeral range: between this check and the
+    service's bind (seconds: a trainer imports torch first) every outgoing connection on
+    the machine (torch.distributed stores, Mooncake, ZMQ clients) draws a local port from
+    the ephemeral range, and one of them taking the chosen port made a service fail to
+    bind with "Address already in use".
+    """
+    import random
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return f"tcp://{host}:{sock.getsockname()[1]}"
+    low = _ephemeral_low()
+    candidates = random.sample(range(10000, low), min(64, max(0, low - 10000)))
+    for port in [*candidates, 0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return f"tcp://{host}:{sock.getsockname()[1]}"
+    raise OSError(f"no free TCP port on {host}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class LocalStack:

@@ -28,3 +28,17 @@ def test_a_bad_config_file_is_reported_by_the_service_naming_the_field(tmp_path)
         cluster.start("trainer", "trainer_svc", ["--config", str(config)], address)
         with pytest.raises(ServiceStartError, match="trainer.tp"):
             cluster.wait_ready(timeout_s=60)
+
+
+def test_free_addresses_avoid_the_ephemeral_port_range():
+    """Outgoing connections draw local ports from the ephemeral range; a service port
+    picked from it could be taken before the service binds it."""
+    import socket
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    ports = {int(free_tcp_address().rsplit(":", 1)[1]) for _ in range(20)}
+    assert all(10000 <= p < low for p in ports) and len(ports) > 1
+    port = ports.pop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # still free
