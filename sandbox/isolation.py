@@ -33,6 +33,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,23 +132,26 @@ class Runner(abc.ABC):
 class BwrapRunner(Runner):
     name = "bwrap"
 
-    def __init__(self, bwrap: str | None = None) -> None:
+    def __init__(self, root: Path | None = None, bwrap: str | None = None) -> None:
         self.bwrap = bwrap or shutil.which("bwrap") or "/usr/bin/bwrap"
         if not os.access(self.bwrap, os.X_OK):
             raise RuntimeError("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
         self._seccomp = filter_bytes()
         self._ro = [p for p in _RO_PATHS if os.path.exists(p)]
-        self._links = [(t, p) for t, p in _SYMLINKS if os.path.exists("/" + t)]
+        self.root = make_root(root or Path(tempfile.mkdtemp(prefix="k1rl-sandbox-root-")),
+                              self._ro)
 
     def argv(self, slot: Slot, command: list[str], limits: Limits, writable_code: bool,
              seccomp_fd: int, status_fd: int, cwd: str = "") -> list[str]:
-        args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-                "--new-session", "--hostname", "sandbox", "--clearenv",
-                "--uid", str(slot.uid), "--gid", str(slot.uid)]
+        # The root is a read-only bind of a skeleton that already holds every mount
+        # point and symlink: nothing can be created beside the mounts, and it costs ~3 ms
+        # less per run than a tmpfs root remounted read-only.
+        args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns",
+                "--die-with-parent", "--new-session", "--hostname", "sandbox", "--clearenv",
+                "--uid", str(slot.uid), "--gid", str(slot.uid),
+                "--ro-bind", str(self.root), "/"]
         for path in self._ro:
             args += ["--ro-bind", path, path]
-        for target, link in self._links:
-            args += ["--symlink", target, link]
         args += ["--proc", "/proc", "--dev", "/dev",
                  "--size", str(limits.scratch_mb << 20), "--tmpfs", SCRATCH_DIR,
                  "--bind" if writable_code else "--ro-bind", str(slot.code), CODE_DIR,
@@ -156,7 +160,6 @@ class BwrapRunner(Runner):
                  "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
                  "--setenv", "HOME", SCRATCH_DIR, "--setenv", "TMPDIR", SCRATCH_DIR,
                  "--setenv", "LANG", "C.UTF-8",
-                 "--remount-ro", "/",  # the sandbox's own root: no files beside the mounts
                  "--seccomp", str(seccomp_fd), "--", *command]
         return args
 
@@ -202,6 +205,30 @@ def _read_all(fd: int) -> bytes:
             break
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def make_root(root: Path, ro_paths: list[str]) -> Path:
+    """The sandbox's root directory: empty mount points for ``ro_paths``, the code dir,
+    /tmp, /proc and /dev, and the usr-merge symlinks; owned by root, not writable."""
+    root.mkdir(parents=True, exist_ok=True)
+    for path in ro_paths:
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(path):
+            target.mkdir(exist_ok=True)
+        elif not target.exists():
+            target.touch()
+    for name in (CODE_DIR, SCRATCH_DIR, "/proc", "/dev"):
+        (root / name.lstrip("/")).mkdir(exist_ok=True)
+    for target, link in _SYMLINKS:
+        if os.path.exists("/" + target):
+            try:
+                (root / link.lstrip("/")).symlink_to(target)
+            except FileExistsError:  # made by another worker sharing the work root
+                pass
+    for dirpath, dirnames, _ in os.walk(root):
+        os.chmod(dirpath, 0o755)
+    return root
 
 
 PR_SET_CHILD_SUBREAPER = 36

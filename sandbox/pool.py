@@ -32,7 +32,7 @@ class WorkerCrashed(RuntimeError):
 def make_runner(cfg: SandboxConfig):
     from sandbox.isolation import BwrapRunner
 
-    return BwrapRunner()
+    return BwrapRunner(Path(cfg.work_root) / "rootfs")
 
 
 def _worker_main(index: int, cfg_json: str, instance: str, conn: Connection) -> None:
