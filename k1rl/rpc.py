@@ -554,6 +554,40 @@ class RPCClient:
             return None
 
 
+class ThreadLocalClients:
+    """One :class:`RPCClient` per calling thread, all to one address.
+
+    For callers that fan requests out over threads (an RPCClient serves one thread at
+    a time): each thread gets its own client on first use; :meth:`close` closes all.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        self._clients: list[RPCClient] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> RPCClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = RPCClient(self.address, timeout_s=self.timeout_s)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def call(self, method: str, request: BaseModel, response_model: type[T],
+             timeout_s: float | None = None) -> T:
+        return self.get().call(method, request, response_model, timeout_s)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()
+
+
 def wait_until_ready(
     address: str,
     timeout_s: float = 60.0,

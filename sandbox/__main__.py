@@ -87,27 +87,19 @@ def build_tests(
     parallel: int = typer.Option(2, min=1, help="references run at once"),
 ) -> None:
     """Generate CYaRon cases, keep those the references agree on, check the references."""
-    import threading
-
     from k1rl.protocol import RunCodeRequest, RunCodeResult
-    from k1rl.rpc import RPCClient
+    from k1rl.rpc import ThreadLocalClients
     from sandbox.testgen import build_tests as build, write_test_set
 
-    addr = address or _config(config).address
-    local = threading.local()
-    clients: list[RPCClient] = []
+    clients = ThreadLocalClients(address or _config(config).address, timeout_s=600)
 
     def run_one(req: RunCodeRequest) -> RunCodeResult:
-        if not hasattr(local, "client"):  # ZMQ sockets are per thread
-            local.client = RPCClient(addr, timeout_s=600)
-            clients.append(local.client)
-        return local.client.call("run_code", req, RunCodeResult, timeout_s=600)
+        return clients.call("run_code", req, RunCodeResult)
 
     try:
         test_set = build(problem, run_one, parallel=parallel)
     finally:
-        for c in clients:
-            c.close()
+        clients.close()
     target = out or problem / "tests.json"
     write_test_set(test_set, target)
     status = "kept" if test_set.kept else f"DROPPED ({test_set.reason})"

@@ -17,6 +17,7 @@ from k1rl.rpc import (
     RPCClient,
     RPCServer,
     RPCTimeout,
+    ThreadLocalClients,
     UnknownMethodError,
     wait_until_ready,
 )
@@ -263,3 +264,21 @@ def test_bind_errors_name_the_address():
     with RPCServer("tcp://127.0.0.1:0", "first") as first:
         with pytest.raises(ValueError, match="cannot bind"):
             RPCServer(first.address, "second")
+
+
+def test_thread_local_clients_give_each_thread_its_own_client(svc):
+    clients = ThreadLocalClients(svc.server.address, timeout_s=5.0)
+    mine = clients.get()
+    assert clients.get() is mine
+    theirs, replies = [], []
+
+    def other_thread():
+        theirs.append(clients.get())
+        replies.append(clients.call("echo", EchoRequest(text="x", times=2), EchoReply).text)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert theirs[0] is not mine and replies == ["xx"]
+    clients.close()
+    assert mine.closed and theirs[0].closed

@@ -11,7 +11,7 @@ import yaml
 
 from k1rl.config import ConfigError, SandboxConfig
 from k1rl.protocol import RunCodeRequest, RunCodeResult
-from k1rl.rpc import RPCClient
+from k1rl.rpc import ThreadLocalClients
 from sandbox.testgen import build_tests, generate_inputs, load_generator, load_problem
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="needs bubblewrap")
@@ -32,19 +32,13 @@ def run():
     cfg = SandboxConfig(address=free_tcp_address(), http_port=None, workers=2, uid_base=62300,
                         work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}")
     servers = Servers(cfg).start()
-    clients = {}
+    clients = ThreadLocalClients(servers.rpc.address, timeout_s=300)
 
     def call(req: RunCodeRequest) -> RunCodeResult:
-        import threading
-
-        me = threading.get_ident()
-        if me not in clients:
-            clients[me] = RPCClient(servers.rpc.address, timeout_s=300)
-        return clients[me].call("run_code", req, RunCodeResult, timeout_s=300)
+        return clients.call("run_code", req, RunCodeResult)
 
     yield call
-    for c in clients.values():
-        c.close()
+    clients.close()
     servers.stop()
 
 

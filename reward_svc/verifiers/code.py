@@ -13,13 +13,12 @@ rewarded nor punished.
 from __future__ import annotations
 
 import re
-import threading
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from k1rl.config import RewardConfig
 from k1rl.protocol import Checker, RunCodeRequest, RunCodeResult, TestCase
-from k1rl.rpc import RemoteError, RPCClient, RPCError
+from k1rl.rpc import RemoteError, RPCError, ThreadLocalClients
 
 from reward_svc.verifiers import Check, Verifier, register
 
@@ -61,9 +60,7 @@ class CodeVerifier(Verifier):
         self.reward = reward
         self.concurrency = concurrency
         self.timeout_s = timeout_s
-        self._local = threading.local()  # ZMQ sockets are per thread
-        self._clients: list[RPCClient] = []
-        self._lock = threading.Lock()
+        self._clients = ThreadLocalClients(address, timeout_s=timeout_s)
 
     @classmethod
     def from_config(cls, config: RewardConfig) -> CodeVerifier:
@@ -86,7 +83,7 @@ class CodeVerifier(Verifier):
                              memory_limit_mb=task.memory_limit_mb, checker=task.checker,
                              stop_on_first_failure=self.reward == "all_pass")
         try:
-            result = self._client().call("run_code", req, RunCodeResult,
+            result = self._clients.call("run_code", req, RunCodeResult,
                                          timeout_s=self.timeout_s)
         except RemoteError as e:  # the sandbox refused the request (e.g. unknown language)
             return Check(correct=False, score=0.0, error=f"sandbox refused the program: {e}")
@@ -101,17 +98,5 @@ class CodeVerifier(Verifier):
         score = float(correct) if self.reward == "all_pass" else passed / len(task.tests)
         return Check(correct=correct, score=score)
 
-    def _client(self) -> RPCClient:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = RPCClient(self.address, timeout_s=self.timeout_s)
-            self._local.client = client
-            with self._lock:
-                self._clients.append(client)
-        return client
-
     def close(self) -> None:
-        with self._lock:
-            for c in self._clients:
-                c.close()
-            self._clients.clear()
+        self._clients.close()
