@@ -42,6 +42,13 @@ def run(sandbox, language: str, source: str, **kw) -> RunCodeResult:
     return client.call("run_code", req, RunCodeResult, timeout_s=300)
 
 
+def over_paths(language: str, python: str, cpp: str, paths: list[str]) -> str:
+    """The attack program in ``language`` with ``paths`` filled in."""
+    if language == "python":
+        return python.format(paths=paths)
+    return cpp.replace("PATHS", ", ".join(f'"{p}"' for p in paths))
+
+
 def still_serves(sandbox) -> None:
     r = run(sandbox, "python", "print(int(input()) + 1)",
             tests=[TestCase(stdin="41", expected="42")])
@@ -136,9 +143,7 @@ int main() {
 
 @pytest.mark.parametrize("language", ["python", "cpp"])
 def test_host_files_are_invisible(sandbox, language):
-    src = READ_PY.format(paths=SECRETS) if language == "python" else \
-        READ_CPP.replace("PATHS", ", ".join(f'"{p}"' for p in SECRETS))
-    r = run(sandbox, language, src)
+    r = run(sandbox, language, over_paths(language, READ_PY, READ_CPP, SECRETS))
     out = r.tests[0].stdout
     assert r.verdict == "accepted", r
     assert out.count("denied") == len(SECRETS), out
@@ -173,9 +178,7 @@ def test_no_writes_outside_the_scratch_dir(sandbox, language, tmp_path):
     targets = [str(PROJECT / f"pwned-{language}"), f"/root/pwned-{language}",
                f"/usr/pwned-{language}", f"/code/pwned-{language}", f"/etc/pwned-{language}",
                str(tmp_path / "pwned")]
-    src = WRITE_PY.format(paths=targets) if language == "python" else \
-        WRITE_CPP.replace("PATHS", ", ".join(f'"{p}"' for p in targets))
-    r = run(sandbox, language, src)
+    r = run(sandbox, language, over_paths(language, WRITE_PY, WRITE_CPP, targets))
     assert "WROTE" not in r.tests[0].stdout, r.tests[0].stdout
     for t in targets:
         assert not os.path.exists(t), t
