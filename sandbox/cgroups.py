@@ -41,11 +41,10 @@ class CgroupSet:
             # memsw (memory + swap) may never be below the memory limit: raise it first
             # when growing, lower it last when shrinking
             memsw = m / "memory.memsw.limit_in_bytes"
-            current = _read_int(m / "memory.limit_in_bytes") or 0
-            if memory_bytes > current:
-                _write(memsw, memory_bytes, missing_ok=True)
-            _write(m / "memory.limit_in_bytes", memory_bytes)
-            _write(memsw, memory_bytes, missing_ok=True)
+            growing = memory_bytes > (_read_int(m / "memory.limit_in_bytes") or 0)
+            order = (memsw, m / "memory.limit_in_bytes")
+            for path in order if growing else order[::-1]:
+                _write(path, memory_bytes, missing_ok=path == memsw)
             self._oom_before = self._oom_kills()
             _write(self.dirs["pids"] / "pids.max", pids)
 
@@ -98,7 +97,7 @@ def remove_stale(instance: str = "") -> None:
     """Remove the cgroups of sandbox services that are gone (named svc<pid>-w<i>), and
     those of ``instance`` (a service shutting down)."""
     for parent in (ROOT / "k1rl-sandbox", *(ROOT / c / "k1rl-sandbox"
-                                            for c in ("pids", "memory", "cpuacct"))):
+                                            for c in ("pids", "memory"))):
         if not parent.is_dir():
             continue
         for d in parent.glob("svc*-w*"):
@@ -138,9 +137,6 @@ def _write(path: Path, value, missing_ok: bool = False) -> None:
     try:
         with open(path, "w") as f:
             f.write(str(value))
-    except FileNotFoundError:
-        if not missing_ok:
-            raise
     except OSError:
         if not missing_ok:
             raise

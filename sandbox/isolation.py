@@ -35,7 +35,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox import cgroups
@@ -85,7 +85,6 @@ class Slot:
     uid: int
     root: Path                       # host dir holding code/
     cgroup: cgroups.CgroupSet | None = None
-    _prepared: bool = field(default=False, repr=False)
 
     @property
     def code(self) -> Path:
@@ -99,7 +98,6 @@ class Slot:
         os.chmod(self.root, 0o711)
         os.chown(self.code, self.uid, self.uid)
         os.chmod(self.code, 0o700)
-        self._prepared = True
 
     def mkdir(self, name: str) -> Path:
         path = self.code / name
@@ -226,7 +224,7 @@ def make_root(root: Path, ro_paths: list[str]) -> Path:
                 (root / link.lstrip("/")).symlink_to(target)
             except FileExistsError:  # made by another worker sharing the work root
                 pass
-    for dirpath, dirnames, _ in os.walk(root):
+    for dirpath, _, _ in os.walk(root):
         os.chmod(dirpath, 0o755)
     return root
 
@@ -362,10 +360,8 @@ def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
         result.signal = os.WTERMSIG(status)
     else:
         result.exit_code = os.WEXITSTATUS(status)
-    # bwrap's pid namespace keeps the program's rusage from reaching wait4 (its init
-    # does not pass it up), so time and memory come from the slot's cgroup; without
-    # one only the limits hold (RLIMIT_CPU, RLIMIT_AS) and the figures stay 0
-    result.cpu_s = usage.ru_utime + usage.ru_stime  # the outer bwrap's; see _account
+    # only the outer bwrap's own time: the program's comes from its init (_account)
+    result.cpu_s = usage.ru_utime + usage.ru_stime
     if slot.cgroup is not None:
         result.oom_killed = slot.cgroup.oom_killed()
         slot.cgroup.kill_all()  # nothing may outlive its run

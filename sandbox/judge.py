@@ -44,10 +44,9 @@ class Judge:
         self.slot.write(lang.source_file, req.source.encode())
         result = RunCodeResult(verdict="accepted", runner=self.runner.name)
         if lang.compile:
-            result.compile = self._compile(lang, req.compile_options)
+            result.compile, result.error = self._compile(lang, req.compile_options)
             if not result.compile.ok:
-                result.verdict = "sandbox_error" if result.compile.exit_code is None \
-                    and result.compile.output.startswith("sandbox") else "compile_error"
+                result.verdict = "sandbox_error" if result.error else "compile_error"
                 result.skipped = len(req.tests)
                 return result
         checker_ready = None
@@ -79,25 +78,27 @@ class Judge:
                       scratch_mb=max(self.cfg.scratch_mb, 256))
 
     def _compile(self, lang: languages.Language, options: list[str],
-                 cwd: str = "") -> CompileOutcome:
+                 cwd: str = "") -> tuple[CompileOutcome, str]:
+        """The compile outcome, and the sandbox's own failure ("" when it ran)."""
         ex = self.runner.execute(self.slot, lang.compile_argv(options), stdin=b"",
                                  limits=self._compile_limits(lang), writable_code=True, cwd=cwd)
         if ex.start_error:
-            return CompileOutcome(ok=False, output=f"sandbox error: {ex.start_error}")
+            return CompileOutcome(ok=False, output=f"sandbox error: {ex.start_error}"), \
+                ex.start_error
         text = (ex.stdout + ex.stderr).decode("utf-8", "replace")[:COMPILER_OUTPUT_CHARS]
         if ex.wall_timeout or ex.signal == signal.SIGXCPU:
             text = f"compilation exceeded {lang.compile_time_s:g} s\n{text}"
         elif ex.oom_killed:
             text = f"compilation exceeded {lang.compile_memory_mb} MB\n{text}"
         ok = ex.exit_code == 0 and not ex.wall_timeout
-        return CompileOutcome(ok=ok, exit_code=ex.exit_code, time_s=ex.wall_s, output=text)
+        return CompileOutcome(ok=ok, exit_code=ex.exit_code, time_s=ex.wall_s, output=text), ""
 
     def _prepare_checker(self, lang: languages.Language, source: str) -> str | None:
         """Compile the custom checker into code/checker/; None when it is ready, else why not."""
         self.slot.mkdir(CHECKER_DIR)
         self.slot.write(f"{CHECKER_DIR}/{lang.source_file}", source.encode())
         if lang.compile:
-            outcome = self._compile(lang, [], cwd=CHECKER_DIR)
+            outcome, _ = self._compile(lang, [], cwd=CHECKER_DIR)
             if not outcome.ok:
                 return f"the checker does not compile: {outcome.output[:500]}"
         return None

@@ -178,7 +178,7 @@ class Master:
         (iteration = iterations done, so a resumed run replaces it)."""
         i = self.state.iterations_done
         row = {"iteration": i, "policy_version": self.state.policy_version,
-               **self.in_rollout_phase(i, lambda ref: self.evaluate(ref))}
+               **self.in_rollout_phase(i, self.evaluate)}
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         return row

@@ -166,17 +166,20 @@ def split_groups(group_ids: Sequence[int], parts: int) -> list[list[int]]:
     return [sorted(i for g in order[a:b] for i in members[g]) for a, b in pairwise(bounds)]
 
 
-def uniform_group_fraction(samples: Sequence[TrainSample]) -> float:
-    """Fraction of groups whose rewards are all equal (no policy gradient with mean baseline)."""
+def _group_rewards(samples: Sequence[TrainSample]) -> dict[int, set[float]]:
     rewards: dict[int, set[float]] = {}
     for s in samples:
         rewards.setdefault(s.group_id, set()).add(s.reward)
+    return rewards
+
+
+def uniform_group_fraction(samples: Sequence[TrainSample]) -> float:
+    """Fraction of groups whose rewards are all equal (no policy gradient with mean baseline)."""
+    rewards = _group_rewards(samples)
     return sum(len(r) == 1 for r in rewards.values()) / len(rewards)
 
 
 def mixed_groups(samples: Sequence[TrainSample]) -> list[TrainSample]:
     """The samples of groups whose rewards are not all equal (the ones with a policy gradient)."""
-    rewards: dict[int, set[float]] = {}
-    for s in samples:
-        rewards.setdefault(s.group_id, set()).add(s.reward)
+    rewards = _group_rewards(samples)
     return [s for s in samples if len(rewards[s.group_id]) > 1]
