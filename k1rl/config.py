@@ -113,6 +113,12 @@ class TrainerConfig(ServiceSection):
         description="Upper bound on rows x width of one forward/backward pass; larger batches "
         "are split into micro-batches whose gradients accumulate.",
     )
+    attention: Literal["sdpa", "megatron"] = Field(
+        "sdpa",
+        description="Core attention: torch scaled_dot_product_attention (fused kernels on CPU "
+        "and CUDA, ~4x faster than megatron's local attention on CPU) or megatron-core's "
+        "local DotProductAttention. Same function up to float rounding.",
+    )
     loss: Literal["mirror_descent"] = Field(
         "mirror_descent", description="RL loss by registry name (trainer_svc/losses)."
     )

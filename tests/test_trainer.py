@@ -66,10 +66,11 @@ def _packed_logprobs(trainer: MegatronTrainer) -> list[list[float]]:
     return out
 
 
-def _parity_scenario(rank, world, hf_dir, work_dir):
+def _parity_scenario(rank, world, hf_dir, work_dir, attention="sdpa"):
     """Load, score, take one SFT step (keep its gradients), export to an HF dir."""
     # no clipping, so the gradients left in the model are the raw ones
-    trainer = MegatronTrainer.from_hf(hf_dir, tp=world, lr=LR, seed=0, grad_clip=0.0)
+    trainer = MegatronTrainer.from_hf(hf_dir, tp=world, lr=LR, seed=0, grad_clip=0.0,
+                                      attention=attention)
     result = {
         "weights": _weights(trainer),
         "state": {n: t.clone() for n, t in convert.export_hf_state(trainer.model).items()},
@@ -78,11 +79,20 @@ def _parity_scenario(rank, world, hf_dir, work_dir):
         "packed_logprobs": _packed_logprobs(trainer),
         "step": trainer.sft_step(EXAMPLES),
         "rows": len(trainer.micro_batches(PROMPTS, RESPONSES, pack=True)[0].input_ids),
+        "core_attention": _core_attention(trainer),
     }
     result["grads"] = _hf_grads(trainer)
     result["export_dir"] = trainer.export_hf(f"{work_dir}/export")
     result["logprobs_after"] = trainer.logprobs(PROMPTS, RESPONSES)
     return result
+
+
+def _core_attention(trainer: MegatronTrainer) -> str:
+    """Class of the core attention that really runs (SDPAttention may fall back)."""
+    core = unwrap(trainer.model).decoder.layers[0].self_attention.core_attention
+    if hasattr(core, "_supported") and not core._supported(None, None):
+        return "fallback"
+    return type(core).__name__
 
 
 def _training_scenario(rank, world, hf_dir, work_dir):
@@ -201,8 +211,8 @@ def _max_diff(a, b) -> float:
 # ------------------------------------------------------------------------ fixtures
 
 
-def _run(fn, tp, hf_dir, work_dir):
-    return run_distributed(fn, tp, str(hf_dir), str(work_dir))
+def _run(fn, tp, hf_dir, work_dir, *args):
+    return run_distributed(fn, tp, str(hf_dir), str(work_dir), *args)
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +223,11 @@ def qwen2_tp1(trainer_hf_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen2_tp2(trainer_hf_dir, tmp_path_factory):
     return _run(_parity_scenario, 2, trainer_hf_dir, tmp_path_factory.mktemp("q2"))
+
+
+@pytest.fixture(scope="module")
+def qwen2_tp1_megatron_attention(trainer_hf_dir, tmp_path_factory):
+    return _run(_parity_scenario, 1, trainer_hf_dir, tmp_path_factory.mktemp("qm"), "megatron")
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +364,18 @@ def test_tp1_loads_hf_weights_and_matches_hf_logprobs_loss_and_grads(qwen2_tp1, 
     _check_parity_with_hf(result, trainer_hf_dir)
     assert result["rows"] == 1  # six short examples pack into one row
     assert result["step"]["policy_version"] == 1
+
+
+def test_both_core_attentions_match_hf_and_each_other_on_packed_gqa_rows(
+    qwen2_tp1, qwen2_tp1_megatron_attention, trainer_hf_dir
+):
+    (sdpa,), (megatron,) = qwen2_tp1, qwen2_tp1_megatron_attention
+    assert (sdpa["core_attention"], megatron["core_attention"]) == ("SDPAttention", "DotProductAttention")
+    _check_parity_with_hf(megatron, trainer_hf_dir)
+    assert sdpa["rows"] == 1  # all six documents share one row: the mask separates them
+    assert _max_diff(sdpa["packed_logprobs"], megatron["packed_logprobs"]) <= 1e-5
+    for name, grad in megatron["grads"].items():
+        torch.testing.assert_close(sdpa["grads"][name], grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

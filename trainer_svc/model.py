@@ -56,22 +56,27 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu")
     )
 
 
-def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu"):
+def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention: str = "sdpa"):
     """A (randomly initialised) GPTModel with the HF config's architecture.
 
     Needs ``parallel_state.initialize_model_parallel(tp)`` first. The output layer
     keeps its vocab-parallel logits (``parallel_output=True``): log-probs are taken with
     the vocab-parallel cross entropy, so full logits are never gathered. The model gets
     an ``hf_spec`` attribute (the :class:`HFModelSpec`) used by the HF export.
+    ``attention`` picks the core attention (see :mod:`trainer_svc.attention`).
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from trainer_svc.attention import with_core_attention
 
     spec = HFModelSpec.of(hf_config)
     config = transformer_config_from_hf(spec, tp=tp, device=device)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=with_core_attention(
+            get_gpt_layer_local_spec(normalization="RMSNorm"), attention
+        ),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         parallel_output=True,

@@ -228,6 +228,7 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) 
         device=cfg.trainer.device,
         seq_length=cfg.trainer.seq_length,
         micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+        attention=cfg.trainer.attention,
     )
     service = TrainerService(trainer, cfg, rank)
     try:

@@ -168,13 +168,15 @@ class MegatronTrainer:
         device: str = "cpu",
         seq_length: int | None = None,
         micro_batch_tokens: int = 8192,
+        attention: str = "sdpa",
     ) -> MegatronTrainer:
         """Build the model for this TP rank and load the HF safetensors weights into it.
 
         Needs torch.distributed initialised with world size == ``tp``. ``seq_length``
         is the packed row length of :meth:`sft_step` (default: the model's
         max_position_embeddings, capped at 4096); ``micro_batch_tokens`` bounds the
-        rows x width of one forward pass.
+        rows x width of one forward pass; ``attention`` is the core attention, "sdpa" or
+        "megatron" (see :mod:`trainer_svc.attention`).
         """
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -187,7 +189,7 @@ class MegatronTrainer:
         apply_cpu_shims(device)
         seed_model_parallel(seed, device)
         spec = convert.HFModelSpec.from_hf_config(model_dir)
-        gpt = build_gpt_model(spec, tp=tp, device=device)
+        gpt = build_gpt_model(spec, tp=tp, device=device, attention=attention)
         _copy_into_params(gpt, convert.hf_to_megatron(_SafetensorsDir(model_dir), spec, *_tp()))
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
