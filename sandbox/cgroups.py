@@ -32,21 +32,21 @@ class CgroupSet:
         self.kill_all()
         if self.v2:
             d = self.dirs["unified"]
-            _write(d / "memory.max", memory_bytes)
-            _write(d / "memory.swap.max", 0, missing_ok=True)
-            _write(d / "pids.max", pids)
+            write(d / "memory.max", memory_bytes)
+            write(d / "memory.swap.max", 0, missing_ok=True)
+            write(d / "pids.max", pids)
             self._oom_before = self._oom_kills()
         else:
             m = self.dirs["memory"]
             # memsw (memory + swap) may never be below the memory limit: raise it first
             # when growing, lower it last when shrinking
             memsw = m / "memory.memsw.limit_in_bytes"
-            growing = memory_bytes > (_read_int(m / "memory.limit_in_bytes") or 0)
+            growing = memory_bytes > (read_int(m / "memory.limit_in_bytes") or 0)
             order = (memsw, m / "memory.limit_in_bytes")
             for path in order if growing else order[::-1]:
-                _write(path, memory_bytes, missing_ok=path == memsw)
+                write(path, memory_bytes, missing_ok=path == memsw)
             self._oom_before = self._oom_kills()
-            _write(self.dirs["pids"] / "pids.max", pids)
+            write(self.dirs["pids"] / "pids.max", pids)
 
     def enter(self, pid: int) -> None:
         """Move ``pid`` (the forked child, before it execs) into every controller."""
@@ -60,52 +60,113 @@ class CgroupSet:
 
     def kill_all(self) -> None:
         """SIGKILL whatever is left in the slot's cgroups (a run must leave nothing behind)."""
-        d = self.dirs.get("unified") or self.dirs["pids"]
-        if self.v2 and (d / "cgroup.kill").exists():
-            _write(d / "cgroup.kill", 1)
-            return
-        # a forking program adds pids between reads, and killed ones stay listed until
-        # they have exited: sweep until the group is empty (bounded: ~2 s)
-        for _ in range(400):
-            pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.005)
-        log.error("processes of %s survived 400 SIGKILL sweeps", d)
+        kill_cgroup(self.dirs.get("unified") or self.dirs["pids"], self.v2)
 
     def _oom_kills(self) -> int:
         """OOM kills so far (the counter never resets, so runs compare before/after)."""
         if self.v2:
-            return _stat(self.dirs["unified"] / "memory.events").get("oom_kill", 0)
-        return _stat(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0)
+            return read_stat(self.dirs["unified"] / "memory.events").get("oom_kill", 0)
+        return read_stat(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0)
 
     def remove(self) -> None:
         self.kill_all()
         for d in self.dirs.values():
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+            remove_tree(d)
+
+
+def _hierarchies() -> list[Path]:
+    """The k1rl-sandbox dir of every mounted hierarchy (v2: the unified one; v1: one per
+    controller, and the podman runner's containers add dirs to all of them)."""
+    found = [ROOT / "k1rl-sandbox"] if is_v2() else []
+    if not is_v2() and ROOT.is_dir():
+        found += [d / "k1rl-sandbox" for d in ROOT.iterdir() if d.is_dir() and not d.is_symlink()]
+    return [d for d in found if d.is_dir()]
 
 
 def remove_stale(instance: str = "") -> None:
-    """Remove the cgroups of sandbox services that are gone (named svc<pid>-w<i>), and
+    """Remove the cgroups of sandbox services that are gone (named svc<pid>-w<i>...), and
     those of ``instance`` (a service shutting down)."""
-    for parent in (ROOT / "k1rl-sandbox", *(ROOT / c / "k1rl-sandbox"
-                                            for c in ("pids", "memory"))):
-        if not parent.is_dir():
-            continue
+    for parent in _hierarchies():
         for d in parent.glob("svc*-w*"):
             pid = d.name[3:].split("-", 1)[0]
             gone = pid.isdigit() and not Path(f"/proc/{pid}").exists()
             if gone or (instance and d.name.startswith(f"{instance}-")):
-                dirs = {"unified" if parent.parent == ROOT else "pids": d}
-                CgroupSet(dirs, v2=parent.parent == ROOT).remove()
+                kill_cgroup(d, v2=is_v2())
+                remove_tree(d)
+
+
+def is_v2() -> bool:
+    return (ROOT / "cgroup.controllers").exists()
+
+
+def writable() -> bool:
+    """Whether this process can create cgroups (the memory and pids controllers)."""
+    try:
+        if is_v2():
+            return os.access(ROOT, os.W_OK)
+        return all(os.access(ROOT / c, os.W_OK) for c in ("pids", "memory"))
+    except OSError:
+        return False
+
+
+def procs(d: Path) -> list[int]:
+    try:
+        return [int(p) for p in (d / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def kill_cgroup(d: Path, v2: bool) -> None:
+    """SIGKILL every process in cgroup ``d`` and its descendants."""
+    if v2 and (d / "cgroup.kill").exists():
+        write(d / "cgroup.kill", 1, missing_ok=True)
+        return
+    # a forking program adds pids between reads, and killed ones stay listed until
+    # they have exited: sweep until the tree is empty (bounded: ~2 s)
+    for _ in range(400):
+        pids = [p for sub, _, _ in os.walk(d) for p in procs(Path(sub))]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+    log.error("processes of %s survived 400 SIGKILL sweeps", d)
+
+
+def remove_tree(d: Path) -> None:
+    """rmdir ``d`` and its (empty) descendant cgroups, deepest first."""
+    for sub, _, _ in sorted(os.walk(d), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(sub)
+        except OSError:
+            pass
+
+
+class PeakReader:
+    """Peak memory of a v2 cgroup since this object was made (memory.peak, reset per open
+    file on kernels >= 6.12; older kernels report the peak since the cgroup's creation)."""
+
+    def __init__(self, d: Path) -> None:
+        self._fd = None
+        try:
+            self._fd = os.open(d / "memory.peak", os.O_RDWR)
+            os.write(self._fd, b"reset\n")
+        except OSError:
+            pass
+
+    def read(self) -> int:
+        if self._fd is None:
+            return 0
+        try:
+            return int(os.pread(self._fd, 64, 0).split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
 
 def create(name: str) -> CgroupSet | None:
@@ -114,7 +175,7 @@ def create(name: str) -> CgroupSet | None:
         if (ROOT / "cgroup.controllers").exists():  # v2 unified
             base = ROOT / "k1rl-sandbox"
             base.mkdir(exist_ok=True)
-            _write(base / "cgroup.subtree_control", "+memory +pids", missing_ok=True)
+            write(base / "cgroup.subtree_control", "+memory +pids", missing_ok=True)
             d = base / name
             d.mkdir(exist_ok=True)
             return CgroupSet({"unified": d}, v2=True)
@@ -133,7 +194,7 @@ def create(name: str) -> CgroupSet | None:
         return None
 
 
-def _write(path: Path, value, missing_ok: bool = False) -> None:
+def write(path: Path, value, missing_ok: bool = False) -> None:
     try:
         with open(path, "w") as f:
             f.write(str(value))
@@ -142,14 +203,14 @@ def _write(path: Path, value, missing_ok: bool = False) -> None:
             raise
 
 
-def _read_int(path: Path) -> int | None:
+def read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def _stat(path: Path) -> dict[str, int]:
+def read_stat(path: Path) -> dict[str, int]:
     try:
         return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
     except (OSError, ValueError):

@@ -5,7 +5,8 @@ host, a uid, optionally cgroups) and returns an :class:`Execution`: exit status,
 and wall time, peak memory, capped stdout/stderr and which limit (if any) stopped it.
 Turning that into a verdict is the service's job (sandbox/judge.py), so runners stay
 interchangeable behind :class:`Runner`: :class:`BwrapRunner` (namespaces + seccomp +
-rlimits + cgroups, a few ms per run) is the one built so far.
+rlimits + cgroups, a few ms per run, the default) and, in sandbox/podman.py,
+``PodmanRunner`` (a podman/runc container per run).
 
 Layers of the bwrap runner, outermost first (each one alone would not be enough):
 - a pids + memory cgroup per worker, when /sys/fs/cgroup is writable;
@@ -35,6 +36,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,9 +280,15 @@ def _preexec(slot: Slot, limits: Limits):
 
 
 def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
-               pass_fds: tuple[int, ...] = (), hand_over: tuple[int, ...] = ()
+               pass_fds: tuple[int, ...] = (), hand_over: tuple[int, ...] = (),
+               as_program: bool = True, kill: Callable[[], None] | None = None
                ) -> Execution:
-    """Start ``argv``, feed stdin, drain capped output, enforce the wall clock, reap."""
+    """Start ``argv``, feed stdin, drain capped output, enforce the wall clock, reap.
+
+    ``as_program``: ``argv`` is (bwrap around) the program: it starts with the program's
+    rlimits and uid, in the slot's cgroup. Otherwise it is a launcher that applies them
+    itself (podman). ``kill`` is called besides killing ``argv``'s process group when
+    the run is stopped (for processes outside it: a container's)."""
     result = Execution()
     if slot.cgroup is not None:
         slot.cgroup.reset(limits.memory_mb << 20, limits.processes + 4)
@@ -288,7 +296,8 @@ def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=slot.root, preexec_fn=_preexec(slot, limits), start_new_session=True,
+            cwd=slot.root, preexec_fn=_preexec(slot, limits) if as_program else None,
+            start_new_session=True,
             pass_fds=pass_fds, close_fds=True, env={},
         )
     except OSError as e:
@@ -345,10 +354,10 @@ def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
         if result.stdout_overflow:
             break
     if result.wall_timeout or result.stdout_overflow:
-        _kill_tree(proc, slot)
+        _kill_tree(proc, slot, kill)
         killed = True
     # output closed, but the program may still run (it closed stdout, or a child holds on)
-    status, usage, late = _reap(proc, deadline, slot)
+    status, usage, late = _reap(proc, deadline, slot, kill)
     result.wall_timeout |= late
     killed |= late
     result.wall_s = time.monotonic() - started
@@ -403,7 +412,7 @@ def _account(result: Execution, status: bytes) -> None:
     reap_orphans()
 
 
-def _kill_tree(proc: subprocess.Popen, slot: Slot) -> None:
+def _kill_tree(proc: subprocess.Popen, slot: Slot, kill: Callable[[], None] | None) -> None:
     # bwrap's pid-namespace init dies with bwrap (--die-with-parent), and the kernel
     # then kills every process of the namespace; the cgroup sweep catches the rest.
     try:
@@ -412,9 +421,11 @@ def _kill_tree(proc: subprocess.Popen, slot: Slot) -> None:
         pass
     if slot.cgroup is not None:
         slot.cgroup.kill_all()
+    if kill is not None:
+        kill()
 
 
-def _reap(proc: subprocess.Popen, deadline: float, slot: Slot):
+def _reap(proc: subprocess.Popen, deadline: float, slot: Slot, kill: Callable[[], None] | None):
     """wait4 the child (its rusage covers the waited-for tree); past the wall deadline,
     kill it first. Returns (status, rusage, killed_at_deadline)."""
     late = False
@@ -423,7 +434,7 @@ def _reap(proc: subprocess.Popen, deadline: float, slot: Slot):
         if pid:
             break
         if time.monotonic() > deadline:
-            _kill_tree(proc, slot)
+            _kill_tree(proc, slot, kill)
             late = True
             pid, status, usage = os.wait4(proc.pid, 0)
             break

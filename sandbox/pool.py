@@ -30,6 +30,10 @@ class WorkerCrashed(RuntimeError):
 
 
 def make_runner(cfg: SandboxConfig):
+    if cfg.runner == "podman":
+        from sandbox.podman import PodmanRunner
+
+        return PodmanRunner(Path(cfg.work_root) / "rootfs-podman")
     from sandbox.isolation import BwrapRunner
 
     return BwrapRunner(Path(cfg.work_root) / "rootfs")
@@ -43,11 +47,17 @@ def _worker_main(index: int, cfg_json: str, instance: str, conn: Connection) -> 
     become_subreaper()
 
     cfg = SandboxConfig.model_validate_json(cfg_json)
-    cgroup = cgroups.create(f"{instance}-w{index}") if cfg.use_cgroups == "auto" else None
+    # podman puts each container in cgroups of its own (under a per-slot parent)
+    own_cgroup = cfg.use_cgroups == "auto" and cfg.runner == "bwrap"
+    cgroup = cgroups.create(f"{instance}-w{index}") if own_cgroup else None
     slot = Slot(index, cfg.uid_base + index, Path(cfg.work_root) / instance / f"w{index}",
                 cgroup)
-    judge = Judge(make_runner(cfg), slot, cfg)
-    conn.send(("ready", {"cgroup": cgroup is not None}))
+    try:
+        judge = Judge(make_runner(cfg), slot, cfg)
+    except RuntimeError as e:  # the runner cannot work on this host: say why
+        conn.send(("failed", str(e)))
+        return
+    conn.send(("ready", {"cgroup": cgroup is not None or cfg.runner == "podman"}))
     try:
         while True:
             try:
@@ -89,6 +99,9 @@ class _Worker:
             self.proc.kill()
             raise RuntimeError(f"sandbox worker {index} did not start")
         status, self.info = self.conn.recv()
+        if status == "failed":
+            self.close()
+            raise RuntimeError(f"sandbox worker {index} cannot run: {self.info}")
 
     def close(self) -> None:
         self.conn.close()
@@ -107,7 +120,7 @@ class WorkerPool:
         # one host never collide (uids do unless uid_base differs: see SandboxConfig)
         self.instance = f"svc{os.getpid()}"
         _make_reachable(Path(cfg.work_root) / self.instance)
-        if cfg.use_cgroups == "auto":
+        if cfg.use_cgroups == "auto" or cfg.runner == "podman":
             from sandbox import cgroups
 
             cgroups.remove_stale()
@@ -156,7 +169,7 @@ class WorkerPool:
         self._closed = True
         for w in self.workers:
             w.close()
-        if self.cfg.use_cgroups == "auto":
+        if self.cfg.use_cgroups == "auto" or self.cfg.runner == "podman":
             from sandbox import cgroups
 
             cgroups.remove_stale(self.instance)  # a killed worker could not clean up

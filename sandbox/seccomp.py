@@ -1,4 +1,5 @@
-"""The seccomp filter every sandboxed program runs under (compiled once, passed to bwrap).
+"""The seccomp filter every sandboxed program runs under: compiled to BPF once and passed
+to bwrap, or written as an OCI profile for podman/runc (the same rules).
 
 Default allow, with the kernel's rarely needed and often exploited interfaces refused
 (EPERM, so a program gets an error it can handle rather than a mysterious kill): no
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import socket
 
@@ -59,3 +61,13 @@ def filter_bytes() -> bytes:
     finally:
         os.close(read_fd)
     return b"".join(chunks)
+
+
+def oci_profile() -> str:
+    """The same rules as an OCI/Docker seccomp profile (JSON), for podman --security-opt."""
+    deny = {"action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM}
+    rules = [{"names": list(DENIED), **deny}]
+    for name in ("socket", "socketpair"):
+        rules.append({"names": [name], **deny,
+                      "args": [{"index": 0, "value": socket.AF_UNIX, "op": "SCMP_CMP_NE"}]})
+    return json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}, indent=1)

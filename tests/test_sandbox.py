@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -62,13 +63,19 @@ def test_languages_registry():
 # ------------------------------------------------------------------ the service
 
 
-@pytest.fixture(scope="module")
-def sandbox():
+RUNNERS = ["bwrap", pytest.param("podman", marks=pytest.mark.skipif(
+    shutil.which("podman") is None, reason="needs podman and runc (make test installs them)"))]
+
+
+@pytest.fixture(scope="module", params=RUNNERS)
+def sandbox(request):
     from k1rl.launch import free_tcp_address
     from sandbox.server import Servers
 
-    cfg = SandboxConfig(address=free_tcp_address(), http_port=0, workers=2, uid_base=62100,
-                        work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}")
+    runner = request.param
+    cfg = SandboxConfig(address=free_tcp_address(), http_port=0, workers=2, runner=runner,
+                        uid_base=62100 if runner == "bwrap" else 62300,
+                        work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}-{runner}")
     servers = Servers(cfg).start()
     client = RPCClient(servers.rpc.address, timeout_s=120)
     yield client, servers
@@ -179,7 +186,8 @@ def test_http_api(sandbox):
     _, servers = sandbox
     base = f"http://127.0.0.1:{servers.http_port}"
     health = json.loads(urllib.request.urlopen(f"{base}/health", timeout=10).read())
-    assert health["ready"] and health["workers"] == 2 and health["runner"] == "bwrap"
+    assert health["ready"] and health["workers"] == 2
+    assert health["runner"] == servers.service.cfg.runner
 
     def post(body: bytes):
         req = urllib.request.Request(f"{base}/run_code", data=body, method="POST",
@@ -218,3 +226,19 @@ def test_cli_run_prints_the_json_response(sandbox, tmp_path):
     dead = [*cmd[:-1], "tcp://127.0.0.1:1", "--timeout-s", "2"]
     done = subprocess.run(dead, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "no answer from the sandbox" in done.stderr
+
+
+def test_the_container_runner_gets_the_same_seccomp_rules_as_bwrap():
+    import socket
+
+    from sandbox.seccomp import DENIED, oci_profile
+
+    profile = json.loads(oci_profile())
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    denied = {n for rule in profile["syscalls"] if "args" not in rule for n in rule["names"]}
+    assert denied == set(DENIED)
+    assert all(rule["action"] == "SCMP_ACT_ERRNO" for rule in profile["syscalls"])
+    # sockets: every family but Unix is refused
+    guarded = {rule["names"][0]: rule["args"] for rule in profile["syscalls"] if "args" in rule}
+    assert guarded == {name: [{"index": 0, "value": socket.AF_UNIX, "op": "SCMP_CMP_NE"}]
+                       for name in ("socket", "socketpair")}

@@ -1,4 +1,5 @@
-"""Hostile programs, in Python and C++, against a real sandbox service (bwrap runner).
+"""Hostile programs, in Python and C++, against a real sandbox service, with each runner
+(bwrap, and podman/runc when podman is installed: `make test` installs it).
 
 Each attack must be contained with the right verdict, leave the host untouched, and
 the service must answer the next request normally.
@@ -7,6 +8,7 @@ the service must answer the next request normally.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -22,13 +24,19 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="ne
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory):
+RUNNERS = ["bwrap", pytest.param("podman", marks=pytest.mark.skipif(
+    shutil.which("podman") is None, reason="needs podman and runc (make test installs them)"))]
+
+
+@pytest.fixture(scope="module", params=RUNNERS)
+def sandbox(request):
     from k1rl.launch import free_tcp_address
     from sandbox.server import Servers
 
-    cfg = SandboxConfig(address=free_tcp_address(), http_port=None, workers=2,
-                        uid_base=62000, work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}")
+    runner = request.param
+    cfg = SandboxConfig(address=free_tcp_address(), http_port=None, workers=2, runner=runner,
+                        uid_base=62000 if runner == "bwrap" else 62200,
+                        work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}-{runner}")
     servers = Servers(cfg).start()
     client = RPCClient(servers.rpc.address, timeout_s=120)
     yield client, servers
@@ -315,7 +323,7 @@ def test_host_processes_are_invisible(sandbox, language):
     out = r.tests[0].stdout
     assert r.verdict == "accepted", r
     assert "no host pid" in out and "pytest" not in out
-    # bwrap's init and the program (and, for Python, nothing else)
+    # the sandbox's init (bwrap's, or catatonit in a container) and the program
     pids = [int(line) for line in out.split() if line.isdigit()] if language == "cpp" \
         else eval(out.splitlines()[0].split(" ", 1)[1])
     assert len(pids) <= 3 and max(map(int, pids)) < 100
