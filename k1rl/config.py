@@ -8,6 +8,8 @@ a :class:`ConfigError` naming the dotted field path, the value and the reason, e
 
 from __future__ import annotations
 
+import math
+
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -338,6 +340,12 @@ class RLConfig(Section):
         min_length=1,
         description="RL prompt set as family:difficulty levels of k1rl.data.tasks.",
     )
+    task_weights: list[float] | None = Field(
+        None,
+        description="Share of each rl.tasks level in an iteration's prompts (normalised; "
+        "counts rounded by largest remainder). null: prompts are drawn from all levels' "
+        "problems together.",
+    )
     pool_size: int = Field(2000, ge=1, description="Training problems generated per level.")
     keep_checkpoints: int = Field(2, ge=1, description="Trainer checkpoints kept for resume.")
     eval_every: int = Field(
@@ -349,6 +357,12 @@ class RLConfig(Section):
     )
     eval_problems: int = Field(
         200, ge=1, description="Held-out problems per level in each evaluation."
+    )
+    eval_tasks: list[str] | None = Field(
+        None,
+        description="The rl.tasks levels evaluated on held-out problems (null: all). With "
+        "several, each one's accuracy is logged too (eval_accuracy@<level>); training "
+        "accuracy is logged per level for every level (accuracy@<level>).",
     )
     eval_samples: int = Field(
         4,
@@ -362,6 +376,37 @@ class RLConfig(Section):
     def _levels(cls, v: list[str]) -> list[str]:
         parse_levels(v)
         return v
+
+    @model_validator(mode="after")
+    def _mix(self) -> RLConfig:
+        if self.task_weights is not None:
+            if len(self.task_weights) != len(self.tasks):
+                raise ValueError(f"task_weights: {len(self.task_weights)} weights for "
+                                 f"{len(self.tasks)} tasks")
+            if not all(w > 0 and math.isfinite(w) for w in self.task_weights):
+                raise ValueError(f"task_weights must all be > 0, got {self.task_weights}")
+        unknown = set(self.eval_tasks or ()) - set(self.tasks)
+        if unknown or self.eval_tasks == []:
+            raise ValueError(f"eval_tasks must be a non-empty subset of tasks; not in tasks: "
+                             f"{sorted(unknown)}")
+        return self
+
+    @property
+    def headline_tasks(self) -> list[str]:
+        """The levels evaluated on held-out problems (eval_accuracy averages over them)."""
+        return self.eval_tasks or self.tasks
+
+    def prompt_counts(self) -> list[int] | None:
+        """Prompts per rl.tasks level in an iteration (None: drawn from all together)."""
+        if self.task_weights is None:
+            return None
+        total = sum(self.task_weights)
+        exact = [self.prompts_per_iteration * w / total for w in self.task_weights]
+        counts = [int(x) for x in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
+        for i in by_remainder[: self.prompts_per_iteration - sum(counts)]:
+            counts[i] += 1
+        return counts
 
 
 class RunConfig(Section):

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -77,6 +77,9 @@ class SFTSettings(BaseModel):
 
     levels: list[str] = Field(min_length=1, description="family:difficulty levels of the SFT mix.")
     problems_per_level: int = Field(3000, ge=1)
+    level_problems: dict[str, int] = Field(
+        default_factory=dict, description="Problems of a level when not problems_per_level "
+        "(a level's share of the SFT mix is its share of the problems).")
     steps: int = Field(ge=1, description="Optimizer steps (at most, with stop_when).")
     stop_when: SFTStop | None = Field(None, description="Early stop on validation accuracy.")
     batch: int = Field(64, ge=1, description="Examples per step.")
@@ -89,6 +92,21 @@ class SFTSettings(BaseModel):
     def _levels(cls, v: list[str]) -> list[str]:
         parse_levels(v)
         return v
+
+    @model_validator(mode="after")
+    def _level_problems(self) -> SFTSettings:
+        unknown = sorted(set(self.level_problems) - set(self.levels))
+        if unknown:
+            raise ValueError(f"level_problems names levels not in levels: {unknown}")
+        if any(n < 1 for n in self.level_problems.values()):
+            raise ValueError(f"level_problems must be >= 1: {self.level_problems}")
+        return self
+
+    def tasks(self, seed: int) -> list[Task]:
+        """The SFT problems (train split), level by level."""
+        return [task for item, (family, level) in zip(self.levels, parse_levels(self.levels))
+                for task in generate_suite(self.level_problems.get(item, self.problems_per_level),
+                                           seed=seed, levels=((family, level),), split="train")]
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -146,17 +164,20 @@ def run_config(cfg: DemoConfig, seed: int, run_dir: Path, model_dir: Path) -> Ru
     run.seed = seed
     run.run_dir = str(run_dir)
     run.model.path = str(model_dir.resolve())
-    for section in (run.trainer, run.rollout, run.reward, run.checkpoint_engine):
+    for section in (run.trainer, run.rollout, run.reward, run.checkpoint_engine, run.sandbox):
         section.address = free_tcp_address()
+    run.reward.sandbox_address = run.sandbox.address  # code rewards: this run's sandbox
+    run.sandbox.http_port = None  # ZMQ only: parallel demos must not share a port
     return RunConfig.model_validate(run.model_dump())  # re-validate the edited copy
 
 
 def validation_set(run: RunConfig, problems: int) -> list[Task]:
-    """Train-split problems of the RL levels outside the RL prompt pool (see SFTStop)."""
+    """Train-split problems of the headline RL levels (``rl.headline_tasks``) outside the
+    RL prompt pool (see SFTStop)."""
     from k1rl.master.loop import prompt_pool
 
     pool = {t.id for t in prompt_pool(run)}
-    levels = parse_levels(run.rl.tasks)
+    levels = parse_levels(run.rl.headline_tasks)
     per_level = math.ceil(problems / len(levels))
     return [t for family, level in levels
             for t in generate_tasks(family, level, per_level, seed=run.seed + 2,
@@ -235,8 +256,7 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
         raise ConfigError("run.rl.eval_every must be > 0: the demo reports held-out accuracy")
     config_path = run_dir / CONFIG_FILE
     config_path.write_text(run.dump_yaml())
-    sft_tasks = generate_suite(cfg.sft.problems_per_level, seed=seed,
-                               levels=tuple(parse_levels(cfg.sft.levels)), split="train")
+    sft_tasks = cfg.sft.tasks(seed)
 
     with console.status("starting trainer_svc, reward_svc and the checkpoint-engine sidecar "
                         "(which starts vLLM)"):
@@ -304,8 +324,23 @@ def summarize(rows: list[dict], sft_history: list[dict], cfg: DemoConfig, run: R
                             "greedy": r["val_greedy"]}
                            for r in sft_history if "val_accuracy" in r],
         "rl_levels": run.rl.tasks,
-        "heldout_problems": run.rl.eval_problems * len(run.rl.tasks),
+        "rl_task_weights": run.rl.task_weights,
+        "heldout_levels": run.rl.headline_tasks,
+        "heldout_problems": run.rl.eval_problems * len(run.rl.headline_tasks),
         "heldout_samples_per_problem": run.rl.eval_samples,
+        # every evaluated level on its own, and every RL level's training accuracy
+        "eval_by_level": {
+            level: {f"{kind}_{stage}": row[f"eval_{kind}@{level}"]
+                    for kind in ("accuracy", "greedy")
+                    for stage, row in (("after_sft", before), ("after_rl", after))}
+            for level in run.rl.headline_tasks if f"eval_accuracy@{level}" in before
+        },
+        "train_accuracy_by_level": {
+            level: {"first_10": _mean_of(iterations[:10], f"accuracy@{level}"),
+                    "last_10": _mean_of(iterations[-10:], f"accuracy@{level}")}
+            for level in run.rl.tasks if f"accuracy@{level}" in iterations[0]
+        },
+        "reward_errors": sum(r.get("reward_errors", 0) for r in iterations),
         "eval_accuracy_after_sft": before["eval_accuracy"],
         "eval_accuracy_after_rl": after["eval_accuracy"],
         "eval_greedy_after_sft": before["eval_greedy"],
@@ -324,8 +359,12 @@ def summarize(rows: list[dict], sft_history: list[dict], cfg: DemoConfig, run: R
     }
 
 
+def _mean_of(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
 def print_summary(summary: dict) -> None:
-    levels = ", ".join(summary["rl_levels"])
+    levels = ", ".join(summary["heldout_levels"])
     table = Table(title=f"held-out accuracy ({levels}; {summary['heldout_problems']} problems)")
     table.add_column("stage")
     table.add_column(f"pass@1 (T=1, {summary['heldout_samples_per_problem']} samples)")
@@ -336,6 +375,9 @@ def print_summary(summary: dict) -> None:
                   f"{summary['eval_accuracy_after_rl']:.3f}",
                   f"{summary['eval_greedy_after_rl']:.3f}")
     console.print(table)
+    for level, acc in summary["train_accuracy_by_level"].items():
+        console.print(f"{level}: training accuracy {acc['first_10']:.3f} (first 10 iterations)"
+                      f" -> {acc['last_10']:.3f} (last 10)")
     console.print(
         f"RL gain {summary['rl_gain']:+.3f}; switch to rollout {summary['mean_switch_to_rollout_s']:.2f} s, "
         f"to train {summary['mean_switch_to_train_s']:.2f} s; done in {summary['wall_seconds']} s"

@@ -348,6 +348,17 @@ class Checker(Message):
         return self
 
 
+class CodeTask(Message):
+    """The gold "answer" of a code task, as JSON: the tests a program must pass, its limits,
+    the checker and the default language (a response's fenced block may name another)."""
+
+    tests: list[TestCase] = Field(min_length=1)
+    language: str = "python"
+    time_limit_s: float = Field(2.0, gt=0, le=60)
+    memory_limit_mb: int = Field(256, ge=16)
+    checker: Checker = Field(default_factory=Checker)
+
+
 class RunCodeRequest(Message):
     kind: Literal["run_code"] = "run_code"
     language: str = Field(min_length=1, description="registry name, e.g. python, cpp, c")

@@ -144,3 +144,30 @@ def test_dump_then_load_round_trips(tmp_path):
     path.write_text(cfg.dump_yaml())
     assert load_config(path) == cfg
     assert load_config(path).trainer.lr == 2.5e-5
+
+
+def test_task_weights_split_an_iterations_prompts_by_largest_remainder():
+    rl = RunConfig.from_yaml_text(
+        "rl: {tasks: [add:2, sub:2, code:1], task_weights: [31, 31, 2], "
+        "prompts_per_iteration: 64}").rl
+    assert rl.prompt_counts() == [31, 31, 2]
+    rl = rl.model_copy(update={"prompts_per_iteration": 10})
+    assert rl.prompt_counts() == [5, 5, 0]  # 4.84, 4.84, 0.31: the two largest remainders
+    assert RunConfig.from_yaml_text("rl: {tasks: [add:2]}").rl.prompt_counts() is None
+
+
+@pytest.mark.parametrize(("rl", "message"), [
+    ("{tasks: [add:2, sub:2], task_weights: [1]}", "1 weights for 2 tasks"),
+    ("{tasks: [add:2, sub:2], task_weights: [1, 0]}", "must all be > 0"),
+    ("{tasks: [add:2], eval_tasks: [sub:2]}", "not in tasks: ['sub:2']"),
+    ("{tasks: [add:2], eval_tasks: []}", "non-empty subset"),
+])
+def test_bad_task_mixes_are_refused(rl, message):
+    assert message in _error(f"rl: {rl}")
+
+
+def test_evaluated_levels_default_to_every_rl_level():
+    assert RunConfig.from_yaml_text("rl: {tasks: [add:2, code:1]}").rl.headline_tasks == \
+        ["add:2", "code:1"]
+    assert RunConfig.from_yaml_text(
+        "rl: {tasks: [add:2, code:1], eval_tasks: [add:2]}").rl.headline_tasks == ["add:2"]

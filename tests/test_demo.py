@@ -15,7 +15,7 @@ def test_the_shipped_demo_config_measures_what_the_report_promises():
     cfg = load_demo_config(DEFAULT_CONFIG)
     rl = cfg.run.rl
     # held-out accuracy = pass@1 over >= 200 problems x >= 4 samples at the rollout temperature
-    assert rl.eval_problems * len(rl.tasks) >= 200
+    assert rl.eval_problems * len(rl.headline_tasks) >= 200
     assert rl.eval_samples >= 4
     assert rl.eval_every > 0
     assert cfg.run.rollout.temperature > 0
@@ -57,7 +57,7 @@ def test_sft_validation_problems_are_rl_levels_outside_the_prompt_pool_and_heldo
     run = load_demo_config(DEFAULT_CONFIG).run
     val = validation_set(run, 100)
     assert len(val) == 100 and len({t.id for t in val}) == 100
-    assert {f"{t.family}:{t.difficulty}" for t in val} == set(run.rl.tasks)
+    assert {f"{t.family}:{t.difficulty}" for t in val} == set(run.rl.headline_tasks)
     assert not {t.id for t in val} & {t.id for t in prompt_pool(run)}
     assert not {t.id for t in val} & {t.id for t in heldout_set(run)}
     assert not any(is_heldout(t.id) for t in val)
@@ -75,6 +75,8 @@ def test_a_miniature_demo_writes_the_full_report(tmp_path):
     data["run"]["rollout"]["max_tokens"] = 24
     data["run"]["rl"].update(iterations=2, eval_every=1, eval_problems=5, eval_samples=2,
                              prompts_per_iteration=4, pool_size=50)
+    if "code:1" in data["run"]["rl"]["tasks"]:  # a code prompt every iteration
+        data["run"]["rl"]["task_weights"] = [1] * (len(data["run"]["rl"]["tasks"]) - 1) + [2]
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(data))
     run_dir = tmp_path / "run"
@@ -94,6 +96,12 @@ def test_a_miniature_demo_writes_the_full_report(tmp_path):
     assert [r["iteration"] for r in rows if "eval_accuracy" in r] == [0, 1, 2]
     assert rows[-1]["policy_version"] == summary["policy_version"] == rows[1]["policy_version"]
     assert all(0 <= r["eval_accuracy"] <= 1 for r in rows if "eval_accuracy" in r)
+    # the code level's rewards came from the sandbox service the demo started
+    if "code:1" in data["run"]["rl"]["tasks"]:
+        assert all("accuracy@code:1" in r for r in rows if "reward_mean" in r)
+        assert "sandbox ready" in (run_dir / "logs" / "sandbox.log").read_text()
+        assert summary["reward_errors"] == 0
+        assert set(summary["train_accuracy_by_level"]) == set(data["run"]["rl"]["tasks"])
     for png in ("reward.png", "heldout_accuracy.png", "response_length.png", "switch_times.png"):
         assert (run_dir / png).stat().st_size > 0
     assert (run_dir / "final" / "config.json").is_file()

@@ -76,3 +76,19 @@ def test_a_bad_task_is_a_data_error(sandbox_address):
                       verifier="code")
     with RewardService(config) as service, pytest.raises(ValueError, match=r"items\[0\]"):
         service.score(RewardRequest(items=[item]))
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_the_code_task_family_is_judged_by_running_its_programs(sandbox_address, level):
+    from k1rl.data.tasks import generate_tasks
+
+    task = generate_tasks("code", level, 1, seed=5)[0]
+    off_by_one = task.target.replace("print(", "print(1 + ")
+    items = [RewardItem(group_id=0, response=response, answer=task.answer, response_tokens=9,
+                        verifier=task.verifier)
+             for response in (task.target, task.target + "\nThe answer is 5.", off_by_one)]
+    config = RewardConfig(sandbox_address=sandbox_address, length_penalty_weight=0.0)
+    with RewardService(config) as service:
+        r = service.score(RewardRequest(items=items))
+    assert r.correct == [True, True, False]
+    assert r.errors == []

@@ -35,7 +35,7 @@ def sandbox(request):
 
     runner = request.param
     cfg = SandboxConfig(address=free_tcp_address(), http_port=None, workers=2, runner=runner,
-                        uid_base=62000 if runner == "bwrap" else 62200,
+                        uid_base=62000 if runner == "bwrap" else 62400,
                         work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}-{runner}")
     servers = Servers(cfg).start()
     client = RPCClient(servers.rpc.address, timeout_s=120)

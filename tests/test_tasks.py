@@ -124,7 +124,10 @@ def test_response_is_cot_then_one_answer_line():
     assert task.target.count("The answer is") == 1
 
 
-@pytest.mark.parametrize(("family", "level"), all_levels())
+ARITHMETIC = ("add", "sub", "mul", "multi")
+
+
+@pytest.mark.parametrize(("family", "level"), all_levels(ARITHMETIC))
 def test_every_level_is_verifiable_and_its_cot_is_correct(family, level):
     tasks = generate_tasks(family, level, 20, seed=7)
     assert len({t.id for t in tasks}) == 20
@@ -243,3 +246,30 @@ def test_the_cot_checker_catches_a_wrong_step(old, new):
     broken_task = task.model_copy(update={"cot": broken, "target": f" {broken} {answer_line(85)}"})
     with pytest.raises(AssertionError):
         check_task(broken_task)
+
+
+@pytest.mark.parametrize("level", DIFFICULTIES["code"])
+def test_a_code_task_target_is_a_program_that_passes_its_own_tests(level):
+    import subprocess
+    import sys
+
+    from k1rl.protocol import CodeTask
+
+    tasks = generate_tasks("code", level, 5, seed=2)
+    assert len({t.id for t in tasks}) == 5
+    for task in tasks:
+        assert task.verifier == "code" and task.prompt.endswith("\nA:")
+        assert task.target == f" ```python\n{task.cot}\n```"
+        expr = task.id.split(":")[2]
+        assert " ".join(re.findall(r"\d+|[a-z]+|[-+*]", expr)) in task.prompt  # asked for
+        gold = CodeTask.model_validate_json(task.answer)
+        assert len(gold.tests) >= 2
+        for test in gold.tests:
+            assert len(test.stdin.split()) == level
+            ran = subprocess.run([sys.executable, "-c", task.cot], input=test.stdin,
+                                 capture_output=True, text=True, timeout=30)
+            assert ran.stdout.strip() == test.expected
+
+
+def test_arithmetic_tasks_are_judged_by_the_math_verifier():
+    assert {t.verifier for f in ARITHMETIC for t in generate_tasks(f, 1, 3, seed=0)} == {"math"}

@@ -12,6 +12,12 @@ always ``The answer is <n>.`` so that `extract_answer` (and the reward verifier)
 A task's id names the arithmetic only (``add:2:37+48``), never the wording, so two tasks with
 the same numbers are the same problem whatever template they were phrased with: dedup,
 `exclude=` and the held-out split all work on that.
+
+The ``code`` family asks for a Python program that reads numbers from stdin and prints an
+expression of them (``code:1:n*37``: read n, print n * 37; level 2 reads two numbers). Its
+response is one fenced program, its gold answer the tests (a JSON
+:class:`k1rl.protocol.CodeTask`), and the reward comes from running the program in the
+sandbox (``Task.verifier`` is "code").
 """
 
 from __future__ import annotations
@@ -26,17 +32,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-Family = Literal["add", "sub", "mul", "multi"]
+from k1rl.protocol import CodeTask, TestCase
+
+Family = Literal["add", "sub", "mul", "multi", "code"]
 Split = Literal["all", "train", "heldout"]
 
-FAMILIES: tuple[str, ...] = ("add", "sub", "mul", "multi")
+FAMILIES: tuple[str, ...] = ("add", "sub", "mul", "multi", "code")
 # Difficulty is the digit count of the operands (add, sub), of the multiplicand (mul, whose
-# multiplier is one digit) and the number of operations minus one (multi: 1 -> two operations).
+# multiplier is one digit), the number of operations minus one (multi: 1 -> two operations)
+# and the number of inputs the program reads (code).
 DIFFICULTIES: dict[str, range] = {
     "add": range(1, 9),
     "sub": range(1, 9),
     "mul": range(1, 7),
     "multi": range(1, 5),
+    "code": range(1, 3),
 }
 ANSWER_PREFIX = "The answer is"
 DEFAULT_HELDOUT_FRACTION = 0.1
@@ -56,9 +66,17 @@ class Task(BaseModel):
     family: Family
     difficulty: int = Field(ge=1)
     prompt: str = Field(description='"Q: <question>\\nA:"; the response follows it')
-    cot: str = Field(description="the worked column steps, without the answer line")
-    answer: str = Field(description="the final number, as extract_answer returns it")
-    target: str = Field(description="the full SFT response: ' ' + cot + ' The answer is n.'")
+    cot: str = Field(description="the worked column steps, without the answer line (code: "
+                                 "the program)")
+    answer: str = Field(description="the final number, as extract_answer returns it (code: "
+                                    "the tests, a CodeTask as JSON)")
+    target: str = Field(description="the full SFT response: ' ' + cot + ' The answer is n.' "
+                                    "(code: ' ' + the program in a fenced python block)")
+
+    @property
+    def verifier(self) -> str:
+        """The reward_svc verifier that judges a response to this task."""
+        return "code" if self.family == "code" else "math"
 
 
 # ----------------------------------------------------------------------- answer lines
@@ -203,6 +221,61 @@ def _question(rng: random.Random, family: str, start: int, ops: list[tuple[str, 
     return rng.choice(templates).format(b=ops[0][1], box=rng.choice(_BOXES), **words)
 
 
+# ------------------------------------------------------------------------- code
+
+CODE_TESTS = 2
+_CODE_INPUTS = {1: ("n",), 2: ("a", "b")}
+_CODE_READ = {1: "n = int(input())", 2: "a, b = map(int, input().split())"}
+_CODE_ASK = {
+    1: ("Write a Python program that reads a number n and prints {expr}.",
+        "Write a program: read an integer n from the input and print {expr}."),
+    2: ("Write a Python program that reads two numbers a and b from one line and prints {expr}.",
+        "Write a program: read integers a and b (one line) and print {expr}."),
+}
+
+
+def _sample_code(rng: random.Random, level: int) -> list[str]:
+    """An expression as tokens: n op K or K - n (level 1), a op b op K (level 2)."""
+    k = str(rng.randint(2, 999))
+    if level == 1:
+        op = rng.choice("+-*")
+        return ["n", op, k] if op != "-" or rng.random() < 0.5 else [k, "-", "n"]
+    return ["a", rng.choice("+-*"), "b", rng.choice("+-*"), k]
+
+
+def _evaluate(tokens: list[str], values: dict[str, int]) -> int:
+    """The value of ``a op b op c`` with Python's precedence (* before + and -)."""
+    terms = [values.get(t) if t in values else int(t) for t in tokens[::2]]
+    ops = tokens[1::2]
+    while "*" in ops:
+        i = ops.index("*")
+        terms[i : i + 2] = [terms[i] * terms[i + 1]]
+        del ops[i]
+    value = terms[0]
+    for op, term in zip(ops, terms[1:]):
+        value = value + term if op == "+" else value - term
+    return value
+
+
+def _build_code_task(rng: random.Random, level: int, tokens: list[str], tid: str) -> Task:
+    expr = " ".join(tokens)
+    program = f"{_CODE_READ[level]}\nprint({expr})"
+    tests = []
+    for _ in range(CODE_TESTS):
+        values = {name: rng.randint(0, 999) for name in _CODE_INPUTS[level]}
+        stdin = " ".join(str(values[name]) for name in _CODE_INPUTS[level])
+        tests.append(TestCase(stdin=stdin, expected=str(_evaluate(tokens, values))))
+    return Task(
+        id=tid,
+        family="code",
+        difficulty=level,
+        prompt=f"Q: {rng.choice(_CODE_ASK[level]).format(expr=expr)}\nA:",
+        cot=program,
+        answer=CodeTask(tests=tests, time_limit_s=1.0, memory_limit_mb=64).model_dump_json(),
+        target=f" ```python\n{program}\n```",
+    )
+
+
 # ----------------------------------------------------------------------- sampling
 
 
@@ -293,14 +366,19 @@ def _draw(family: str, difficulty: int, count: int, seed: int, split: str,
     for _ in range(100 * count + 1000):
         if len(tasks) == count:
             break
-        start, ops = _sample_ops(rng, family, difficulty)
-        tid = task_id(family, difficulty, start, ops)
+        if family == "code":
+            expr = _sample_code(rng, difficulty)
+            tid = f"code:{difficulty}:" + "".join(expr)
+        else:
+            start, ops = _sample_ops(rng, family, difficulty)
+            tid = task_id(family, difficulty, start, ops)
         if tid in seen:
             continue
         if split != "all" and is_heldout(tid, heldout_fraction) != (split == "heldout"):
             continue
         seen.add(tid)
-        tasks.append(_build_task(rng, family, difficulty, start, ops))
+        tasks.append(_build_code_task(rng, difficulty, expr, tid) if family == "code"
+                     else _build_task(rng, family, difficulty, start, ops))
     return tasks
 
 

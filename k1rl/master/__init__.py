@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from k1rl.config import RunConfig, load_config
+from k1rl.config import RunConfig, load_config, parse_levels
 from k1rl.launch import LocalCluster
 from k1rl.master.loop import Clients, Master
 from k1rl.master.plots import plot_run
@@ -14,10 +14,15 @@ CONFIG_FILE = "config.yaml"
 
 
 def start_local_services(cfg: RunConfig, config_path: Path, log_dir: Path) -> LocalCluster:
-    """trainer, reward and the checkpoint-engine sidecar (which owns vLLM's lifecycle)."""
+    """trainer, reward and the checkpoint-engine sidecar (which owns vLLM's lifecycle), and
+    the code sandbox when a task level needs it and reward.sandbox_address names this
+    run's sandbox section (another address is a sandbox service running elsewhere)."""
     cluster = LocalCluster(log_dir)
     try:
         args = ["--config", str(config_path)]
+        code = any(family == "code" for family, _ in parse_levels(cfg.rl.tasks))
+        if code and cfg.reward.sandbox_address == cfg.sandbox.address:
+            cluster.start("sandbox", "sandbox", ["serve", *args], cfg.sandbox.address)
         cluster.start("trainer", "trainer_svc", args, cfg.trainer.address)
         cluster.start("reward", "reward_svc", args, cfg.reward.address)
         cluster.start("checkpoint_engine", "checkpoint_engine", args, cfg.checkpoint_engine.address)

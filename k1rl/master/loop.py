@@ -62,17 +62,21 @@ class Clients:
             c.close()
 
 
+def level_pools(cfg: RunConfig) -> list[list[Task]]:
+    """The training problems of each rl.tasks level, in order."""
+    return [generate_tasks(family, level, cfg.rl.pool_size, seed=cfg.seed, split="train")
+            for family, level in parse_levels(cfg.rl.tasks)]
+
+
 def prompt_pool(cfg: RunConfig) -> list[Task]:
-    pool: list[Task] = []
-    for family, level in parse_levels(cfg.rl.tasks):
-        pool += generate_tasks(family, level, cfg.rl.pool_size, seed=cfg.seed, split="train")
-    return pool
+    return [task for pool in level_pools(cfg) for task in pool]
 
 
 def heldout_set(cfg: RunConfig) -> list[Task]:
-    """Problems of the RL levels that no training prompt can be (the hash-split held-out side)."""
+    """Problems of the evaluated RL levels (``rl.headline_tasks``) that no training prompt
+    can be (the hash-split held-out side)."""
     tasks: list[Task] = []
-    for family, level in parse_levels(cfg.rl.tasks):
+    for family, level in parse_levels(cfg.rl.headline_tasks):
         tasks += generate_tasks(family, level, cfg.rl.eval_problems, seed=cfg.seed + 1,
                                 split="heldout")
     return tasks
@@ -84,7 +88,8 @@ class Master:
         self.run_dir = Path(run_dir)
         self.clients = clients
         self.state = state
-        self.pool = prompt_pool(cfg)
+        self.pools = level_pools(cfg)
+        self.pool = [task for pool in self.pools for task in pool]
         self.heldout: list[Task] = []  # built on the first evaluation
         self.rng = state.rng(cfg.seed)
 
@@ -122,6 +127,7 @@ class Master:
             "policy_version": stats.policy_version,
             "reward_mean": sum(rewards.rewards) / len(rewards.rewards),
             "accuracy": sum(rewards.correct) / len(rewards.correct),
+            **_by_level("accuracy", tasks, rewards.correct, self.cfg.rollout.n),
             "reward_errors": sum(bool(e) for e in rewards.errors),
             "response_tokens_mean": _mean_len(rollout),
             "switch_to_rollout_s": to_rollout.switch_s,
@@ -153,7 +159,8 @@ class Master:
     def accuracy(self, tasks: list[Task], ref: RunRef, samples: int,
                  prefix: str) -> dict[str, float]:
         """Accuracy of the policy in the engine on ``tasks``: ``<prefix>_accuracy`` = pass@1
-        of ``samples`` samples at the rollout temperature, ``<prefix>_greedy``, and the
+        of ``samples`` samples at the rollout temperature, ``<prefix>_greedy``, the same
+        per level (``<prefix>_accuracy@<level>``) when ``tasks`` span several, and the
         seconds it took. Needs the ROLLOUT phase.
 
         The sampling seed is fixed by the run seed, not drawn from the loop's RNG, so
@@ -170,6 +177,7 @@ class Master:
             generated = self.clients.rollout.call("generate", req, GenerateResult)
             correct = self.score(tasks, generated, ref).correct
             result[key] = sum(correct) / len(correct)
+            result.update(_by_level(key, tasks, correct, n))
         result[f"{prefix}_s"] = time.perf_counter() - started
         return result
 
@@ -199,7 +207,12 @@ class Master:
 
     # ------------------------------------------------------------------- steps
     def sample_prompts(self) -> list[Task]:
-        return self.rng.sample(self.pool, min(self.cfg.rl.prompts_per_iteration, len(self.pool)))
+        counts = self.cfg.rl.prompt_counts()
+        if counts is None:
+            return self.rng.sample(self.pool,
+                                   min(self.cfg.rl.prompts_per_iteration, len(self.pool)))
+        return [task for pool, count in zip(self.pools, counts, strict=True)
+                for task in self.rng.sample(pool, min(count, len(pool)))]
 
     def switch(self, phase: str, ref: RunRef) -> PhaseStatus:
         cmd = PhaseCommand(ref=ref, phase=phase)
@@ -217,7 +230,7 @@ class Master:
     def score(self, tasks: list[Task], rollout: GenerateResult, ref: RunRef) -> RewardResult:
         items = [
             RewardItem(group_id=g, response=c.text, answer=t.answer,
-                       response_tokens=len(c.token_ids))
+                       response_tokens=len(c.token_ids), verifier=t.verifier)
             for g, (t, r) in enumerate(zip(tasks, rollout.results))
             for c in r.completions
         ]
@@ -270,6 +283,18 @@ class Master:
         ckpts = sorted((self.run_dir / "checkpoints").glob("iter_*"))
         for old in ckpts[: -self.cfg.rl.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _by_level(key: str, tasks: list[Task], correct: list[bool], n: int) -> dict[str, float]:
+    """``key@family:level`` accuracy of each level, when ``tasks`` span several; ``correct``
+    is task-major (``n`` items per task, in task order)."""
+    levels: dict[str, list[bool]] = {}
+    for i, ok in enumerate(correct):
+        task = tasks[i // n]
+        levels.setdefault(f"{task.family}:{task.difficulty}", []).append(ok)
+    if len(levels) < 2:
+        return {}
+    return {f"{key}@{level}": sum(oks) / len(oks) for level, oks in levels.items()}
 
 
 def _mean_len(rollout: GenerateResult) -> float:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# (file name, title, y label, metric keys drawn on the same axes)
+# (file name, title, y label, metric keys drawn on the same axes; a key's per-level
+# variants, key@family:level, are drawn too)
 PLOTS = (
     ("reward.png", "Training reward", "mean reward", ("reward_mean", "accuracy")),
     ("heldout_accuracy.png", "Held-out accuracy", "pass@1", ("eval_accuracy", "eval_greedy")),
@@ -27,6 +28,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     written = []
     for name, title, ylabel, keys in PLOTS:
         present = [k for k in keys if any(k in r for r in rows)]
+        present += sorted({k for r in rows for k in r if k.split("@")[0] in keys and "@" in k})
         if not present:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))

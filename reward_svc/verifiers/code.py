@@ -1,6 +1,6 @@
 """Code rewards: run the response's program against the task's tests in the sandbox.
 
-The gold "answer" of a code task is a JSON :class:`CodeTask`: the tests (stdin and
+The gold "answer" of a code task is a JSON :class:`k1rl.protocol.CodeTask`: the tests (stdin and
 expected stdout), limits, checker and default language. The program is the last fenced
 code block of the response (```python ... ```); its info string, when it names a
 language the sandbox knows, overrides the task's default. A response without a code
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from k1rl.config import RewardConfig
-from k1rl.protocol import Checker, RunCodeRequest, RunCodeResult, TestCase
+from k1rl.protocol import CodeTask, RunCodeRequest, RunCodeResult
 from k1rl.rpc import RemoteError, RPCError, ThreadLocalClients
 
 from reward_svc.verifiers import Check, Verifier, register
@@ -27,18 +27,6 @@ _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.S)
 LANGUAGE_TAGS = {"python": "python", "python3": "python", "py": "python", "cpp": "cpp",
                  "c++": "cpp", "cxx": "cpp", "cc": "cpp", "c": "c"}
 MAX_PROGRAM_CHARS = 64 << 10
-
-
-class CodeTask(BaseModel):
-    """What a code task's gold answer holds (JSON)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tests: list[TestCase] = Field(min_length=1)
-    language: str = "python"
-    time_limit_s: float = Field(2.0, gt=0, le=60)
-    memory_limit_mb: int = Field(256, ge=16)
-    checker: Checker = Field(default_factory=Checker)
 
 
 def extract_program(response: str) -> tuple[str | None, str]:
