@@ -29,31 +29,34 @@ class WorkerCrashed(RuntimeError):
     pass
 
 
-def make_runner(cfg: SandboxConfig):
+def make_runner(cfg: SandboxConfig, netns_per_run: bool = True):
     if cfg.runner == "podman":
         from sandbox.podman import PodmanRunner
 
         return PodmanRunner(Path(cfg.work_root) / "rootfs-podman")
-    from sandbox.isolation import BwrapRunner
+    from sandbox.isolation import BwrapRunner, build_launcher
 
-    return BwrapRunner(Path(cfg.work_root) / "rootfs")
+    return BwrapRunner(Path(cfg.work_root) / "rootfs", netns_per_run=netns_per_run,
+                       launcher=build_launcher(Path(cfg.work_root)))
 
 
 def _worker_main(index: int, cfg_json: str, instance: str, conn: Connection) -> None:
     from sandbox import cgroups
-    from sandbox.isolation import Slot, become_subreaper
+    from sandbox.isolation import Slot, become_subreaper, enter_empty_netns
     from sandbox.judge import Judge
 
     become_subreaper()
 
     cfg = SandboxConfig.model_validate_json(cfg_json)
+    # the worker talks to the service over a pipe only: it can live without a network
+    own_netns = cfg.runner == "bwrap" and enter_empty_netns()
     # podman puts each container in cgroups of its own (under a per-slot parent)
     own_cgroup = cfg.use_cgroups == "auto" and cfg.runner == "bwrap"
     cgroup = cgroups.create(f"{instance}-w{index}") if own_cgroup else None
     slot = Slot(index, cfg.uid_base + index, Path(cfg.work_root) / instance / f"w{index}",
                 cgroup)
     try:
-        judge = Judge(make_runner(cfg), slot, cfg)
+        judge = Judge(make_runner(cfg, netns_per_run=not own_netns), slot, cfg)
     except RuntimeError as e:  # the runner cannot work on this host: say why
         conn.send(("failed", str(e)))
         return

@@ -242,3 +242,52 @@ def test_the_container_runner_gets_the_same_seccomp_rules_as_bwrap():
     guarded = {rule["names"][0]: rule["args"] for rule in profile["syscalls"] if "args" in rule}
     assert guarded == {name: [{"index": 0, "value": socket.AF_UNIX, "op": "SCMP_CMP_NE"}]
                        for name in ("socket", "socketpair")}
+
+
+@needs_bwrap
+def test_the_c_launcher_and_the_python_fallback_start_runs_alike(tmp_path_factory):
+    """Rlimits, uid, groups and cgroup membership of a run, whichever way it starts."""
+    from pathlib import Path
+
+    from sandbox import cgroups
+    from sandbox.isolation import BwrapRunner, Limits, Slot, build_launcher
+
+    root = Path(f"/tmp/k1rl-sandbox-launch-{os.getpid()}")
+    root.mkdir(mode=0o711)
+    try:
+        launcher = build_launcher(root)
+        assert launcher is not None and os.access(launcher, os.X_OK)
+        assert build_launcher(root) == launcher  # built once
+        cgroup = cgroups.create(f"svc{os.getpid()}-wlaunch")
+        slot = Slot(0, 62900, root / "w0", cgroup)
+        slot.prepare()
+        slot.write("main.py", b"import os, resource\nprint(os.getuid(), os.getgid(), "
+                              b"os.getgroups(), [resource.getrlimit(getattr(resource, r)) "
+                              b"for r in ('RLIMIT_CPU', 'RLIMIT_AS', 'RLIMIT_FSIZE', "
+                              b"'RLIMIT_NOFILE', 'RLIMIT_NPROC', 'RLIMIT_CORE')])\n")
+        # within the address-space limit (264 MB), over the cgroup's memory limit (200 MB)
+        slot.write("hog.py", b"x = bytearray(230 << 20)\nx[::4096] = b'1' * len(x[::4096])\n")
+        limits = Limits(cpu_s=2.5, wall_s=10, memory_mb=200, output_bytes=1 << 16,
+                        processes=20, open_files=32, scratch_mb=16)
+        outputs = []
+        for with_launcher in (launcher, None):
+            runner = BwrapRunner(root / "rootfs", launcher=with_launcher)
+            ex = runner.execute(slot, ["/usr/bin/python3", "-S", "main.py"], stdin=b"",
+                                limits=limits)
+            assert ex.exit_code == 0 and not ex.start_error, ex
+            outputs.append(ex.stdout.decode())
+            if cgroup is not None:  # born in the slot's cgroup: the OOM killer ends it
+                hog = runner.execute(slot, ["/usr/bin/python3", "-S", "hog.py"], stdin=b"",
+                                     limits=limits)
+                assert hog.oom_killed and hog.exit_code != 0, hog
+        assert outputs[0] == outputs[1]
+        ids, limits_seen = outputs[0].split(" [(", 1)[0], outputs[0]
+        assert ids == "62900 62900 []"
+        assert "(3, 4), (276824064, 276824064), (16777216, 16777216), (32, 32), (24, 24), " \
+               "(0, 0)" in limits_seen
+        if cgroup is not None:
+            cgroup.remove()
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
