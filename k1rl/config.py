@@ -156,6 +156,27 @@ class TrainerConfig(ServiceSection):
         return v
 
 
+class RepetitionConfig(Section):
+    """The repetition detector (rollout_svc/repetition.py). Off by default: the thresholds
+    depend on the task; the defaults flag no target of k1rl's task families."""
+
+    enabled: bool = Field(False, description="Detect repetition and stop the trajectory there.")
+    max_period: int = Field(32, ge=1, description="Longest repeating block, in tokens.")
+    min_repeats: int = Field(8, ge=2, description="Copies of the block in a row to flag it.")
+    min_span: int = Field(64, ge=2, description="...and at least this many tokens in all.")
+    ngram: int = Field(20, ge=0, description="n of the recurring n-gram signal (0: off).")
+    ngram_window: int = Field(400, ge=2, description="Tokens the n-gram signal looks back on.")
+    ngram_max_count: int = Field(
+        6, ge=2, description="Occurrences of one n-gram within the window that flag it.")
+
+    @model_validator(mode="after")
+    def _window_holds_the_ngrams(self) -> RepetitionConfig:
+        if self.ngram and self.ngram_window < self.ngram * self.ngram_max_count:
+            raise ValueError(f"ngram_window ({self.ngram_window}) must hold ngram_max_count "
+                             f"({self.ngram_max_count}) n-grams of {self.ngram} tokens")
+        return self
+
+
 class RolloutConfig(ServiceSection):
     address: str = Field("tcp://127.0.0.1:5702", description="RPC address of rollout_svc.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Device vLLM runs on.")
@@ -193,6 +214,10 @@ class RolloutConfig(ServiceSection):
         description="Output-token budget per trajectory per iteration (k1.5 partial rollouts: "
         "longer trajectories continue next iteration). Must be < max_model_len.",
     )
+
+    repetition: RepetitionConfig = Field(
+        default_factory=RepetitionConfig,
+        description="Stop trajectories that loop; marked finish_reason 'repetition'.")
 
     @field_validator("max_tokens")
     @classmethod
@@ -253,6 +278,9 @@ class RewardConfig(ServiceSection):
         description="Wall-clock limit for checking one non-integer answer with math-verify "
         "(sympy can hang on inputs like 10^{10^{10}}); past it the answer scores 0.",
     )
+    repetition_penalty: float = Field(
+        0.0, ge=0, description="A trajectory stopped for repetition (rollout.repetition) is "
+        "wrong and its task reward is -repetition_penalty.")
     sandbox_address: str = Field(
         "tcp://127.0.0.1:5705", description="The sandbox service code rewards run programs on.")
     code_reward: Literal["all_pass", "fraction"] = Field(

@@ -267,6 +267,8 @@ class RewardItem(Message):
     answer: str
     response_tokens: int = Field(ge=0)
     verifier: str = Field("math", min_length=1, description="registry name of the verifier")
+    repeated: bool = Field(False, description="stopped for repetition (finish_reason): "
+                                              "wrong, and reward.repetition_penalty applies")
 
 
 class RewardRequest(Message):

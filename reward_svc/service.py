@@ -45,6 +45,9 @@ class RewardService:
         # resolve every verifier first, so an unknown name fails before any work is done
         checkers = [self._verifier(item.verifier) for item in items]
         checks = self._check_all(items, checkers)
+        for i, item in enumerate(items):
+            if item.repeated:  # a loop is a failed answer, whatever it says before the loop
+                checks[i] = Check(correct=False, score=-self.config.repetition_penalty)
         correct = [c.correct for c in checks]
         length = [0.0] * len(items)
         for members in _groups(item.group_id for item in items).values():
@@ -77,8 +80,9 @@ class RewardService:
                 ) from e
 
         checks: list[Check | None] = [None] * len(items)
-        parallel = [i for i, c in enumerate(checkers) if c.concurrency > 1]
-        for i in range(len(items)):
+        todo = [i for i in range(len(items)) if not items[i].repeated]
+        parallel = [i for i in todo if checkers[i].concurrency > 1]
+        for i in todo:
             if checkers[i].concurrency == 1:
                 checks[i] = check(i)
         if parallel:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from k1rl.config import RepetitionConfig
 from k1rl.protocol import (
     Completion,
     GenerateRequest,
@@ -25,6 +26,7 @@ from k1rl.protocol import (
     WeightManifest,
     WeightUpdateResult,
 )
+from rollout_svc.repetition import cut_at_repetition
 
 WORKER_EXTENSION = "rollout_svc.worker_ext.WeightSyncExtension"
 NO_POLICY = -1  # dummy weights, or a half-applied update
@@ -44,6 +46,8 @@ class EngineSpec:
     # "dummy" starts with random weights that the trainer then pushes (k1.5 restart mode)
     load_format: str = "auto"
     seed: int = 0
+    # trajectories that loop are cut where the loop is established (finish "repetition")
+    repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
 
 
 def configure_vllm_env(spec: EngineSpec) -> None:
@@ -134,12 +138,19 @@ class RolloutEngine:
         for c in out.outputs:
             token_ids = list(c.token_ids)
             logprobs = [entry[t].logprob for t, entry in zip(token_ids, c.logprobs)]
+            text, finish = c.text, _finish_reason(c.finish_reason)
+            # Checked on the finished output: vLLM decoded the loop to the end (no early
+            # stop inside one generate call), the trajectory keeps only its first copies.
+            token_ids, logprobs, cut = cut_at_repetition(token_ids, logprobs,
+                                                         self.spec.repetition)
+            if cut:
+                text, finish = self.tokenizer.decode(token_ids), "repetition"
             completions.append(
                 Completion(
                     token_ids=token_ids,
-                    text=c.text,
+                    text=text,
                     logprobs=logprobs,
-                    finish_reason=_finish_reason(c.finish_reason),
+                    finish_reason=finish,
                     policy_version=self.policy_version,
                 )
             )

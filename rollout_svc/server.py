@@ -28,6 +28,7 @@ def engine_spec(cfg: RunConfig, *, dummy_weights: bool = False) -> EngineSpec:
         in_process=r.in_process,
         load_format="dummy" if dummy_weights else "auto",
         seed=cfg.seed,
+        repetition=r.repetition,
     )
 
 

@@ -157,3 +157,16 @@ def test_cli_serves_until_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_repeated_trajectory_is_wrong_and_penalised_without_being_checked():
+    config = RewardConfig(length_penalty_weight=0.0, repetition_penalty=0.5)
+    items = [item(0, "85", 10), item(0, "85", 10, repeated=True),
+             # even an unknown answer format is never parsed once the trajectory looped
+             RewardItem(group_id=0, response="x", answer="85", response_tokens=3,
+                        verifier="code", repeated=True)]
+    with RewardService(config) as s:
+        result = s.score(request(iteration=0, items=items))
+    assert result.correct == [True, False, False]
+    assert result.task_rewards == [1.0, -0.5, -0.5]
+    assert result.rewards == [1.0, -0.5, -0.5]

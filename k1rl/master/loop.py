@@ -230,7 +230,8 @@ class Master:
     def score(self, tasks: list[Task], rollout: GenerateResult, ref: RunRef) -> RewardResult:
         items = [
             RewardItem(group_id=g, response=c.text, answer=t.answer,
-                       response_tokens=len(c.token_ids), verifier=t.verifier)
+                       response_tokens=len(c.token_ids), verifier=t.verifier,
+                       repeated=c.finish_reason == "repetition")
             for g, (t, r) in enumerate(zip(tasks, rollout.results))
             for c in r.completions
         ]
