@@ -374,6 +374,24 @@ class RLConfig(Section):
         "counts rounded by largest remainder). null: prompts are drawn from all levels' "
         "problems together.",
     )
+    sampler: Literal["uniform", "curriculum", "prioritized"] = Field(
+        "uniform",
+        description="How prompts are drawn (k1rl/master/sampling.py): uniformly, by a "
+        "difficulty curriculum, or prioritized by 1 - tracked success rate.",
+    )
+    curriculum: Literal["easy_to_hard", "warmup_then_hard"] = Field(
+        "easy_to_hard",
+        description="easy_to_hard: open one more difficulty every curriculum_iterations / "
+        "#difficulties iterations; warmup_then_hard: all levels for curriculum_iterations, "
+        "then the hardest difficulty only.",
+    )
+    curriculum_iterations: int = Field(
+        10, ge=1, description="Length of the curriculum's schedule (see curriculum).")
+    priority_floor: float = Field(
+        0.05, gt=0, le=1,
+        description="Prioritized sampling weight is max(1 - success rate, this): solved "
+        "problems still come back now and then.",
+    )
     pool_size: int = Field(2000, ge=1, description="Training problems generated per level.")
     keep_checkpoints: int = Field(2, ge=1, description="Trainer checkpoints kept for resume.")
     eval_every: int = Field(
@@ -407,6 +425,9 @@ class RLConfig(Section):
 
     @model_validator(mode="after")
     def _mix(self) -> RLConfig:
+        if self.task_weights is not None and self.sampler == "curriculum":
+            raise ValueError("task_weights and sampler 'curriculum' both decide which levels "
+                             "an iteration draws from: use one")
         if self.task_weights is not None:
             if len(self.task_weights) != len(self.tasks):
                 raise ValueError(f"task_weights: {len(self.task_weights)} weights for "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from k1rl.config import RunConfig, parse_levels
 from k1rl.data.tasks import Task, generate_tasks
+from k1rl.master.sampling import PromptSampler
 from k1rl.master.state import RunState
 from k1rl.protocol import (
     CheckpointRequest,
@@ -88,8 +89,8 @@ class Master:
         self.run_dir = Path(run_dir)
         self.clients = clients
         self.state = state
-        self.pools = level_pools(cfg)
-        self.pool = [task for pool in self.pools for task in pool]
+        self.sampler = PromptSampler(cfg.rl, level_pools(cfg))
+        self.sampler.load_state_dict(state.sampler_state)
         self.heldout: list[Task] = []  # built on the first evaluation
         self.rng = state.rng(cfg.seed)
 
@@ -108,7 +109,7 @@ class Master:
     def iteration(self, i: int) -> dict:
         started = time.perf_counter()
         ref = RunRef(run_id=self.cfg.run_id, iteration=i)
-        tasks = self.sample_prompts()
+        tasks = self.sampler.sample(self.rng, i)
         to_rollout = self.switch("rollout", ref)
         # the engine now holds policy v_i: evaluating it here needs no extra weight sync
         evaluation = self.evaluate(ref) if self._eval_due(i) else {}
@@ -116,6 +117,8 @@ class Master:
         rollout = self.rollout(tasks, ref)
         t1 = time.perf_counter()
         rewards = self.score(tasks, rollout, ref)
+        if self.cfg.rl.sampler == "prioritized":
+            self.sampler.update(tasks, rewards.correct, self.cfg.rollout.n)
         t2 = time.perf_counter()
         to_train = self.switch("train", ref)
         t3 = time.perf_counter()
@@ -206,14 +209,6 @@ class Master:
             self.switch("train", ref)
 
     # ------------------------------------------------------------------- steps
-    def sample_prompts(self) -> list[Task]:
-        counts = self.cfg.rl.prompt_counts()
-        if counts is None:
-            return self.rng.sample(self.pool,
-                                   min(self.cfg.rl.prompts_per_iteration, len(self.pool)))
-        return [task for pool, count in zip(self.pools, counts, strict=True)
-                for task in self.rng.sample(pool, min(count, len(pool)))]
-
     def switch(self, phase: str, ref: RunRef) -> PhaseStatus:
         cmd = PhaseCommand(ref=ref, phase=phase)
         return self.clients.checkpoint_engine.call("phase", cmd, PhaseStatus)
@@ -269,6 +264,7 @@ class Master:
         self.state.policy_version = version
         self.state.trainer_checkpoint = str(path.resolve())
         self.state.remember_rng(self.rng)
+        self.state.sampler_state = self.sampler.state_dict()
         self.state.save(self.run_dir)
         self._prune_checkpoints()
 

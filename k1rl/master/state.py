@@ -23,6 +23,7 @@ class RunState(BaseModel):
     # trainer checkpoint holding exactly the weights of policy_version (None: the initial model)
     trainer_checkpoint: str | None = None
     rng_state: list = Field(default_factory=list, description="random.Random.getstate()")
+    sampler_state: dict = Field(default_factory=dict, description="PromptSampler.state_dict()")
 
     def rng(self, seed: int) -> random.Random:
         rng = random.Random(seed)
