@@ -72,20 +72,31 @@ class SamplingSpec(Message):
     seed: int | None = None
 
 
+class Continuation(Message):
+    """A parked trajectory to go on with (k1.5 partial rollouts): one sample continuing
+    from its prompt plus the tokens generated so far, for at most ``max_tokens`` more."""
+
+    prompt_token_ids: list[int] = Field(min_length=1)
+    generated_token_ids: list[int] = Field(default_factory=list)
+    max_tokens: int = Field(ge=1)
+
+
 class GenerateRequest(Message):
-    """Prompts as text or as token ids (exactly one); k = ``sampling.n`` samples each."""
+    """Prompts as text or as token ids (at most one form; k = ``sampling.n`` samples
+    each), and/or continuations of parked trajectories, all decoded in one batch."""
 
     kind: Literal["generate_request"] = "generate_request"
     ref: RunRef = Field(default_factory=RunRef)
     prompts: list[str] | None = None
     prompt_token_ids: list[list[int]] | None = None
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    continuations: list[Continuation] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _exactly_one_prompt_form(self) -> GenerateRequest:
-        if (self.prompts is None) == (self.prompt_token_ids is None):
-            raise ValueError("give exactly one of 'prompts' or 'prompt_token_ids'")
-        if not (self.prompts or self.prompt_token_ids):
+        if self.prompts is not None and self.prompt_token_ids is not None:
+            raise ValueError("give at most one of 'prompts' or 'prompt_token_ids'")
+        if not (self.prompts or self.prompt_token_ids or self.continuations):
             raise ValueError("the request has no prompts")
         return self
 
@@ -117,6 +128,8 @@ class GenerateResult(Message):
     kind: Literal["generate_result"] = "generate_result"
     ref: RunRef = Field(default_factory=RunRef)
     results: list[PromptResult]
+    # one per request continuation, in order: the newly generated tokens only
+    continued: list[Completion] = Field(default_factory=list)
     policy_version: int
     elapsed_s: float = 0.0
 
@@ -202,7 +215,12 @@ class SFTBatch(Message):
 
 
 class TrainSample(Message):
-    """One trajectory of a group of k samples for the same prompt."""
+    """One trajectory of a group of k samples for the same prompt.
+
+    A trajectory generated over several iterations (partial rollouts) carries, per
+    response token, the segment it came from (0, 1, ...) and the policy version that
+    produced it; without them every token is segment 0 of ``policy_version``.
+    """
 
     group_id: int
     prompt_token_ids: list[int]
@@ -210,6 +228,17 @@ class TrainSample(Message):
     rollout_logprobs: list[float]
     reward: float
     policy_version: int
+    token_segments: list[int] | None = None
+    token_versions: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _per_token(self) -> TrainSample:
+        n = len(self.response_token_ids)
+        for name in ("token_segments", "token_versions"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"{name}: {len(value)} entries for {n} response tokens")
+        return self
 
 
 class TrainBatch(Message):

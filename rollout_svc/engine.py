@@ -98,6 +98,9 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ sampling
     def generate(self, req: GenerateRequest) -> GenerateResult:
+        """Sample ``sampling.n`` completions of every prompt and continue every parked
+        trajectory by one more segment, all in one batch: vLLM schedules them together,
+        so short new prompts fill the engine while long ones go on."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -106,34 +109,53 @@ class RolloutEngine:
         if req.prompt_token_ids is not None:
             prompt_ids = [list(p) for p in req.prompt_token_ids]
         else:
-            prompt_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in req.prompts]
+            prompt_ids = [self.tokenizer.encode(p, add_special_tokens=False)
+                          for p in req.prompts or []]
+        prefixes = [[*c.prompt_token_ids, *c.generated_token_ids] for c in req.continuations]
         too_long = [i for i, p in enumerate(prompt_ids) if len(p) + 1 > self.spec.max_model_len]
+        too_long += [f"continuation {i}" for i, (p, c) in enumerate(zip(prefixes, req.continuations))
+                     if len(p) + c.max_tokens > self.spec.max_model_len]
         if too_long:
             raise ValueError(
                 f"prompts {too_long[:5]} exceed max_model_len={self.spec.max_model_len}"
             )
-        params = SamplingParams(
-            n=s.n,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_tokens=s.max_tokens,
-            stop=s.stop or None,
-            seed=s.seed,
-            logprobs=0,  # the sampled token's logprob only
-        )
+
+        def params(n: int, max_tokens: int, seed: int | None) -> SamplingParams:
+            return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p,
+                                  max_tokens=max_tokens, stop=s.stop or None, seed=seed,
+                                  logprobs=0)  # the sampled token's logprob only
+
+        # a continuation gets its own seed: seeded requests draw the same stream
+        shifted = (lambda i: None) if s.seed is None else (lambda i: s.seed + 1 + i)
+        requests = [(p, params(s.n, s.max_tokens, s.seed)) for p in prompt_ids]
+        requests += [(p, params(1, c.max_tokens, shifted(i)))
+                     for i, (p, c) in enumerate(zip(prefixes, req.continuations))]
         started = time.perf_counter()
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=p) for p, _ in requests],
+            [sp for _, sp in requests], use_tqdm=False,
         )
-        results = [self._prompt_result(req, p, out) for p, out in zip(prompt_ids, outputs)]
+        fresh, continued = outputs[: len(prompt_ids)], outputs[len(prompt_ids):]
+        results = [self._prompt_result(req, p, out) for p, out in zip(prompt_ids, fresh)]
         return GenerateResult(
             ref=req.ref,
             results=results,
+            continued=[self._completions(out, c.generated_token_ids)[0]
+                       for out, c in zip(continued, req.continuations)],
             policy_version=self.policy_version,
             elapsed_s=time.perf_counter() - started,
         )
 
     def _prompt_result(self, req: GenerateRequest, prompt_ids: list[int], out) -> PromptResult:
+        completions = self._completions(out)
+        prompt = out.prompt if isinstance(out.prompt, str) else None
+        if prompt is None:
+            prompt = self.tokenizer.decode(prompt_ids)
+        return PromptResult(prompt=prompt, prompt_token_ids=prompt_ids, completions=completions)
+
+    def _completions(self, out, before: list[int] = ()) -> list[Completion]:
+        """The outputs of one request; ``before``: what the trajectory generated in
+        earlier segments (a loop may start there)."""
         completions = []
         for c in out.outputs:
             token_ids = list(c.token_ids)
@@ -142,7 +164,7 @@ class RolloutEngine:
             # Checked on the finished output: vLLM decoded the loop to the end (no early
             # stop inside one generate call), the trajectory keeps only its first copies.
             token_ids, logprobs, cut = cut_at_repetition(token_ids, logprobs,
-                                                         self.spec.repetition)
+                                                         self.spec.repetition, before)
             if cut:
                 text, finish = self.tokenizer.decode(token_ids), "repetition"
             completions.append(
@@ -154,10 +176,7 @@ class RolloutEngine:
                     policy_version=self.policy_version,
                 )
             )
-        prompt = out.prompt if isinstance(out.prompt, str) else None
-        if prompt is None:
-            prompt = self.tokenizer.decode(prompt_ids)
-        return PromptResult(prompt=prompt, prompt_token_ids=prompt_ids, completions=completions)
+        return completions
 
     def _require_policy(self) -> None:
         if self.policy_version == NO_POLICY:

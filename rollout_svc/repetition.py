@@ -110,11 +110,12 @@ def find_repetition(tokens: Sequence[int], cfg: RepetitionConfig) -> Repetition 
     return RepetitionDetector(cfg).scan(tokens)
 
 
-def cut_at_repetition(token_ids: list[int], logprobs: list[float], cfg: RepetitionConfig
-                      ) -> tuple[list[int], list[float], bool]:
-    """A finished trajectory up to where its loop was established (token ids, their
-    log-probs, and whether it was cut): the rest of the loop is dropped."""
-    loop = find_repetition(token_ids, cfg)
+def cut_at_repetition(token_ids: list[int], logprobs: list[float], cfg: RepetitionConfig,
+                      before: Sequence[int] = ()) -> tuple[list[int], list[float], bool]:
+    """A new segment up to where the trajectory's loop was established (token ids, their
+    log-probs, and whether it was cut); ``before``: the trajectory's earlier segments."""
+    loop = find_repetition([*before, *token_ids], cfg)
     if loop is None:
         return token_ids, logprobs, False
-    return token_ids[: loop.end], logprobs[: loop.end], True
+    keep = max(loop.end - len(before), 0)
+    return token_ids[:keep], logprobs[:keep], True

@@ -93,6 +93,39 @@ def test_vllm_and_megatron_logprobs_agree_on_sampled_sequences(stack):
     assert _max_diff(vllm_lp, trainer_lp.logprobs) <= PARITY_TOL
 
 
+def test_a_trajectory_continued_over_segments_is_the_one_generated_at_once(stack):
+    """Partial rollouts: 8 tokens, parked, then 12 more from prompt + those 8, with fresh
+    prompts in the same batch, give (greedily) the tokens of one 20-token generation."""
+    from k1rl.protocol import Continuation
+
+    prompts = [t.prompt for t in generate_tasks("add", 2, 3, seed=4)]
+    greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=20)
+
+    def generate(max_tokens: int, continuations=()) -> GenerateResult:
+        sampling = greedy.model_copy(update={"max_tokens": max_tokens})
+        req = GenerateRequest(prompts=prompts, sampling=sampling,
+                              continuations=list(continuations))
+        return stack.rollout.call("generate", req, GenerateResult, timeout_s=120)
+
+    whole = generate(20).results
+    first = generate(8).results
+    parked = [Continuation(prompt_token_ids=r.prompt_token_ids,
+                           generated_token_ids=r.completions[0].token_ids, max_tokens=12)
+              for r in first if r.completions[0].finish_reason == "length"]
+    assert parked, "no trajectory reached the 8-token budget"
+    second = generate(20, parked)
+    assert len(second.continued) == len(parked)
+    long = [r for r in first if r.completions[0].finish_reason == "length"]
+    for r, c, full in zip(long, second.continued, [w for w, f in zip(whole, first)
+                                                    if f.completions[0].finish_reason == "length"]):
+        assert r.completions[0].token_ids + c.token_ids == full.completions[0].token_ids
+        joined = r.completions[0].logprobs + c.logprobs
+        assert max(abs(a - b) for a, b in zip(joined, full.completions[0].logprobs)) < 1e-4
+    # the fresh prompts of the same batch were served as usual
+    assert [r.completions[0].token_ids for r in second.results] == \
+        [r.completions[0].token_ids for r in whole]
+
+
 def test_sft_step_pushed_through_mooncake_changes_vllm_to_the_new_policy(stack):
     prompts, responses, _ = _sequences(_sample(stack, n=2, seed=1))
     probe = LogprobRequest(prompt_token_ids=prompts, response_token_ids=responses)

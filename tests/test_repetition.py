@@ -102,3 +102,11 @@ def test_a_looping_trajectory_is_cut_where_the_loop_is_established():
     ids, lps, cut = cut_at_repetition(tokens, logprobs, CFG)
     assert cut and ids == tokens[:10] and lps == logprobs[:10]
     assert cut_at_repetition([1, 2, 3], [0.0] * 3, CFG) == ([1, 2, 3], [0.0] * 3, False)
+
+
+def test_a_loop_that_began_in_an_earlier_segment_is_cut_in_the_new_one():
+    from rollout_svc.repetition import cut_at_repetition
+
+    before = [5, 6, 7, 7, 7, 7, 7]          # five sevens: not yet a loop (needs 8)
+    ids, lps, cut = cut_at_repetition([7, 7, 7, 7, 7], [-1.0] * 5, CFG, before)
+    assert cut and ids == [7, 7, 7] and lps == [-1.0] * 3
