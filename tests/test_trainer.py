@@ -293,6 +293,33 @@ def test_padded_rows_keep_padding_out_of_documents_and_loss():
     assert (~padded.attention_mask[1, 0]).int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
 
 
+def test_masked_response_tokens_condition_the_rest_but_belong_to_no_sample():
+    # example 0: prompt [1], response [2, 3, 4] with token 3 masked; example 1 unmasked
+    batch = build_token_batch([[1], [5]], [[2, 3, 4], [6]], rows=[[0, 1]],
+                              masks=[[True, False, True], None])
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6]]
+    # labels 2, 3, 4 sit at positions 0, 1, 2; label 6 at position 4
+    assert batch.sample_index.tolist() == [[0, -1, 0, -1, 1, -1]]
+    assert (~batch.attention_mask[0, 0, 2]).int().tolist()[:3] == [1, 1, 1]  # 4 sees 3
+
+
+def test_segment_selection_for_partial_rollouts():
+    from k1rl.protocol import TrainSample
+    from trainer_svc.losses.mirror_descent import segment_mask
+
+    sample = TrainSample(group_id=0, prompt_token_ids=[1], response_token_ids=[2, 3, 4, 5, 6],
+                         rollout_logprobs=[0.0] * 5, reward=1.0, policy_version=9,
+                         token_segments=[0, 0, 1, 1, 2], token_versions=[7, 7, 8, 8, 9])
+    assert segment_mask(sample, "all", 9) is None
+    assert segment_mask(sample, "latest", 9) == [False, False, False, False, True]
+    assert segment_mask(sample, "recent", 9, max_age=1) == [False, False, True, True, True]
+    assert segment_mask(sample, "recent", 9, max_age=0) == segment_mask(sample, "latest", 9)
+    plain = sample.model_copy(update={"token_segments": None, "token_versions": None})
+    assert segment_mask(plain, "latest", 9) is None  # one segment: every token
+    with pytest.raises(ValueError, match="segments must be"):
+        segment_mask(sample, "oldest", 9)
+
+
 @pytest.mark.parametrize(
     ("prompts", "responses", "message"),
     [

@@ -169,12 +169,15 @@ def build_token_batch(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     rows: Sequence[Sequence[int]],
+    masks: Sequence[Sequence[bool] | None] | None = None,
 ) -> TokenBatch:
     """Lay out examples into rows: ``rows[r]`` lists the examples packed in row ``r``.
 
     One example per row gives a right-padded batch. Rows are padded to the longest;
     each document attends only to itself (block-diagonal causal mask) and its
-    position ids restart at 0. ``sample_index`` holds indices into ``prompts``.
+    position ids restart at 0. ``sample_index`` holds indices into ``prompts``;
+    ``masks[i][j]`` False leaves response token j of example i out of it (and so out of
+    every loss), while it still conditions the tokens after it.
     """
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     width = max(sum(lengths[i] for i in row) for row in rows)
@@ -197,6 +200,10 @@ def build_token_batch(
             segment[r, span] = i
             # labels[t] is response token j when t = start + p - 1 + j
             sample_index[r, start + p - 1 : start + n - 1] = i
+            if masks is not None and masks[i] is not None:
+                keep = torch.tensor(masks[i], dtype=torch.bool)
+                span_index = sample_index[r, start + p - 1 : start + n - 1]
+                span_index[~keep] = -1
             start += n
     causal = torch.ones(width, width, dtype=torch.bool).tril_()
     same_doc = segment[:, :, None] == segment[:, None, :]

@@ -87,6 +87,8 @@ class TrainerService:
             minibatches=t.minibatches_per_iteration,
             epochs=t.epochs_per_iteration,
             skip_uniform_groups=t.skip_uniform_groups,
+            segments=t.segments,
+            max_segment_age=t.max_segment_age,
         )
         return TrainStats(
             ref=batch.ref,

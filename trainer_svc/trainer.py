@@ -39,6 +39,7 @@ from trainer_svc.losses.mirror_descent import (
     as_train_samples,
     mirror_descent_loss,
     mixed_groups,
+    segment_mask,
     split_groups,
     uniform_group_fraction,
 )
@@ -254,14 +255,16 @@ class MegatronTrainer:
     # --------------------------------------------------------------------- forward
 
     def micro_batches(
-        self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pack: bool
+        self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pack: bool,
+        masks: Sequence[Sequence[bool] | None] | None = None,
     ) -> list[TokenBatch]:
         """Examples laid out in rows and grouped into micro-batches of ``micro_batch_tokens``.
 
         ``pack=False``: one example per row, right-padded (similar lengths grouped);
         ``pack=True``: several examples per row of up to ``seq_length`` tokens. In every
         batch ``sample_index`` refers to positions in ``prompts``: this is how a loss
-        given to :meth:`train_step` finds each token's sample.
+        given to :meth:`train_step` finds each token's sample; ``masks`` (per example,
+        None = all) leave response tokens out of ``sample_index``.
         """
         check_examples(prompts, responses, self.spec.vocab_size, self.spec.max_position_embeddings)
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
@@ -274,11 +277,11 @@ class MegatronTrainer:
         for row in rows:
             row_len = sum(lengths[i] for i in row)
             if group and max(width, row_len) * (len(group) + 1) > self.micro_batch_tokens:
-                batches.append(build_token_batch(prompts, responses, group))
+                batches.append(build_token_batch(prompts, responses, group, masks))
                 group, width = [], 0
             group.append(row)
             width = max(width, row_len)
-        batches.append(build_token_batch(prompts, responses, group))
+        batches.append(build_token_batch(prompts, responses, group, masks))
         return [b.to(self.device) for b in batches]
 
     def forward_logprobs(self, batch: TokenBatch) -> Tensor:
@@ -368,6 +371,8 @@ class MegatronTrainer:
         epochs: int = 1,
         reset_optimizer: bool = True,
         skip_uniform_groups: bool = False,
+        segments: str = "all",
+        max_segment_age: int = 1,
     ) -> dict[str, float]:
         """One k1.5 RL iteration: ``minibatches * epochs`` optimizer steps on ``samples``.
 
@@ -387,6 +392,11 @@ class MegatronTrainer:
         policy_version is not the trainer's), ``log_ratio_sq`` (mean (log πθ − log πθi)²
         over steps) and ``kl_term`` (τ/2 times it), ``ref_gap_first_step`` (max |log ratio|
         at the first step, ~0 unless the reference is wrong).
+
+        Partial-rollout trajectories (per-token segments and versions) enter the loss with
+        the tokens :func:`~trainer_svc.losses.mirror_descent.segment_mask` selects for
+        ``segments`` / ``max_segment_age``; the reference is θ_i's log-prob of the same
+        tokens, and the mismatch alarm compares only tokens θ_i itself generated.
         """
         if minibatches < 1 or epochs < 1:
             raise ValueError(f"minibatches={minibatches} and epochs={epochs} must be >= 1")
@@ -405,21 +415,27 @@ class MegatronTrainer:
         for idx in split_groups([s.group_id for s in samples], minibatches):
             part = [samples[i] for i in idx]
             prompts = [s.prompt_token_ids for s in part]
-            batches = self.micro_batches(prompts, [s.response_token_ids for s in part], pack=True)
+            masks = [segment_mask(s, segments, self.policy_version, max_segment_age)
+                     for s in part]
+            batches = self.micro_batches(prompts, [s.response_token_ids for s in part],
+                                         pack=True, masks=masks)
             ref = None
             if not single_step:
                 ref, tokens = self._sequence_logprobs(batches, len(part))
-                diffs += _rollout_diffs(part, tokens)
-            plan.append((part, batches, ref))
+                diffs += _rollout_diffs(part, tokens, masks, self.policy_version)
+            plan.append((part, batches, ref, masks))
         steps, ratios = [], []
         for _ in range(epochs):
-            for part, batches, ref in plan:
+            for part, batches, ref, masks in plan:
                 loss_fn, step_ratios, seen = self._mirror_descent_loss_fn(part, ref, loss_cfg)
                 steps.append(self.train_step(loss_fn, batches))
                 ratios.append(torch.cat(step_ratios))
                 if ref is None:
-                    diffs += _rollout_diffs(part, _tokens_by_sample(*seen, len(part)))
+                    diffs += _rollout_diffs(part, _tokens_by_sample(*seen, len(part)), masks,
+                                            self.policy_version - 1)
         diff, log_ratio_sq = torch.cat(diffs), torch.cat(ratios).square().mean().item()
+        if not diff.numel():  # no token of this policy's own (every one was older)
+            diff = torch.zeros(1)
         return {
             "steps": float(len(steps)),
             "loss": sum(s["loss"] for s in steps) / len(steps),
@@ -624,7 +640,19 @@ def _tokens_by_sample(index: Sequence[Tensor], values: Sequence[Tensor], n: int)
     return list(torch.cat(list(values))[order].split(counts))
 
 
-def _rollout_diffs(part: Sequence[TrainSample], tokens: Sequence[Tensor]) -> list[Tensor]:
-    """|rollout - trainer| token log-prob per sample (the mismatch alarm)."""
-    return [(t - torch.tensor(s.rollout_logprobs, device=t.device)).abs()
-            for s, t in zip(part, tokens, strict=True)]
+def _rollout_diffs(part: Sequence[TrainSample], tokens: Sequence[Tensor],
+                   masks: Sequence[Sequence[bool] | None], version: int) -> list[Tensor]:
+    """|rollout - trainer| token log-prob per sample (the mismatch alarm), over the tokens
+    in the loss that policy ``version`` (the one the trainer scored them with) generated:
+    older segments differ by design."""
+    diffs = []
+    for s, t, mask in zip(part, tokens, masks, strict=True):
+        keep = [True] * len(s.response_token_ids) if mask is None else list(mask)
+        rollout = torch.tensor([lp for lp, k in zip(s.rollout_logprobs, keep) if k],
+                               device=t.device)
+        versions = [v for v, k in zip(s.token_versions or [], keep) if k]
+        diff = (t - rollout).abs()
+        if versions:
+            diff = diff[torch.tensor([v == version for v in versions], device=t.device)]
+        diffs.append(diff)
+    return diffs

@@ -153,6 +153,23 @@ def as_train_samples(
     return out
 
 
+def segment_mask(sample: TrainSample, segments: str, policy_version: int,
+                 max_age: int = 1) -> list[bool] | None:
+    """Which response tokens of a (partial-rollout) trajectory enter the loss: "all";
+    "latest" (the last segment: the one the current policy θ_i generated); "recent" (the
+    segments produced at most ``max_age`` policy versions before ``policy_version``).
+    None: every token (a trajectory of one segment, or "all")."""
+    if segments == "all" or sample.token_segments is None:
+        return None
+    if segments == "latest":
+        last = sample.token_segments[-1] if sample.token_segments else 0
+        return [seg == last for seg in sample.token_segments]
+    if segments == "recent":
+        versions = sample.token_versions or [sample.policy_version] * len(sample.token_segments)
+        return [policy_version - v <= max_age for v in versions]
+    raise ValueError(f"segments must be 'all', 'latest' or 'recent', got {segments!r}")
+
+
 def split_groups(group_ids: Sequence[int], parts: int) -> list[list[int]]:
     """Sample indices of ``parts`` mini-batches of whole groups (near-equal group counts)."""
     members: dict[int, list[int]] = {}
