@@ -222,9 +222,30 @@ class RolloutConfig(ServiceSection):
         "longer trajectories continue next iteration). Must be < max_model_len.",
     )
 
+    max_response_tokens: int | None = Field(
+        None, ge=2,
+        description="k1.5 partial rollouts: a trajectory may grow to this many tokens over "
+        "several iterations, max_tokens per iteration; one that reaches max_tokens earlier "
+        "is parked in the replay buffer and continued next iteration. null: off, every "
+        "trajectory ends at max_tokens.")
+    replay_capacity: int = Field(
+        4096, ge=1, description="Most unfinished trajectories the replay buffer holds; fresh "
+        "prompts are admitted only while there is room.")
     repetition: RepetitionConfig = Field(
         default_factory=RepetitionConfig,
         description="Stop trajectories that loop; marked finish_reason 'repetition'.")
+
+    @model_validator(mode="after")
+    def _partial_budget(self) -> RolloutConfig:
+        m = self.max_response_tokens
+        if m is not None and not self.max_tokens < m < self.max_model_len:
+            raise ValueError(f"max_response_tokens ({m}) must be above max_tokens "
+                             f"({self.max_tokens}) and below max_model_len "
+                             f"({self.max_model_len})")
+        if m is not None and self.replay_capacity < self.n:
+            raise ValueError(f"replay_capacity ({self.replay_capacity}) must hold a group "
+                             f"of n={self.n} trajectories")
+        return self
 
     @field_validator("max_tokens")
     @classmethod

@@ -93,3 +93,42 @@ def test_killed_master_resumes_without_losing_an_iteration(tmp_path, trainer_mod
     assert state.policy_version == rows[1]["policy_version"] > rows[0]["policy_version"]
     assert all(r["train_stale_samples"] == 0 for r in rows)
     assert all(r["switch_to_rollout_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_partial_rollouts_park_continue_and_survive_a_resume(tmp_path, trainer_model_dir):
+    """8-token segments up to 24 tokens: trajectories of the (untrained) model rarely end
+    early, so most groups take three iterations; a resume goes on with the parked ones."""
+    run_dir = tmp_path / "run"
+    cfg = _config(tmp_path, trainer_model_dir, iterations=2)
+    cfg.rollout.max_tokens = 8
+    cfg.rollout.max_response_tokens = 24
+    cfg.trainer.segments = "recent"
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.dump_yaml())
+    first = _k1rl("run", "--config", str(config), "--run-dir", str(run_dir))
+    out, _ = first.communicate(timeout=900)
+    assert first.returncode == 0, out
+    state = RunState.load(run_dir)
+    parked_files = list((run_dir / "replay").glob("iter_*.json"))
+    assert [str(p.resolve()) for p in parked_files] == [state.replay_file]
+
+    # two more iterations, resumed from the saved buffer
+    saved = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(saved.replace("iterations: 2", "iterations: 4"))
+    second = _k1rl("run", "--resume", str(run_dir))
+    out, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, out
+
+    rows = [r for r in _metrics(run_dir) if "prompts_started" in r]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["replay_parked"] > 0 and rows[0]["trajectories_continued"] == 0
+    for before, after in zip(rows, rows[1:]):  # every parked trajectory goes on next time
+        assert after["trajectories_continued"] == before["replay_parked"]
+        assert after["tokens_reused"] >= 8 * after["trajectories_continued"]
+    # a group started in iteration 0 is done by iteration 2 (3 segments of 8 = 24 tokens)
+    assert sum(r["groups_trained"] for r in rows[:3]) >= 4
+    assert max(r["replay_age_max"] for r in rows) <= 2
+    trained = [r for r in rows if r["groups_trained"]]
+    assert trained and all(r["response_tokens_mean"] <= 24 for r in trained)
+    assert all(r["train_rollout_logprob_diff"] < 1e-3 for r in trained if "train_loss" in r)

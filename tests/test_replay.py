@@ -61,14 +61,13 @@ def test_fresh_prompts_are_admitted_only_while_there_is_room():
 def test_resume_keeps_the_parked_trajectories(tmp_path):
     buf = ReplayBuffer(capacity=10, segment_tokens=2, max_response_tokens=10)
     buf.start("3-1", TASK, PROMPT, [c([1, 2], "length", 3), c([5], "stop", 3)], iteration=3)
-    buf.save(tmp_path)
+    buf.save(tmp_path / "replay" / "iter_00003.json")
     resumed = ReplayBuffer(capacity=10, segment_tokens=2, max_response_tokens=10)
-    resumed.load(tmp_path)
+    resumed.load(tmp_path / "replay" / "iter_00003.json")
     assert [g.model_dump() for g in resumed.groups] == [g.model_dump() for g in buf.groups]
     assert resumed.continuations() == buf.continuations()
-    fresh = ReplayBuffer(capacity=10, segment_tokens=2, max_response_tokens=10)
-    fresh.load(tmp_path / "nowhere")
-    assert fresh.groups == []
+    resumed.load(None)  # a run that never saved one
+    assert resumed.groups == []
 
 
 def test_the_budget_must_fit_the_response_limit():

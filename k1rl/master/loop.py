@@ -19,6 +19,7 @@ from pathlib import Path
 
 from k1rl.config import RunConfig, parse_levels
 from k1rl.data.tasks import Task, generate_tasks
+from k1rl.master.replay import Group, ReplayBuffer
 from k1rl.master.sampling import PromptSampler
 from k1rl.master.state import RunState
 from k1rl.protocol import (
@@ -32,9 +33,9 @@ from k1rl.protocol import (
     RewardRequest,
     RewardResult,
     RunRef,
+    Continuation,
     SamplingSpec,
     TrainBatch,
-    TrainSample,
     TrainStats,
 )
 from k1rl.rpc import RPCClient
@@ -91,6 +92,15 @@ class Master:
         self.state = state
         self.sampler = PromptSampler(cfg.rl, level_pools(cfg))
         self.sampler.load_state_dict(state.sampler_state)
+        r = cfg.rollout
+        # Without partial rollouts every trajectory ends within its one segment, so
+        # each group is done in the iteration that started it.
+        self.replay = ReplayBuffer(
+            capacity=r.replay_capacity if r.max_response_tokens else 2**62,
+            segment_tokens=r.max_tokens,
+            max_response_tokens=r.max_response_tokens or r.max_tokens,
+        )
+        self.replay.load(state.replay_file)
         self.heldout: list[Task] = []  # built on the first evaluation
         self.rng = state.rng(cfg.seed)
 
@@ -107,32 +117,52 @@ class Master:
         return self.state
 
     def iteration(self, i: int) -> dict:
+        """One k1.5 iteration: parked trajectories go on and fresh prompts start (one
+        batch), groups whose k trajectories have all finished are scored and trained on."""
         started = time.perf_counter()
         ref = RunRef(run_id=self.cfg.run_id, iteration=i)
-        tasks = self.sampler.sample(self.rng, i)
+        n = self.cfg.rollout.n
+        parked = self.replay.parked()
+        tasks = self.sampler.sample(self.rng, i)[: self.replay.room() // n]
         to_rollout = self.switch("rollout", ref)
         # the engine now holds policy v_i: evaluating it here needs no extra weight sync
         evaluation = self.evaluate(ref) if self._eval_due(i) else {}
         t0 = time.perf_counter()
-        rollout = self.rollout(tasks, ref)
+        continuations = self.replay.continuations()
+        rollout = self.rollout(tasks, ref, continuations)
+        for k, (task, result) in enumerate(zip(tasks, rollout.results, strict=True)):
+            self.replay.start(f"{i}-{k}", task, result.prompt_token_ids, result.completions, i)
+        self.replay.extend(parked, rollout.continued, i)
+        groups = self.replay.pop_done()
         t1 = time.perf_counter()
-        rewards = self.score(tasks, rollout, ref)
-        if self.cfg.rl.sampler == "prioritized":
-            self.sampler.update(tasks, rewards.correct, self.cfg.rollout.n)
+        row = {"iteration": i, "policy_version_rollout": rollout.policy_version,
+               "policy_version": self.state.policy_version,
+               "groups_trained": len(groups), "prompts_started": len(tasks),
+               "trajectories_continued": len(continuations),
+               "tokens_reused": sum(len(c.generated_token_ids) for c in continuations),
+               **self.replay.metrics(i)}
+        rewards = self.score_groups(groups, ref) if groups else None
+        group_tasks = [g.task for g in groups]
+        if rewards is not None and self.cfg.rl.sampler == "prioritized":
+            self.sampler.update(group_tasks, rewards.correct, n)
         t2 = time.perf_counter()
         to_train = self.switch("train", ref)
         t3 = time.perf_counter()
-        stats = self.train(rollout, rewards, ref)
+        stats = self.train_groups(groups, rewards, ref) if groups else None
         t4 = time.perf_counter()
-        row = {
-            "iteration": i,
-            "policy_version_rollout": rollout.policy_version,
-            "policy_version": stats.policy_version,
-            "reward_mean": sum(rewards.rewards) / len(rewards.rewards),
-            "accuracy": sum(rewards.correct) / len(rewards.correct),
-            **_by_level("accuracy", tasks, rewards.correct, self.cfg.rollout.n),
-            "reward_errors": sum(bool(e) for e in rewards.errors),
-            "response_tokens_mean": _mean_len(rollout),
+        if rewards is not None:
+            lengths = [len(t.token_ids) for g in groups for t in g.trajectories]
+            row.update({
+                "reward_mean": sum(rewards.rewards) / len(rewards.rewards),
+                "accuracy": sum(rewards.correct) / len(rewards.correct),
+                **_by_level("accuracy", group_tasks, rewards.correct, n),
+                "reward_errors": sum(bool(e) for e in rewards.errors),
+                "response_tokens_mean": sum(lengths) / max(1, len(lengths)),
+            })
+        if stats is not None:
+            row.update({"policy_version": stats.policy_version, "train_loss": stats.loss,
+                        **{f"train_{k}": v for k, v in stats.metrics.items()}})
+        row.update({
             "switch_to_rollout_s": to_rollout.switch_s,
             "switch_to_train_s": to_train.switch_s,
             "engine_start_s": to_rollout.breakdown.get("engine_start_s", 0.0),
@@ -141,11 +171,9 @@ class Master:
             "rollout_s": t1 - t0,
             "reward_s": t2 - t1,
             "train_s": t4 - t3,
-            "train_loss": stats.loss,
-            **{f"train_{k}": v for k, v in stats.metrics.items()},
             **evaluation,
-        }
-        self.checkpoint(i, stats.policy_version, row, time.perf_counter() - started)
+        })
+        self.checkpoint(i, row["policy_version"], row, time.perf_counter() - started)
         return row
 
     # -------------------------------------------------------------- evaluation
@@ -213,47 +241,60 @@ class Master:
         cmd = PhaseCommand(ref=ref, phase=phase)
         return self.clients.checkpoint_engine.call("phase", cmd, PhaseStatus)
 
-    def rollout(self, tasks: list[Task], ref: RunRef) -> GenerateResult:
+    def rollout(self, tasks: list[Task], ref: RunRef,
+                continuations: list[Continuation] = ()) -> GenerateResult:
         r = self.cfg.rollout
         sampling = SamplingSpec(
             n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
             seed=self.rng.randrange(2**31),
         )
-        req = GenerateRequest(ref=ref, prompts=[t.prompt for t in tasks], sampling=sampling)
+        req = GenerateRequest(ref=ref, prompts=[t.prompt for t in tasks], sampling=sampling,
+                              continuations=list(continuations))
         return self.clients.rollout.call("generate", req, GenerateResult)
 
     def score(self, tasks: list[Task], rollout: GenerateResult, ref: RunRef) -> RewardResult:
+        return self._score([(t, c.text, len(c.token_ids), c.finish_reason)
+                            for t, r in zip(tasks, rollout.results) for c in r.completions],
+                           len(rollout.results[0].completions) if rollout.results else 1, ref)
+
+    def score_groups(self, groups: list[Group], ref: RunRef) -> RewardResult:
+        """Rewards of whole trajectories (every segment), group by group."""
+        return self._score([(g.task, t.text, len(t.token_ids), t.finish_reason)
+                            for g in groups for t in g.trajectories],
+                           len(groups[0].trajectories), ref)
+
+    def _score(self, responses: list[tuple], n: int, ref: RunRef) -> RewardResult:
+        """``responses``: (task, text, tokens, finish reason), ``n`` per group in order."""
         items = [
-            RewardItem(group_id=g, response=c.text, answer=t.answer,
-                       response_tokens=len(c.token_ids), verifier=t.verifier,
-                       repeated=c.finish_reason == "repetition")
-            for g, (t, r) in enumerate(zip(tasks, rollout.results))
-            for c in r.completions
+            RewardItem(group_id=j // n, response=text, answer=task.answer,
+                       response_tokens=tokens, verifier=task.verifier,
+                       repeated=finish == "repetition")
+            for j, (task, text, tokens, finish) in enumerate(responses)
         ]
         return self.clients.reward.call("score", RewardRequest(ref=ref, items=items), RewardResult)
 
-    def train(self, rollout: GenerateResult, rewards: RewardResult, ref: RunRef) -> TrainStats:
-        completions = [(g, r, c) for g, r in enumerate(rollout.results) for c in r.completions]
-        errors = rewards.errors or [""] * len(completions)
+    def train_groups(self, groups: list[Group], rewards: RewardResult,
+                     ref: RunRef) -> TrainStats | None:
+        n = len(groups[0].trajectories)
+        errors = rewards.errors or [""] * len(rewards.rewards)
         samples = [
-            TrainSample(
-                group_id=g,
-                prompt_token_ids=r.prompt_token_ids,
-                response_token_ids=c.token_ids,
-                rollout_logprobs=c.logprobs,
-                reward=reward,
-                policy_version=c.policy_version,
-            )
-            for (g, r, c), reward, error in zip(completions, rewards.rewards, errors)
+            sample
+            for g, group in enumerate(groups)
+            for sample, error in zip(
+                group.train_samples(g, rewards.rewards[g * n:(g + 1) * n]),
+                errors[g * n:(g + 1) * n])
             # an empty response carries no token to learn from; one the reward service
             # could not judge (the sandbox failed) is neither right nor wrong
-            if c.token_ids and not error
+            if sample.response_token_ids and not error
         ]
+        if not samples:
+            return None
         batch = TrainBatch(ref=ref, samples=samples)
         return self.clients.trainer.call("train", batch, TrainStats)
 
     def checkpoint(self, i: int, version: int, row: dict, seconds: float) -> None:
-        """Trainer weights first, then the metrics row, then the state that points at both."""
+        """Trainer weights first, then the metrics row and the replay buffer, then the state
+        that points at them."""
         path = self.run_dir / "checkpoints" / f"iter_{i:05d}"
         req = CheckpointRequest(action="save", path=str(path.resolve()))
         self.clients.trainer.call("checkpoint", req, CheckpointResult)
@@ -265,8 +306,14 @@ class Master:
         self.state.trainer_checkpoint = str(path.resolve())
         self.state.remember_rng(self.rng)
         self.state.sampler_state = self.sampler.state_dict()
+        replay = self.run_dir / "replay" / f"iter_{i:05d}.json"
+        self.replay.save(replay)
+        self.state.replay_file = str(replay.resolve())
         self.state.save(self.run_dir)
         self._prune_checkpoints()
+        for old in (self.run_dir / "replay").glob("iter_*.json"):
+            if old.resolve() != replay.resolve():
+                old.unlink()
 
     def restore_trainer(self) -> None:
         """On resume: the trainer goes back to the last completed iteration's weights, and
@@ -292,11 +339,6 @@ def _by_level(key: str, tasks: list[Task], correct: list[bool], n: int) -> dict[
     if len(levels) < 2:
         return {}
     return {f"{key}@{level}": sum(oks) / len(oks) for level, oks in levels.items()}
-
-
-def _mean_len(rollout: GenerateResult) -> float:
-    lengths = [len(c.token_ids) for r in rollout.results for c in r.completions]
-    return sum(lengths) / max(1, len(lengths))
 
 
 def _truncate_metrics(path: Path, iterations_done: int) -> None:

@@ -10,7 +10,8 @@ baseline needs all k rewards.
 
 The buffer is bounded by ``rollout.replay_capacity`` unfinished trajectories (fresh
 prompts are admitted only while there is room) and saved in the run directory with
-every checkpoint, so a resumed run goes on with exactly the trajectories it had parked.
+every checkpoint, one file per iteration that the run state names, so a resumed run goes
+on with exactly the trajectories it had parked after its last completed iteration.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from k1rl.data.tasks import Task
 from k1rl.protocol import Completion, Continuation, FinishReason, TrainSample
 
-REPLAY_FILE = "replay.json"
 
 
 class Segment(BaseModel):
@@ -156,13 +156,16 @@ class ReplayBuffer:
         }
 
     # ----------------------------------------------------------------- persistence
-    def save(self, run_dir: Path) -> None:
-        path = Path(run_dir) / REPLAY_FILE
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps([g.model_dump(mode="json") for g in self.groups]))
-        os.replace(tmp, path)  # atomic: a kill leaves the old buffer or the new one
+        os.replace(tmp, path)  # atomic: a kill leaves no half-written buffer
 
-    def load(self, run_dir: Path) -> None:
-        path = Path(run_dir) / REPLAY_FILE
-        if path.exists():
-            self.groups = [Group.model_validate(g) for g in json.loads(path.read_text())]
+    def load(self, path: Path | None) -> None:
+        """The buffer saved at ``path`` (None: an empty buffer, a run's start)."""
+        if path is None:
+            self.groups = []
+            return
+        self.groups = [Group.model_validate(g) for g in json.loads(Path(path).read_text())]

@@ -24,6 +24,8 @@ class RunState(BaseModel):
     trainer_checkpoint: str | None = None
     rng_state: list = Field(default_factory=list, description="random.Random.getstate()")
     sampler_state: dict = Field(default_factory=dict, description="PromptSampler.state_dict()")
+    # replay buffer (parked trajectories) as of iterations_done (None: empty)
+    replay_file: str | None = None
 
     def rng(self, seed: int) -> random.Random:
         rng = random.Random(seed)
