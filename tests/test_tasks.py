@@ -273,3 +273,15 @@ def test_a_code_task_target_is_a_program_that_passes_its_own_tests(level):
 
 def test_arithmetic_tasks_are_judged_by_the_math_verifier():
     assert {t.verifier for f in ARITHMETIC for t in generate_tasks(f, 1, 3, seed=0)} == {"math"}
+
+
+def test_count_lengths_have_a_long_tail_and_the_answer_is_the_last_number():
+    tasks = generate_tasks("count", 2, 400, seed=1)
+    counts = sorted(len(t.cot.split(", ")) for t in tasks)
+    assert counts[0] >= 3 and counts[-1] <= 8 * 4**2
+    assert counts[len(counts) // 2] * 4 < counts[-1]  # the median is far below the longest
+    for task in tasks[:20]:
+        numbers = [int(x) for x in task.cot.rstrip(".").split(", ")]
+        assert numbers == list(range(numbers[0], numbers[-1] + 1))
+        assert extract_answer(task.target) == task.answer == str(numbers[-1])
+        assert f"from {numbers[0]} up to {numbers[-1]}" in task.prompt

@@ -13,7 +13,9 @@ A task's id names the arithmetic only (``add:2:37+48``), never the wording, so t
 the same numbers are the same problem whatever template they were phrased with: dedup,
 `exclude=` and the held-out split all work on that.
 
-The ``code`` family asks for a Python program that reads numbers from stdin and prints an
+The ``count`` family ("count from 17 up to 42") has a long tail of response lengths: its
+counts are log-uniform, so most solutions are short and a few are very long (the case
+k1.5's partial rollouts are for). The ``code`` family asks for a Python program that reads numbers from stdin and prints an
 expression of them (``code:1:n*37``: read n, print n * 37; level 2 reads two numbers). Its
 response is one fenced program, its gold answer the tests (a JSON
 :class:`k1rl.protocol.CodeTask`), and the reward comes from running the program in the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from collections.abc import Iterable
@@ -34,19 +37,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from k1rl.protocol import CodeTask, TestCase
 
-Family = Literal["add", "sub", "mul", "multi", "code"]
+Family = Literal["add", "sub", "mul", "multi", "code", "count"]
 Split = Literal["all", "train", "heldout"]
 
-FAMILIES: tuple[str, ...] = ("add", "sub", "mul", "multi", "code")
+FAMILIES: tuple[str, ...] = ("add", "sub", "mul", "multi", "code", "count")
 # Difficulty is the digit count of the operands (add, sub), of the multiplicand (mul, whose
 # multiplier is one digit), the number of operations minus one (multi: 1 -> two operations)
-# and the number of inputs the program reads (code).
+# the number of inputs the program reads (code), and for count the longest count,
+# 8 * 4**level numbers (the counts are log-uniform: most are short, a few very long).
 DIFFICULTIES: dict[str, range] = {
     "add": range(1, 9),
     "sub": range(1, 9),
     "mul": range(1, 7),
     "multi": range(1, 5),
     "code": range(1, 3),
+    "count": range(1, 4),
 }
 ANSWER_PREFIX = "The answer is"
 DEFAULT_HELDOUT_FRACTION = 0.1
@@ -276,6 +281,30 @@ def _build_code_task(rng: random.Random, level: int, tokens: list[str], tid: str
     )
 
 
+# ------------------------------------------------------------------------ count
+
+
+def _sample_count(rng: random.Random, level: int) -> tuple[int, int]:
+    """(first, last) of a count of log-uniform length in [3, 8 * 4**level]."""
+    longest = 8 * 4**level
+    length = int(round(math.exp(rng.uniform(math.log(3), math.log(longest)))))
+    first = rng.randint(1, 99)
+    return first, first + length - 1
+
+
+def _build_count_task(rng: random.Random, level: int, first: int, last: int, tid: str) -> Task:
+    cot = ", ".join(str(n) for n in range(first, last + 1)) + "."
+    return Task(
+        id=tid,
+        family="count",
+        difficulty=level,
+        prompt=f"Q: Count from {first} up to {last}, one number at a time.\nA:",
+        cot=cot,
+        answer=str(last),
+        target=f" {cot} {answer_line(last)}",
+    )
+
+
 # ----------------------------------------------------------------------- sampling
 
 
@@ -369,6 +398,9 @@ def _draw(family: str, difficulty: int, count: int, seed: int, split: str,
         if family == "code":
             expr = _sample_code(rng, difficulty)
             tid = f"code:{difficulty}:" + "".join(expr)
+        elif family == "count":
+            first, last = _sample_count(rng, difficulty)
+            tid = f"count:{difficulty}:{first}..{last}"
         else:
             start, ops = _sample_ops(rng, family, difficulty)
             tid = task_id(family, difficulty, start, ops)
@@ -377,8 +409,12 @@ def _draw(family: str, difficulty: int, count: int, seed: int, split: str,
         if split != "all" and is_heldout(tid, heldout_fraction) != (split == "heldout"):
             continue
         seen.add(tid)
-        tasks.append(_build_code_task(rng, difficulty, expr, tid) if family == "code"
-                     else _build_task(rng, family, difficulty, start, ops))
+        if family == "code":
+            tasks.append(_build_code_task(rng, difficulty, expr, tid))
+        elif family == "count":
+            tasks.append(_build_count_task(rng, difficulty, first, last, tid))
+        else:
+            tasks.append(_build_task(rng, family, difficulty, start, ops))
     return tasks
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from k1rl.data.tasks import generate_suite
+from k1rl.data.tasks import all_levels, generate_suite
 from k1rl.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     EOS_TOKEN,
@@ -38,9 +38,18 @@ class ModelSummary(BaseModel):
     tie_word_embeddings: bool
 
 
+# The families the tokenizer is trained on. count (digits, commas and words these already
+# cover) is left out so that adding it changed no token of the others: the demo's numbers
+# stay reproducible across that change.
+TOKENIZER_FAMILIES = ("add", "sub", "mul", "multi", "code")
+
+
 def corpus_texts(seed: int, count_per_level: int) -> list[str]:
-    """Prompt + response texts of every task family and level, the tokenizer's training set."""
-    return [task.prompt + task.target for task in generate_suite(count_per_level, seed)]
+    """Prompt + response texts of every level of TOKENIZER_FAMILIES, the tokenizer's
+    training set."""
+    levels = all_levels(TOKENIZER_FAMILIES)
+    return [task.prompt + task.target
+            for task in generate_suite(count_per_level, seed, levels=levels)]
 
 
 def padded_vocab(tokenizer_vocab: int, multiple: int) -> int:
