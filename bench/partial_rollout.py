@@ -13,7 +13,9 @@ decode wave of prompts x n sequences.
   the few long ones finish.
 - partial: every iteration gives each active trajectory at most ``budget`` tokens; the
   unfinished are parked in k1rl's ReplayBuffer and continued next iteration, beside
-  fresh prompts admitted to keep prompts x n trajectories active.
+  fresh prompts admitted to keep prompts x n trajectories active. The prefix cache is
+  reset before each iteration, as a weight update does in a real run, so continuing a
+  trajectory pays for prefilling its prompt and earlier segments again.
 
 Last line, one JSON object:
   full_iter_s        wall time of the full iteration
@@ -106,6 +108,8 @@ def main() -> None:
                     for c, (_, t) in zip(conts, parked)]
         requests += [(ids, min(args.budget, length)) for _, ids, length in fresh
                      for _ in range(args.n)]
+        # as after every weight update of a real run: parked prefixes are prefilled again
+        engine.llm.reset_prefix_cache()
         seconds, outs = decode(requests)
         new = sum(len(o) for o in outs)
         # pro-rate the iteration that crosses the full run's token count
