@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
+import time
 
 from k1rl.rpc import RPCServer
 
@@ -21,13 +21,16 @@ def run_until_signalled(server: RPCServer) -> None:
     Kubernetes sends SIGTERM on pod termination; turning it into an orderly stop lets
     the service release its engine and transport memory instead of dying mid-write.
     """
-    stop = threading.Event()
+    # The handler only flips a flag: it runs on the main thread between two bytecodes,
+    # possibly inside the loop's own wait, so taking a lock there (threading.Event.set)
+    # can deadlock against that same thread; seen as a rollout_svc that ignored SIGTERM.
+    stopping = [False]
 
     def _on_signal(signum, _frame):
-        stop.set()
+        stopping[0] = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
-    while not stop.wait(0.5):
-        pass
+    while not stopping[0]:
+        time.sleep(0.2)
     server.stop()
