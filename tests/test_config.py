@@ -171,3 +171,11 @@ def test_evaluated_levels_default_to_every_rl_level():
         ["add:2", "code:1"]
     assert RunConfig.from_yaml_text(
         "rl: {tasks: [add:2, code:1], eval_tasks: [add:2]}").rl.headline_tasks == ["add:2"]
+
+
+def test_the_partial_rollout_example_turns_every_part_on():
+    cfg = load_config(EXAMPLE.with_name("partial_rollouts.yaml"))
+    assert cfg.rollout.max_tokens < cfg.rollout.max_response_tokens < cfg.rollout.max_model_len
+    assert cfg.rollout.repetition.enabled and cfg.reward.repetition_penalty > 0
+    assert (cfg.trainer.segments, cfg.rl.sampler) == ("recent", "prioritized")
+    assert all(t.startswith("count:") for t in cfg.rl.tasks)
