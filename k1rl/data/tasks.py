@@ -29,7 +29,7 @@ import json
 import math
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -287,7 +287,7 @@ def _build_code_task(rng: random.Random, level: int, tokens: list[str], tid: str
 def _sample_count(rng: random.Random, level: int) -> tuple[int, int]:
     """(first, last) of a count of log-uniform length in [3, 8 * 4**level]."""
     longest = 8 * 4**level
-    length = int(round(math.exp(rng.uniform(math.log(3), math.log(longest)))))
+    length = round(math.exp(rng.uniform(math.log(3), math.log(longest))))
     first = rng.randint(1, 99)
     return first, first + length - 1
 
@@ -380,6 +380,22 @@ def _rng(seed: int, family: str, difficulty: int) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(material).digest()[:8], "big"))
 
 
+def _sample(rng: random.Random, family: str, difficulty: int) -> tuple[str, Callable[[], Task]]:
+    """One problem of the level: its id, and how to build its Task (worded with further
+    draws from ``rng``, so only for a problem that is kept)."""
+    if family == "code":
+        expr = _sample_code(rng, difficulty)
+        tid = f"code:{difficulty}:" + "".join(expr)
+        return tid, lambda: _build_code_task(rng, difficulty, expr, tid)
+    if family == "count":
+        first, last = _sample_count(rng, difficulty)
+        tid = f"count:{difficulty}:{first}..{last}"
+        return tid, lambda: _build_count_task(rng, difficulty, first, last, tid)
+    start, ops = _sample_ops(rng, family, difficulty)
+    return (task_id(family, difficulty, start, ops),
+            lambda: _build_task(rng, family, difficulty, start, ops))
+
+
 def _draw(family: str, difficulty: int, count: int, seed: int, split: str,
           heldout_fraction: float, exclude: Iterable[str]) -> list[Task]:
     """Up to `count` distinct tasks; fewer when the level runs out of problems."""
@@ -395,26 +411,13 @@ def _draw(family: str, difficulty: int, count: int, seed: int, split: str,
     for _ in range(100 * count + 1000):
         if len(tasks) == count:
             break
-        if family == "code":
-            expr = _sample_code(rng, difficulty)
-            tid = f"code:{difficulty}:" + "".join(expr)
-        elif family == "count":
-            first, last = _sample_count(rng, difficulty)
-            tid = f"count:{difficulty}:{first}..{last}"
-        else:
-            start, ops = _sample_ops(rng, family, difficulty)
-            tid = task_id(family, difficulty, start, ops)
+        tid, build = _sample(rng, family, difficulty)
         if tid in seen:
             continue
         if split != "all" and is_heldout(tid, heldout_fraction) != (split == "heldout"):
             continue
         seen.add(tid)
-        if family == "code":
-            tasks.append(_build_code_task(rng, difficulty, expr, tid))
-        elif family == "count":
-            tasks.append(_build_count_task(rng, difficulty, first, last, tid))
-        else:
-            tasks.append(_build_task(rng, family, difficulty, start, ops))
+        tasks.append(build())
     return tasks
 
 
