@@ -132,6 +132,9 @@ class GenerateResult(Message):
     continued: list[Completion] = Field(default_factory=list)
     policy_version: int
     elapsed_s: float = 0.0
+    # tokens the engine decoded, including those past a repetition cut: what looping
+    # trajectories cost beyond what they return
+    decoded_tokens: int = 0
 
 
 # ------------------------------------------------------------------------ weights

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from k1rl.protocol import (
     WeightManifest,
     WeightUpdateResult,
 )
-from rollout_svc.repetition import cut_at_repetition
+from rollout_svc.repetition import SegmentWatch
 
 WORKER_EXTENSION = "rollout_svc.worker_ext.WeightSyncExtension"
 NO_POLICY = -1  # dummy weights, or a half-applied update
@@ -95,6 +96,7 @@ class RolloutEngine:
         # Weights loaded from disk are the checkpoint's version 0; dummy weights are
         # not a policy at all until the first push.
         self.policy_version = 0 if spec.load_format != "dummy" else NO_POLICY
+        self._batches = 0  # makes request ids unique across generate calls
 
     # ------------------------------------------------------------------ sampling
     def generate(self, req: GenerateRequest) -> GenerateResult:
@@ -102,7 +104,6 @@ class RolloutEngine:
         trajectory by one more segment, all in one batch: vLLM schedules them together,
         so short new prompts fill the engine while long ones go on."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         self._require_policy()
         s = req.sampling
@@ -120,63 +121,84 @@ class RolloutEngine:
                 f"prompts {too_long[:5]} exceed max_model_len={self.spec.max_model_len}"
             )
 
-        def params(n: int, max_tokens: int, seed: int | None) -> SamplingParams:
-            return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p,
+        def params(max_tokens: int, seed: int | None) -> SamplingParams:
+            return SamplingParams(temperature=s.temperature, top_p=s.top_p,
                                   max_tokens=max_tokens, stop=s.stop or None, seed=seed,
                                   logprobs=0)  # the sampled token's logprob only
 
+        # One vLLM request per trajectory (not n per request) so that one looping sample
+        # can be stopped alone. Sample j of a seeded prompt gets seed + j, the seed vLLM's
+        # own fan-out of n gives it, so the streams are the ones n would draw.
+        seeded = (lambda j: None) if s.seed is None else (lambda j: s.seed + j)
+        runs = [_Run(p, params(s.max_tokens, seeded(j))) for p in prompt_ids for j in range(s.n)]
         # a continuation gets its own seed: seeded requests draw the same stream
-        shifted = (lambda i: None) if s.seed is None else (lambda i: s.seed + 1 + i)
-        requests = [(p, params(s.n, s.max_tokens, s.seed)) for p in prompt_ids]
-        requests += [(p, params(1, c.max_tokens, shifted(i)))
-                     for i, (p, c) in enumerate(zip(prefixes, req.continuations))]
+        runs += [_Run(p, params(c.max_tokens, seeded(1 + i)), c.generated_token_ids)
+                 for i, (p, c) in enumerate(zip(prefixes, req.continuations))]
         started = time.perf_counter()
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p, _ in requests],
-            [sp for _, sp in requests], use_tqdm=False,
-        )
-        fresh, continued = outputs[: len(prompt_ids)], outputs[len(prompt_ids):]
-        results = [self._prompt_result(req, p, out) for p, out in zip(prompt_ids, fresh)]
+        self._decode(runs)
+        fresh, continued = runs[: len(prompt_ids) * s.n], runs[len(prompt_ids) * s.n:]
+        results = [
+            PromptResult(prompt=self.tokenizer.decode(p), prompt_token_ids=p,
+                         completions=[self._completion(r) for r in fresh[k * s.n:(k + 1) * s.n]])
+            for k, p in enumerate(prompt_ids)
+        ]
         return GenerateResult(
             ref=req.ref,
             results=results,
-            continued=[self._completions(out, c.generated_token_ids)[0]
-                       for out, c in zip(continued, req.continuations)],
+            continued=[self._completion(r) for r in continued],
             policy_version=self.policy_version,
             elapsed_s=time.perf_counter() - started,
+            decoded_tokens=sum(r.decoded for r in runs),
         )
 
-    def _prompt_result(self, req: GenerateRequest, prompt_ids: list[int], out) -> PromptResult:
-        completions = self._completions(out)
-        prompt = out.prompt if isinstance(out.prompt, str) else None
-        if prompt is None:
-            prompt = self.tokenizer.decode(prompt_ids)
-        return PromptResult(prompt=prompt, prompt_token_ids=prompt_ids, completions=completions)
+    def _decode(self, runs: list[_Run]) -> None:
+        """Step the engine until every run has finished, been cut at a repetition, or
+        failed; the engine is left with none of them on any exit."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-    def _completions(self, out, before: list[int] = ()) -> list[Completion]:
-        """The outputs of one request; ``before``: what the trajectory generated in
-        earlier segments (a loop may start there)."""
-        completions = []
-        for c in out.outputs:
-            token_ids = list(c.token_ids)
-            logprobs = [entry[t].logprob for t, entry in zip(token_ids, c.logprobs)]
-            text, finish = c.text, _finish_reason(c.finish_reason)
-            # Checked on the finished output: vLLM decoded the loop to the end (no early
-            # stop inside one generate call), the trajectory keeps only its first copies.
-            token_ids, logprobs, cut = cut_at_repetition(token_ids, logprobs,
-                                                         self.spec.repetition, before)
-            if cut:
-                text, finish = self.tokenizer.decode(token_ids), "repetition"
-            completions.append(
-                Completion(
-                    token_ids=token_ids,
-                    text=text,
-                    logprobs=logprobs,
-                    finish_reason=finish,
-                    policy_version=self.policy_version,
-                )
-            )
-        return completions
+        engine = self.llm.llm_engine
+        watch = self.spec.repetition.enabled
+        # Watching a trajectory needs its tokens as they come (DELTA); otherwise one
+        # output per request at its end is cheaper.
+        kind = RequestOutputKind.DELTA if watch else RequestOutputKind.FINAL_ONLY
+        self._batches += 1
+        by_id: dict[str, _Run] = {}
+        try:
+            for i, run in enumerate(runs):
+                run.params.output_kind = kind
+                if watch:
+                    run.watch(self.spec.repetition)
+                    if run.finish is not None:
+                        continue  # looped in its earlier segments: nothing to decode
+                request_id = f"k1rl-{self._batches}-{i}"
+                by_id[request_id] = run
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=run.prompt),
+                                   run.params)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    run = by_id.get(out.request_id)
+                    if run is None or run.finish is not None:
+                        continue  # not ours, or already cut
+                    c = out.outputs[0]
+                    if run.take(list(c.token_ids), c.logprobs, c.text):
+                        # the loop is established: stop decoding it now, not at max_tokens
+                        if not out.finished:
+                            engine.abort_request([out.request_id])
+                    elif out.finished:
+                        run.finish = _finish_reason(c.finish_reason)
+        finally:
+            unfinished = [rid for rid, run in by_id.items() if run.finish is None]
+            if unfinished:
+                engine.abort_request(unfinished)
+                # drain the aborts so the next batch starts on an empty engine
+                while engine.has_unfinished_requests():
+                    engine.step()
+
+    def _completion(self, run: _Run) -> Completion:
+        text = run.text if run.finish != "repetition" else self.tokenizer.decode(run.token_ids)
+        return Completion(token_ids=run.token_ids, text=text, logprobs=run.logprobs,
+                          finish_reason=run.finish, policy_version=self.policy_version)
 
     def _require_policy(self) -> None:
         if self.policy_version == NO_POLICY:
@@ -250,6 +272,38 @@ class RolloutEngine:
             if llm_engine is not None and hasattr(llm_engine, "engine_core"):
                 llm_engine.engine_core.shutdown()
             del self.llm
+
+
+class _Run:
+    """One trajectory's request in a decode batch, and what the engine returned for it."""
+
+    def __init__(self, prompt: list[int], params: Any, before: Sequence[int] = ()) -> None:
+        self.prompt, self.params, self.before = prompt, params, before
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.finish: str | None = None
+        self.decoded = 0  # tokens the engine produced for it, cut ones included
+        self._watch: SegmentWatch | None = None
+
+    def watch(self, cfg: RepetitionConfig) -> None:
+        self._watch = SegmentWatch(cfg, self.before)
+        if self._watch.cut == 0:
+            self.finish = "repetition"
+
+    def take(self, token_ids: list[int], logprobs: Any, text: str) -> bool:
+        """Append the engine's output (new tokens when watched, all of them otherwise);
+        True when it completes a loop, which cuts the trajectory there."""
+        self.decoded += len(token_ids)
+        self.token_ids += token_ids
+        self.logprobs += [entry[t].logprob for t, entry in zip(token_ids, logprobs)]
+        self.text += text
+        keep = self._watch.feed(token_ids) if self._watch is not None else None
+        if keep is None:
+            return False
+        del self.token_ids[keep:], self.logprobs[keep:]
+        self.finish = "repetition"
+        return True
 
 
 def _has_digests(manifest: WeightManifest) -> bool:

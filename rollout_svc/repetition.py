@@ -110,12 +110,28 @@ def find_repetition(tokens: Sequence[int], cfg: RepetitionConfig) -> Repetition 
     return RepetitionDetector(cfg).scan(tokens)
 
 
-def cut_at_repetition(token_ids: list[int], logprobs: list[float], cfg: RepetitionConfig,
-                      before: Sequence[int] = ()) -> tuple[list[int], list[float], bool]:
-    """A new segment up to where the trajectory's loop was established (token ids, their
-    log-probs, and whether it was cut); ``before``: the trajectory's earlier segments."""
-    loop = find_repetition([*before, *token_ids], cfg)
-    if loop is None:
-        return token_ids, logprobs, False
-    keep = max(loop.end - len(before), 0)
-    return token_ids[:keep], logprobs[:keep], True
+class SegmentWatch:
+    """Watches a trajectory's new segment as the engine produces it, so a loop is stopped
+    when it is established rather than at the segment's token budget.
+
+    ``before``: the trajectory's earlier segments, where a loop may have begun.
+    """
+
+    def __init__(self, cfg: RepetitionConfig, before: Sequence[int] = ()) -> None:
+        self._detector = RepetitionDetector(cfg)
+        # a loop already complete in ``before`` (thresholds changed on resume, say):
+        # the segment is cut before its first token
+        self.cut: int | None = 0 if self._detector.scan(before) is not None else None
+        self.seen = 0
+
+    def feed(self, tokens: Iterable[int]) -> int | None:
+        """Add the segment's next tokens; once a loop is established, the segment's
+        length to keep (the tokens up to where it was established), else None."""
+        if self.cut is not None:
+            return self.cut
+        for token in tokens:
+            self.seen += 1
+            if self._detector.push(token) is not None:
+                self.cut = self.seen
+                return self.cut
+        return None

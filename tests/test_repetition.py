@@ -94,19 +94,29 @@ def test_the_window_must_hold_the_ngrams():
         RepetitionConfig(ngram=20, ngram_window=50, ngram_max_count=6)
 
 
-def test_a_looping_trajectory_is_cut_where_the_loop_is_established():
-    from rollout_svc.repetition import cut_at_repetition
+def test_a_looping_segment_is_cut_where_the_loop_is_established_however_it_arrives():
+    from rollout_svc.repetition import SegmentWatch
 
     tokens = [5, 6] + [7] * 20
-    logprobs = [-float(i) for i in range(len(tokens))]
-    ids, lps, cut = cut_at_repetition(tokens, logprobs, CFG)
-    assert cut and ids == tokens[:10] and lps == logprobs[:10]
-    assert cut_at_repetition([1, 2, 3], [0.0] * 3, CFG) == ([1, 2, 3], [0.0] * 3, False)
+    for chunk in (1, 3, len(tokens)):  # the engine hands over one or more tokens a step
+        watch = SegmentWatch(CFG)
+        cuts = [watch.feed(tokens[i:i + chunk]) for i in range(0, len(tokens), chunk)]
+        assert [c for c in cuts if c is not None][0] == 10  # 8 sevens after "5 6"
+        assert watch.feed([8]) == 10  # cut stays cut
+    clean = SegmentWatch(CFG)
+    assert clean.feed([1, 2, 3]) is None and clean.cut is None
 
 
 def test_a_loop_that_began_in_an_earlier_segment_is_cut_in_the_new_one():
-    from rollout_svc.repetition import cut_at_repetition
+    from rollout_svc.repetition import SegmentWatch
 
     before = [5, 6, 7, 7, 7, 7, 7]          # five sevens: not yet a loop (needs 8)
-    ids, lps, cut = cut_at_repetition([7, 7, 7, 7, 7], [-1.0] * 5, CFG, before)
-    assert cut and ids == [7, 7, 7] and lps == [-1.0] * 3
+    watch = SegmentWatch(CFG, before)
+    assert watch.cut is None
+    assert watch.feed([7, 7, 7, 7, 7]) == 3
+
+
+def test_a_segment_after_a_loop_already_complete_is_cut_before_its_first_token():
+    from rollout_svc.repetition import SegmentWatch
+
+    assert SegmentWatch(CFG, [5] + [7] * 12).cut == 0
