@@ -5,7 +5,8 @@ CUDA graphs and NCCL buffers keep memory that an offload cannot release; the new
 weights then arrive over the transfer engine. ``restart`` does exactly that with a
 rollout_svc process. ``persistent`` keeps one engine alive across phases (vLLM's
 sleep mode is refused on CPU, so here it simply stays resident; on GPU that is where
-sleep/wake would go).
+sleep/wake would go). ``external`` leaves starting and stopping the engine to its
+deployment (the Kubernetes RL pod's rollout container).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from k1rl.launch import ServiceProcess, start_service
+from k1rl.rpc import wait_until_ready
 
 
 class EngineLifecycle(ABC):
@@ -85,9 +87,45 @@ class PersistentLifecycle(EngineLifecycle):
         pass
 
 
+class ExternalLifecycle(EngineLifecycle):
+    """The engine is started and kept by someone else: in Kubernetes, the rollout
+    container of the RL pod (a container cannot start processes in another one). The
+    sidecar only waits for it to answer; an engine it has not seen before (a first
+    start, or a restarted container: new pid) holds dummy weights and counts as fresh."""
+
+    name = "external"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._seen: tuple[int, float] | None = None  # pid, start time of the last engine
+
+    @property
+    def running(self) -> bool:
+        return self._seen is not None
+
+    def bring_up(self) -> bool:
+        pong = wait_until_ready(self.address, self.ready_timeout_s, require_ready=False)
+        # a container's main process often has the same pid after a restart: its start
+        # time tells the engines apart
+        started_at = time.time() - pong.uptime_s
+        fresh = (self._seen is None or pong.pid != self._seen[0]
+                 or abs(started_at - self._seen[1]) > 2.0)
+        if fresh:
+            self.starts += 1
+        self._seen = (pong.pid, started_at)
+        return fresh
+
+    def halt(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._seen = None
+
+
 LIFECYCLES: dict[str, type[EngineLifecycle]] = {
     RestartLifecycle.name: RestartLifecycle,
     PersistentLifecycle.name: PersistentLifecycle,
+    ExternalLifecycle.name: ExternalLifecycle,
 }
 
 

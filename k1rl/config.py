@@ -330,10 +330,12 @@ class CheckpointEngineConfig(ServiceSection):
     address: str = Field(
         "tcp://127.0.0.1:5704", description="RPC address of the checkpoint_engine sidecar."
     )
-    engine_lifecycle: Literal["restart", "persistent"] = Field(
+    engine_lifecycle: Literal["restart", "persistent", "external"] = Field(
         "restart",
         description="restart: halt vLLM after each rollout and start it again (k1.5, frees "
-        "all memory); persistent: keep it running and reload weights in place.",
+        "all memory); persistent: keep it running and reload weights in place; external: "
+        "the engine is run by its deployment (the Kubernetes pod's rollout container), "
+        "weights reload in place.",
     )
 
 

@@ -39,6 +39,33 @@ def test_unknown_lifecycle_names_the_known_ones(tmp_path):
                        ready_timeout_s=1.0)
 
 
+def test_an_external_engine_is_waited_for_never_started_and_fresh_once_per_start(tmp_path):
+    """In the Kubernetes RL pod the rollout container runs the engine: the sidecar finds
+    it at its address; a restarted container is a fresh engine (dummy weights)."""
+    from k1rl.rpc import RPCServer
+
+    address = free_tcp_address()
+    external = make_lifecycle("external", config_path=tmp_path / "run.yaml", address=address,
+                              log_dir=tmp_path, ready_timeout_s=0.5)
+    with pytest.raises(RPCTimeout):
+        external.bring_up()  # nobody there: it does not start one
+    assert not external.running and not (tmp_path / "rollout.log").exists()
+    for restart in range(2):
+        engine = RPCServer(address, "rollout")
+        engine.start_in_thread()
+        try:
+            assert external.bring_up() is True
+            external.halt()
+            assert external.bring_up() is False and external.running
+        finally:
+            engine.stop()
+        if restart == 0:
+            import time
+
+            time.sleep(2.5)  # the next engine starts measurably later
+    assert external.starts == 2
+
+
 @pytest.fixture
 def sidecar(tmp_path, trainer_model_dir):
     cfg = RunConfig(run_dir=str(tmp_path / "run"))
