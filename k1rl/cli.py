@@ -93,17 +93,46 @@ def run_cmd(
     config: Path = typer.Option(None, help="RunConfig YAML of a new run."),
     run_dir: Path = typer.Option(None, help="Run directory (default: the config's run_dir)."),
     resume: Path = typer.Option(None, help="Resume the run in this directory."),
+    services: str = typer.Option(
+        "local", help="local: start the services here; external: use the ones running at "
+        "the config's addresses (a Kubernetes deployment)."),
 ) -> None:
     """Run the k1.5 RL loop with local services, or resume a stopped run."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from k1rl import master
     from k1rl.config import load_config
 
+    if services not in ("local", "external"):
+        raise typer.BadParameter(f"--services must be local or external, not {services!r}")
+    local = services == "local"
     if (config is None) == (resume is None):
         raise typer.BadParameter("give exactly one of --config (new run) or --resume RUN_DIR")
     if resume is not None:
-        state = master.run(None, resume, resume=True)
+        state = master.run(None, resume, resume=True, local_services=local)
     else:
         cfg = load_config(config)
-        state = master.run(cfg, run_dir or Path(cfg.run_dir))
+        state = master.run(cfg, run_dir or Path(cfg.run_dir), local_services=local)
     console.print(f"run done: {state.iterations_done} iterations, policy v{state.policy_version}")
+
+
+k8s_app = typer.Typer(help="Kubernetes manifests from a run config.", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+def k8s_render_cmd(
+    config: Path = typer.Argument(..., help="RunConfig YAML: the one source of truth."),
+    out_dir: Path = typer.Argument(..., help="Where to write base/ and overlays/{cpu,gpu}/."),
+    nodes: int = typer.Option(1, min=1, help="RL pods (nodes) of the StatefulSet."),
+    gpus_per_node: int = typer.Option(8, min=1, help="GPUs the RL pod claims (gpu overlay)."),
+) -> None:
+    """Render the kustomize base and overlays for CONFIG (validated first)."""
+    from k1rl import k8s
+    from k1rl.config import load_config
+
+    try:
+        written = k8s.render(load_config(config), out_dir, nodes=nodes,
+                             gpus_per_node=gpus_per_node)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    console.print(f"wrote {len(written)} files under {out_dir}")

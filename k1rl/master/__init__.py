@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from k1rl.config import RunConfig, load_config, parse_levels
@@ -9,6 +10,7 @@ from k1rl.launch import LocalCluster
 from k1rl.master.loop import Clients, Master
 from k1rl.master.plots import plot_run
 from k1rl.master.state import RunState
+from k1rl.rpc import wait_until_ready
 
 CONFIG_FILE = "config.yaml"
 
@@ -33,8 +35,18 @@ def start_local_services(cfg: RunConfig, config_path: Path, log_dir: Path) -> Lo
         raise
 
 
-def run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False) -> RunState:
-    """Start a run in ``run_dir`` (or resume the one there) with local services."""
+def wait_for_external_services(cfg: RunConfig, timeout_s: float = 900.0) -> contextlib.nullcontext:
+    """Services run by a deployment (Kubernetes): wait until the ones the master calls
+    first answer ready. The rollout engine is the checkpoint-engine's to wait for."""
+    for name in ("trainer", "reward", "checkpoint_engine"):
+        wait_until_ready(getattr(cfg, name).address, timeout_s)
+    return contextlib.nullcontext()
+
+
+def run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False,
+        local_services: bool = True) -> RunState:
+    """Start a run in ``run_dir`` (or resume the one there), starting its services here
+    (``local_services``) or using the ones already running at the config's addresses."""
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
     if resume:
@@ -49,7 +61,9 @@ def run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False) -> RunSta
         cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
         config_path.write_text(cfg.dump_yaml())
         state = RunState(run_id=cfg.run_id)
-    with start_local_services(cfg, config_path.resolve(), run_dir / "logs"):
+    services = (start_local_services(cfg, config_path.resolve(), run_dir / "logs")
+                if local_services else wait_for_external_services(cfg))
+    with services:
         clients = Clients.connect(cfg)
         try:
             state = Master(cfg, run_dir, clients, state).run()
