@@ -132,3 +132,8 @@ def test_partial_rollouts_park_continue_and_survive_a_resume(tmp_path, trainer_m
     trained = [r for r in rows if r["groups_trained"]]
     assert trained and all(r["response_tokens_mean"] <= 24 for r in trained)
     assert all(r["train_rollout_logprob_diff"] < 1e-3 for r in trained if "train_loss" in r)
+    # the detector is off: nothing is stopped for looping, and every decoded token is kept
+    # (a continued segment never exceeds its 8-token budget)
+    assert all(r["repetition_stops"] == 0 for r in rows)
+    assert all(0 < r["decoded_tokens"] <= 8 * (r["trajectories_continued"] + 4 * 4)
+               for r in rows)

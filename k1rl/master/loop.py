@@ -140,6 +140,11 @@ class Master:
                "groups_trained": len(groups), "prompts_started": len(tasks),
                "trajectories_continued": len(continuations),
                "tokens_reused": sum(len(c.generated_token_ids) for c in continuations),
+               # segments stopped in the engine because they loop, and all tokens the
+               # engine decoded (a loop's last few are decoded but not kept)
+               "repetition_stops": sum(c.finish_reason == "repetition" for c in [
+                   *(c for r in rollout.results for c in r.completions), *rollout.continued]),
+               "decoded_tokens": rollout.decoded_tokens,
                **self.replay.metrics(i)}
         rewards = self.score_groups(groups, ref) if groups else None
         group_tasks = [g.task for g in groups]
