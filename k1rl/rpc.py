@@ -13,6 +13,7 @@ with id ``""``, so a misbehaving peer learns what was wrong instead of timing ou
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -220,7 +221,9 @@ class RPCServer:
         self._started_at = time.monotonic()
         self._ready = ready
         self._detail: dict[str, str | int | float | bool] = {}
-        self._busy_method = ""
+        # methods running on handler threads now (several threads may run at once)
+        self._busy: collections.Counter[str] = collections.Counter()
+        self._busy_lock = threading.Lock()
         self._loop_thread: threading.Thread | None = None
         self.register("ping", Ping, self._ping, inline=True)
 
@@ -360,7 +363,8 @@ class RPCServer:
 
     def _ping(self, _: Ping) -> Pong:
         detail = dict(self._detail)
-        detail["busy"] = self._busy_method
+        with self._busy_lock:
+            detail["busy"] = ", ".join(sorted(m for m, k in self._busy.items() if k > 0))
         detail["queued"] = self._jobs.qsize()
         return Pong(
             service=self.service,
@@ -404,11 +408,13 @@ class RPCServer:
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            self._busy_method = job.method
+            with self._busy_lock:
+                self._busy[job.method] += 1
             try:
                 frame = self._run(job)
             finally:
-                self._busy_method = ""
+                with self._busy_lock:
+                    self._busy[job.method] -= 1
             self._send_from_worker([*job.prefix, frame])
 
     def _send_from_worker(self, frames: list[bytes]) -> None:

@@ -201,6 +201,30 @@ def test_req_socket_peers_are_answered_too(svc):
     assert reply["id"] == "r1" and reply["ok"] and reply["payload"]["service"] == "test-svc"
 
 
+def test_ping_reports_a_method_busy_while_any_handler_thread_runs_it():
+    """Two handler threads in one method: the one that finishes first must not make the
+    service look idle while the other still works."""
+    server = RPCServer("tcp://127.0.0.1:0", "two-threads", handler_threads=2)
+    server.register("sleep", SleepRequest,
+                    lambda r: (time.sleep(r.seconds), EchoReply(text=r.tag, handled_by=""))[1])
+    server.start_in_thread()
+    try:
+        def call(seconds: float) -> None:
+            with RPCClient(server.address, timeout_s=10) as c:
+                c.call("sleep", SleepRequest(seconds=seconds, tag="t"), EchoReply)
+
+        long = threading.Thread(target=call, args=(2.0,))
+        long.start()
+        call(0.3)  # returns while the long one still sleeps
+        with RPCClient(server.address, timeout_s=1.0) as c:
+            assert c.ping().detail["busy"] == "sleep"
+        long.join(10)
+        with RPCClient(server.address, timeout_s=1.0) as c:
+            assert c.ping().detail["busy"] == ""
+    finally:
+        server.stop()
+
+
 def test_ping_and_inline_methods_answer_while_a_long_handler_runs(svc):
     slow_reply = {}
 
