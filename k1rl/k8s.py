@@ -305,9 +305,10 @@ def rl_objects(cfg: RunConfig, nodes: int) -> list[dict[str, Any]]:
                                    "ckpt-engine": p["checkpoint_engine"],
                                    "rendezvous": RENDEZVOUS_PORT},
                         clusterIP="None", publishNotReadyAddresses=True)
-    policy = _policy("k1rl-rl", "rl", ["master", "rl"],
-                     [p["trainer"], p["rollout"], p["checkpoint_engine"], RENDEZVOUS_PORT],
-                     egress=True)
+    policy = _policy("k1rl-rl", "rl", ["master"],
+                     [p["trainer"], p["rollout"], p["checkpoint_engine"]], egress=True)
+    # RL pods among themselves: the rendezvous, then gloo/NCCL on ports they pick
+    policy["spec"]["ingress"].append({"from": [{"podSelector": {"matchLabels": _labels("rl")}}]})
     return [statefulset, headless, policy]
 
 
@@ -389,7 +390,11 @@ def sandbox_objects(cfg: RunConfig) -> list[dict[str, Any]]:
                 "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}],
         },
     }
-    return [deployment, _service("k1rl-sandbox", "sandbox", {"rpc": p["sandbox"]}), hpa,
+    # node drains take sandbox pods one at a time: code rewards keep being judged
+    budget = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+              "metadata": _meta("k1rl-sandbox", "sandbox"),
+              "spec": {"minAvailable": 1, "selector": {"matchLabels": _labels("sandbox")}}}
+    return [deployment, _service("k1rl-sandbox", "sandbox", {"rpc": p["sandbox"]}), hpa, budget,
             # untrusted code: reachable from reward_svc only, and no egress at all
             _policy("k1rl-sandbox", "sandbox", ["reward"], [p["sandbox"]], egress=False)]
 

@@ -85,6 +85,7 @@ def test_every_overlay_builds_into_the_whole_deployment(built):
         assert {("StatefulSet", "k1rl-rl"), ("Service", "k1rl-rl"), ("Job", "k1rl-master"),
                 ("Deployment", "k1rl-reward"), ("Deployment", "k1rl-sandbox"),
                 ("HorizontalPodAutoscaler", "k1rl-sandbox"), ("NetworkPolicy", "k1rl-sandbox"),
+                ("PodDisruptionBudget", "k1rl-sandbox"),
                 ("ConfigMap", "k1rl-run")} <= kinds, overlay
         assert all(o["metadata"].get("namespace") == "k1rl"
                    for o in objects if o["kind"] != "Namespace"), overlay
