@@ -130,13 +130,15 @@ class RolloutEngine:
         # can be stopped alone. Sample j of a seeded prompt gets seed + j, the seed vLLM's
         # own fan-out of n gives it, so the streams are the ones n would draw.
         seeded = (lambda j: None) if s.seed is None else (lambda j: s.seed + j)
-        runs = [_Run(p, params(s.max_tokens, seeded(j))) for p in prompt_ids for j in range(s.n)]
+        fresh = [_Run(p, params(s.max_tokens, seeded(j))) for p in prompt_ids for j in range(s.n)]
         # a continuation gets its own seed: seeded requests draw the same stream
-        runs += [_Run(p, params(c.max_tokens, seeded(1 + i)), c.generated_token_ids)
-                 for i, (p, c) in enumerate(zip(prefixes, req.continuations))]
+        continued = [_Run(p, params(c.max_tokens, seeded(1 + i)), c.generated_token_ids)
+                     for i, (p, c) in enumerate(zip(prefixes, req.continuations))]
         started = time.perf_counter()
-        self._decode(runs)
-        fresh, continued = runs[: len(prompt_ids) * s.n], runs[len(prompt_ids) * s.n:]
+        # parked trajectories first: when the batch exceeds the engine's slots, vLLM admits
+        # in arrival order, so they resume at once and fresh prompts fill the slots left
+        # and those freed as short ones finish
+        self._decode(continued + fresh)
         results = [
             PromptResult(prompt=self.tokenizer.decode(p), prompt_token_ids=p,
                          completions=[self._completion(r) for r in fresh[k * s.n:(k + 1) * s.n]])
@@ -148,7 +150,7 @@ class RolloutEngine:
             continued=[self._completion(r) for r in continued],
             policy_version=self.policy_version,
             elapsed_s=time.perf_counter() - started,
-            decoded_tokens=sum(r.decoded for r in runs),
+            decoded_tokens=sum(r.decoded for r in continued + fresh),
         )
 
     def _decode(self, runs: list[_Run]) -> None:
