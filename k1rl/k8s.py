@@ -151,9 +151,9 @@ def _resources(cpu: str, memory: str, cpu_limit: str | None = None,
             "limits": {"cpu": cpu_limit or cpu, "memory": memory_limit or memory}}
 
 
-def _restricted(read_only: bool = True) -> dict[str, Any]:
+def _restricted() -> dict[str, Any]:
     return {"runAsNonRoot": True, "runAsUser": RUN_UID, "runAsGroup": RUN_UID,
-            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": read_only,
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
@@ -419,8 +419,9 @@ def _namespace() -> dict[str, Any]:
 
 
 def _images(variant: str) -> list[dict[str, str]]:
-    return [{"name": f"k1rl-{name}", "newTag": f"{__version__}-{variant}"}
-            for name in ("trainer", "rollout", "master", "sandbox")]
+    # every image the manifests run (the base is only built on)
+    return [{"name": name, "newTag": f"{__version__}-{variant}"}
+            for name in IMAGES if name != "k1rl-base"]
 
 
 def cpu_overlay() -> dict[str, Any]:
@@ -457,7 +458,7 @@ def gpu_overlay(gpu_cfg: RunConfig, gpus_per_node: int) -> dict[str, Any]:
             "initContainers": [{"name": "checkpoint-engine", **share}],
             "containers": [{"name": "trainer", "resources": gpu_resources},
                            {"name": "rollout", "resources": gpu_resources}],
-            "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}],
+            "volumes": _volumes("shm", shm_gib=64),
         }}},
     }
     template = {

@@ -119,19 +119,14 @@ class SegmentWatch:
 
     def __init__(self, cfg: RepetitionConfig, before: Sequence[int] = ()) -> None:
         self._detector = RepetitionDetector(cfg)
+        self._before = len(before)
         # a loop already complete in ``before`` (thresholds changed on resume, say):
         # the segment is cut before its first token
         self.cut: int | None = 0 if self._detector.scan(before) is not None else None
-        self.seen = 0
 
     def feed(self, tokens: Iterable[int]) -> int | None:
         """Add the segment's next tokens; once a loop is established, the segment's
         length to keep (the tokens up to where it was established), else None."""
-        if self.cut is not None:
-            return self.cut
-        for token in tokens:
-            self.seen += 1
-            if self._detector.push(token) is not None:
-                self.cut = self.seen
-                return self.cut
-        return None
+        if self.cut is None and (loop := self._detector.scan(tokens)) is not None:
+            self.cut = loop.end - self._before
+        return self.cut
