@@ -1,49 +1,31 @@
-"""Running one untrusted command under hard limits, and what came of it.
+"""What every sandbox runner shares: running one untrusted command under hard limits,
+and what came of it.
 
-A :class:`Runner` executes an argv inside a per-worker :class:`Slot` (a work dir on the
-host, a uid, optionally cgroups) and returns an :class:`Execution`: exit status, CPU
-and wall time, peak memory, capped stdout/stderr and which limit (if any) stopped it.
-Turning that into a verdict is the service's job (sandbox/judge.py), so runners stay
-interchangeable behind :class:`Runner`: :class:`BwrapRunner` (namespaces + seccomp +
-rlimits + cgroups, a few ms per run, the default) and, in sandbox/podman.py,
-``PodmanRunner`` (a podman/runc container per run).
-
-Layers of the bwrap runner, outermost first (each one alone would not be enough):
-- a pids + memory cgroup per worker, when /sys/fs/cgroup is writable;
-- rlimits set between fork and exec (by a small C launcher, sandbox/launcher.c, so the
-  worker can vfork): CPU, address space, file size, open files, processes, core = 0;
-- a non-root uid per worker (root ignores RLIMIT_NPROC, and one uid per worker keeps
-  one program's processes from eating another's allowance);
-- an empty network namespace, made once per worker (the worker moves into it at start,
-  so each run is spared creating one, ~2 ms) or per run when the worker cannot;
-- bubblewrap: new user/pid/ipc/uts/cgroup namespaces, a new session, /usr and a
-  few linker files read-only and nothing else of the host, a fresh /proc showing only
-  the sandbox's processes, the program's code dir read-only (writable while
-  compiling) and a size-bounded tmpfs as its only writable place;
-- a seccomp filter (sandbox/seccomp.py) against kernel attack surface;
-- a wall-clock deadline that SIGKILLs the whole process tree, and a stdout cap that
-  does the same the moment a program writes past it.
+A runner (sandbox/runners.py) executes an argv inside a per-worker :class:`Slot` (a work
+dir on the host, a uid, optionally cgroups) under :class:`Limits` and returns an
+:class:`Execution`: exit status, CPU and wall time, peak memory, capped stdout/stderr and
+which limit (if any) stopped it. Turning that into a verdict is the service's job
+(sandbox/judge.py). Here: the slot, the supervision of one run (:func:`_supervise`:
+stdin, capped output, the wall-clock deadline, the kill sweep, reaping), the rlimits
+set between fork and exec (by a small C launcher, sandbox/launcher.c), the skeleton root
+filesystem, and a pool worker's own set-up (an empty network namespace, child subreaper).
 """
 
 from __future__ import annotations
 
-import abc
 import errno
-import json
 import os
 import resource
 import selectors
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox import cgroups
-from sandbox.seccomp import filter_bytes
 
 # What of the host a program sees, read-only: the toolchains and the shared libraries.
 _RO_PATHS = ("/usr", "/etc/ld.so.cache", "/etc/alternatives")
@@ -115,109 +97,6 @@ class Slot:
         os.chown(path, self.uid, self.uid)
         os.chmod(path, mode)
         return path
-
-
-class Runner(abc.ABC):
-    name: str
-
-    @abc.abstractmethod
-    def execute(self, slot: Slot, argv: list[str], *, stdin: bytes, limits: Limits,
-                writable_code: bool = False, cwd: str = "") -> Execution:
-        """Run ``argv`` in the slot's code dir (or its subdir ``cwd``); never raises
-        because of what the program does. ``start_error`` is set when the sandbox itself
-        could not start the command."""
-
-
-# ---------------------------------------------------------------------------- bwrap
-
-
-class BwrapRunner(Runner):
-    name = "bwrap"
-
-    def __init__(self, root: Path | None = None, bwrap: str | None = None,
-                 netns_per_run: bool = True, launcher: Path | None = None) -> None:
-        self.bwrap = bwrap or shutil.which("bwrap") or "/usr/bin/bwrap"
-        # False when this process already sits in an empty network namespace of its own
-        # (see enter_empty_netns); the programs then share it, one at a time
-        self.netns_per_run = netns_per_run
-        self.launcher = launcher  # see build_launcher
-        if not os.access(self.bwrap, os.X_OK):
-            raise RuntimeError("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
-        self._seccomp = filter_bytes()
-        self._ro = [p for p in _RO_PATHS if os.path.exists(p)]
-        self.root = make_root(root or Path(tempfile.mkdtemp(prefix="k1rl-sandbox-root-")),
-                              self._ro)
-
-    def argv(self, slot: Slot, command: list[str], limits: Limits, writable_code: bool,
-             seccomp_fd: int, status_fd: int, cwd: str = "") -> list[str]:
-        # The root is a read-only bind of a skeleton that already holds every mount
-        # point and symlink: nothing can be created beside the mounts, and it costs ~3 ms
-        # less per run than a tmpfs root remounted read-only.
-        # IPC (SysV shm, semaphores, message queues) could carry data from one program to
-        # the next, so it is always fresh; the network namespace needs no such care: no
-        # process outlives its run, and it holds nothing but a downed loopback
-        unshare = ["--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-uts",
-                   "--unshare-cgroup-try"] + (["--unshare-net"] if self.netns_per_run else [])
-        args = [self.bwrap, *unshare, "--disable-userns",
-                "--die-with-parent", "--new-session", "--hostname", "sandbox", "--clearenv",
-                "--uid", str(slot.uid), "--gid", str(slot.uid),
-                "--ro-bind", str(self.root), "/"]
-        for path in self._ro:
-            args += ["--ro-bind", path, path]
-        args += ["--proc", "/proc", "--dev", "/dev",
-                 "--size", str(limits.scratch_mb << 20), "--tmpfs", SCRATCH_DIR,
-                 "--bind" if writable_code else "--ro-bind", str(slot.code), CODE_DIR,
-                 "--chdir", f"{CODE_DIR}/{cwd}" if cwd else CODE_DIR,
-                 "--json-status-fd", str(status_fd),
-                 "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
-                 "--setenv", "HOME", SCRATCH_DIR, "--setenv", "TMPDIR", SCRATCH_DIR,
-                 "--setenv", "LANG", "C.UTF-8",
-                 "--seccomp", str(seccomp_fd), "--", *command]
-        return args
-
-    def execute(self, slot: Slot, argv: list[str], *, stdin: bytes, limits: Limits,
-                writable_code: bool = False, cwd: str = "") -> Execution:
-        filter_r, filter_w = os.pipe()
-        try:
-            os.write(filter_w, self._seccomp)  # < pipe buffer: the filter is ~1 KB
-        finally:
-            os.close(filter_w)
-        status_r, status_w = os.pipe()
-        try:
-            command = self.argv(slot, argv, limits, writable_code, filter_r, status_w, cwd)
-            # _supervise closes status_w once the child has its copy (or failed to start),
-            # so reading status_r ends at the child's exit
-            result = _supervise(command, slot, stdin, limits, pass_fds=(filter_r, status_w),
-                                hand_over=(status_w,), launcher=self.launcher)
-            status = _read_all(status_r)
-        finally:
-            os.close(filter_r)
-            os.close(status_r)
-        _account(result, status)
-        # Without {"child-pid": N} bwrap never cloned the sandbox; a set-up failure in
-        # the clone (a mount, a namespace) ends it with exit 1 and "bwrap: ..." on
-        # stderr before the command runs. (A program can print that too: it gains a
-        # sandbox_error, which earns no reward either.)
-        setup_failed = (result.exit_code == 1 and result.stderr.startswith(b"bwrap: ")) or \
-            (result.exit_code == 126 and result.stderr.startswith(b"k1rl-launch: "))
-        if not result.start_error and (b'"child-pid"' not in status or setup_failed):
-            result.start_error = "sandbox set-up failed: " + result.stderr.decode(
-                "utf-8", "replace").strip()
-        return result
-
-
-def _read_all(fd: int) -> bytes:
-    os.set_blocking(fd, False)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def make_root(root: Path, ro_paths: list[str]) -> Path:
@@ -446,7 +325,8 @@ def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
         result.signal = os.WTERMSIG(status)
     else:
         result.exit_code = os.WEXITSTATUS(status)
-    # only the outer bwrap's own time: the program's comes from its init (_account)
+    # only the outer bwrap's own time: the program's comes from its init
+    # (sandbox/bubblewrap.py:_account)
     result.cpu_s = usage.ru_utime + usage.ru_stime
     if slot.cgroup is not None:
         result.oom_killed = slot.cgroup.oom_killed()
@@ -455,38 +335,6 @@ def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
         result.signal = signal.SIGKILL
     result.stdout, result.stderr = bytes(out), bytes(err)
     return result
-
-
-def _account(result: Execution, status: bytes) -> None:
-    """CPU time and peak memory of the program, from the sandbox's init process.
-
-    The outer bwrap exits without reaping its child, the pid-namespace init (which does
-    reap the program), so wait4 on bwrap sees neither's usage. The worker is a child
-    subreaper (:func:`become_subreaper`): the init, whose host pid bwrap reports on the
-    status fd, becomes our child, and its rusage covers the program it reaped.
-    """
-    inner = None
-    for line in status.splitlines():
-        try:
-            inner = json.loads(line).get("child-pid", inner)
-        except (ValueError, AttributeError):
-            continue
-    if inner:
-        deadline = time.monotonic() + 2.0
-        while True:
-            try:
-                pid, _, usage = os.wait4(inner, os.WNOHANG)
-            except ChildProcessError:  # not ours: the worker is not a subreaper
-                break
-            if pid:
-                result.cpu_s = usage.ru_utime + usage.ru_stime
-                result.memory_kb = usage.ru_maxrss
-                break
-            if time.monotonic() > deadline:
-                os.kill(inner, signal.SIGKILL)
-                deadline = float("inf")
-            time.sleep(0.0002)
-    reap_orphans()
 
 
 def _kill_tree(proc: subprocess.Popen, slot: Slot, kill: Callable[[], None] | None) -> None:

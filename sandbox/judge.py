@@ -20,7 +20,8 @@ from k1rl.protocol import (
 
 from sandbox import languages
 from sandbox.checkers import compare
-from sandbox.isolation import Execution, Limits, Runner, Slot
+from sandbox.isolation import Execution, Limits, Slot
+from sandbox.runners import Runner
 
 SHOWN_CHARS = 4096          # stdout/stderr kept in a response, per test
 COMPILER_OUTPUT_CHARS = 16384

@@ -39,6 +39,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from k1rl.config import SandboxConfig
 from sandbox import cgroups
 from sandbox.isolation import (
     _RO_PATHS,
@@ -46,19 +47,20 @@ from sandbox.isolation import (
     SCRATCH_DIR,
     Execution,
     Limits,
-    Runner,
     Slot,
     _supervise,
     make_root,
 )
+from sandbox.runners import Runner, register
 from sandbox.seccomp import oci_profile
 
 _ENV = ("PATH=/usr/local/bin:/usr/bin:/bin", f"HOME={SCRATCH_DIR}", f"TMPDIR={SCRATCH_DIR}",
         "LANG=C.UTF-8")
 
 
+@register("podman")
 class PodmanRunner(Runner):
-    name = "podman"
+    own_cgroups = True  # each run's container, under a per-slot parent
 
     def __init__(self, root: Path, podman: str | None = None, runtime: str = "runc") -> None:
         self.podman = podman or shutil.which("podman") or "/usr/bin/podman"
@@ -81,6 +83,10 @@ class PodmanRunner(Runner):
         self.profile.write_text(oci_profile())
         self._serial = itertools.count()
         self._setup_cpu_ns: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: SandboxConfig, in_empty_netns: bool) -> PodmanRunner:
+        return cls(Path(cfg.work_root) / "rootfs-podman")
 
     def argv(self, slot: Slot, parent: str, name: str, command: list[str], limits: Limits,
              writable_code: bool, cwd: str = "") -> list[str]:

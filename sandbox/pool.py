@@ -20,6 +20,7 @@ from pathlib import Path
 
 from k1rl.config import SandboxConfig
 from k1rl.protocol import RunCodeRequest, RunCodeResult
+from sandbox import runners
 
 log = logging.getLogger(__name__)
 _CTX = mp.get_context("spawn")  # the parent has threads: never fork it
@@ -27,17 +28,6 @@ _CTX = mp.get_context("spawn")  # the parent has threads: never fork it
 
 class WorkerCrashed(RuntimeError):
     pass
-
-
-def make_runner(cfg: SandboxConfig, netns_per_run: bool = True):
-    if cfg.runner == "podman":
-        from sandbox.podman import PodmanRunner
-
-        return PodmanRunner(Path(cfg.work_root) / "rootfs-podman")
-    from sandbox.isolation import BwrapRunner, build_launcher
-
-    return BwrapRunner(Path(cfg.work_root) / "rootfs", netns_per_run=netns_per_run,
-                       launcher=build_launcher(Path(cfg.work_root)))
 
 
 def _worker_main(index: int, cfg_json: str, instance: str, conn: Connection) -> None:
@@ -48,19 +38,19 @@ def _worker_main(index: int, cfg_json: str, instance: str, conn: Connection) -> 
     become_subreaper()
 
     cfg = SandboxConfig.model_validate_json(cfg_json)
+    kind = runners.get(cfg.runner)
     # the worker talks to the service over a pipe only: it can live without a network
-    own_netns = cfg.runner == "bwrap" and enter_empty_netns()
-    # podman puts each container in cgroups of its own (under a per-slot parent)
-    own_cgroup = cfg.use_cgroups == "auto" and cfg.runner == "bwrap"
+    own_netns = kind.shares_worker_netns and enter_empty_netns()
+    own_cgroup = cfg.use_cgroups == "auto" and not kind.own_cgroups
     cgroup = cgroups.create(f"{instance}-w{index}") if own_cgroup else None
     slot = Slot(index, cfg.uid_base + index, Path(cfg.work_root) / instance / f"w{index}",
                 cgroup)
     try:
-        judge = Judge(make_runner(cfg, netns_per_run=not own_netns), slot, cfg)
+        judge = Judge(kind.from_config(cfg, in_empty_netns=own_netns), slot, cfg)
     except RuntimeError as e:  # the runner cannot work on this host: say why
         conn.send(("failed", str(e)))
         return
-    conn.send(("ready", {"cgroup": cgroup is not None or cfg.runner == "podman"}))
+    conn.send(("ready", {"cgroup": cgroup is not None or kind.own_cgroups}))
     try:
         while True:
             try:
@@ -123,7 +113,7 @@ class WorkerPool:
         # one host never collide (uids do unless uid_base differs: see SandboxConfig)
         self.instance = f"svc{os.getpid()}"
         _make_reachable(Path(cfg.work_root) / self.instance)
-        if cfg.use_cgroups == "auto" or cfg.runner == "podman":
+        if runners.uses_cgroups(cfg):
             from sandbox import cgroups
 
             cgroups.remove_stale()
@@ -172,7 +162,7 @@ class WorkerPool:
         self._closed = True
         for w in self.workers:
             w.close()
-        if self.cfg.use_cgroups == "auto" or self.cfg.runner == "podman":
+        if runners.uses_cgroups(self.cfg):
             from sandbox import cgroups
 
             cgroups.remove_stale(self.instance)  # a killed worker could not clean up

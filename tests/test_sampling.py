@@ -9,14 +9,14 @@ import pytest
 
 from k1rl.config import RLConfig
 from k1rl.data.tasks import generate_tasks
-from k1rl.master.sampling import PromptSampler
+from k1rl.master.samplers import PromptSampler, create
 
 POOLS = [generate_tasks("add", 1, 40, seed=0), generate_tasks("add", 2, 40, seed=0),
          generate_tasks("add", 3, 40, seed=0)]
 
 
 def sampler(**cfg) -> PromptSampler:
-    return PromptSampler(RLConfig(tasks=["add:1", "add:2", "add:3"], **cfg), POOLS)
+    return create(RLConfig(tasks=["add:1", "add:2", "add:3"], **cfg), POOLS)
 
 
 def test_uniform_draws_what_the_loop_always_drew():

@@ -60,6 +60,28 @@ def test_languages_registry():
         languages.get("cobol")
 
 
+def test_runners_are_registered_by_name_and_an_unknown_one_fails_at_config_load():
+    from k1rl.config import ConfigError, RunConfig
+    from sandbox import runners
+    from sandbox.bubblewrap import BwrapRunner
+    from sandbox.podman import PodmanRunner
+
+    assert runners.available() == ["bwrap", "podman"]
+    assert (runners.get("bwrap"), runners.get("podman")) == (BwrapRunner, PodmanRunner)
+    with pytest.raises(ConfigError, match=r"sandbox.runner: 'docker' — unknown sandbox runner "
+                                          r"'docker' \(registered: bwrap, podman\)"):
+        RunConfig.from_yaml_text("sandbox: {runner: docker}")
+
+
+@needs_bwrap
+def test_a_runner_is_built_from_the_sandbox_config(tmp_path):
+    from sandbox import runners
+
+    runner = runners.create(SandboxConfig(work_root=str(tmp_path)), in_empty_netns=True)
+    assert runner.name == "bwrap" and not runner.netns_per_run
+    assert runner.root == tmp_path / "rootfs"
+
+
 # ------------------------------------------------------------------ the service
 
 
@@ -250,7 +272,8 @@ def test_the_c_launcher_and_the_python_fallback_start_runs_alike(tmp_path_factor
     from pathlib import Path
 
     from sandbox import cgroups
-    from sandbox.isolation import BwrapRunner, Limits, Slot, build_launcher
+    from sandbox.bubblewrap import BwrapRunner
+    from sandbox.isolation import Limits, Slot, build_launcher
 
     root = Path(f"/tmp/k1rl-sandbox-launch-{os.getpid()}")
     root.mkdir(mode=0o711)
