@@ -12,28 +12,21 @@ import math
 
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; ``problems`` holds one line per bad field."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"invalid config {source}:\n{lines}")
+from k1rl.registry import LOSSES, METRIC_SINKS, SAMPLERS, SANDBOX_RUNNERS, import_plugins
+from k1rl.schedule import BudgetSchedule
+from k1rl.yaml_config import ConfigError, parse_yaml_model
 
 
 # tcp://host:port (host may be a name, an IPv4/IPv6 literal or * for "all interfaces"),
@@ -121,19 +114,26 @@ class TrainerConfig(ServiceSection):
         "and CUDA, ~4x faster than megatron's local attention on CPU) or megatron-core's "
         "local DotProductAttention. Same function up to float rounding.",
     )
-    loss: Literal["mirror_descent"] = Field(
-        "mirror_descent", description="RL loss by registry name (trainer_svc/losses)."
+    loss: Any = Field(
+        default_factory=lambda: LOSSES.config("mirror_descent"),
+        description="RL loss: {name: <registered loss>, ...its parameters} (a bare name takes "
+        "the defaults). Registered in trainer_svc/losses: mirror_descent (k1.5 eq. 3: tau, "
+        "baseline), grpo, gspo, token_clip, dpo; policy-gradient losses take a 'mismatch' "
+        "correction (TIS/MIS).",
     )
-    tau: float = Field(
-        0.1,
-        ge=0,
-        description="k1.5 tau: weight of the KL term to the iteration's reference policy "
-        "(eq. 3; the report gives no value).",
+    optimizer_policy: Literal["reset", "keep", "reset_first_moment"] = Field(
+        "reset",
+        description="Optimizer state at the start of an RL iteration: reset (k1.5: fresh "
+        "every iteration, so Adam's first step is ~lr*sign(gradient)), keep (Adam's moments "
+        "carry across iterations, as in one long run), reset_first_moment (momentum zeroed, "
+        "second moment kept). The first RL iteration after SFT steps always starts fresh.",
     )
-    baseline: Literal["mean", "tau_log_z"] = Field(
-        "mean",
-        description="Reward baseline per prompt: mean reward of its k samples (k1.5's "
-        "practical choice) or the tau log Z estimate tau*log(mean(exp(r/tau))).",
+    reference: Literal["trainer", "rollout"] = Field(
+        "trainer",
+        description="Log-probs of θ_i, the policy that generated the samples: the trainer's "
+        "(its own forward pass for a one-step iteration, an extra no-grad pass otherwise) or "
+        "the rollout engine's (no extra pass; the mismatch correction then has nothing to "
+        "correct).",
     )
     minibatches_per_iteration: int = Field(
         1, ge=1, description="Optimizer steps per pass over an iteration's batch (k1.5 takes several)."
@@ -154,6 +154,20 @@ class TrainerConfig(ServiceSection):
         "advantage: they add only the tau term, which is zero on an iteration's first step). "
         "Exact with one optimizer step per iteration, and it saves their compute.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        moved = [k for k in ("tau", "baseline") if isinstance(data, dict) and k in data]
+        if moved:
+            raise ValueError(f"trainer.{moved[0]} moved into the loss section: "
+                             f"trainer.loss: {{name: mirror_descent, {moved[0]}: ...}}")
+        return data
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _registered_loss(cls, v: Any) -> Any:
+        return LOSSES.config(v)
 
     @field_validator("dist_backend")
     @classmethod
@@ -349,12 +363,12 @@ class SandboxConfig(ServiceSection):
         "serves ZMQ only.")
     http_host: str = Field("127.0.0.1", description="Interface the HTTP API listens on.")
     workers: int = Field(2, ge=1, le=256, description="Programs run at once (one per core).")
-    runner: Literal["bwrap", "podman"] = Field(
+    runner: str = Field(
         "bwrap",
-        description="bwrap: bubblewrap namespaces + seccomp + rlimits (+ cgroups when "
-        "writable), ~25 ms per run. podman: a podman/runc container per run (same seccomp "
-        "rules, rlimits, container cgroup limits), ~0.25 s per run; needs root, podman, "
-        "runc and a writable /sys/fs/cgroup.")
+        description="Runner by registry name (sandbox/runners.py). bwrap: bubblewrap "
+        "namespaces + seccomp + rlimits (+ cgroups when writable), ~25 ms per run. podman: "
+        "a podman/runc container per run (same seccomp rules, rlimits, container cgroup "
+        "limits), ~0.25 s per run; needs root, podman, runc and a writable /sys/fs/cgroup.")
     work_root: str = Field(
         "/tmp/k1rl-sandbox", min_length=1,
         description="Host directory for the pre-created per-worker work dirs.")
@@ -370,6 +384,11 @@ class SandboxConfig(ServiceSection):
     use_cgroups: Literal["auto", "off"] = Field(
         "auto", description="auto: pids+memory cgroup per worker when /sys/fs/cgroup is "
                             "writable (v1 or v2); off: rlimits only.")
+
+    @field_validator("runner")
+    @classmethod
+    def _registered_runner(cls, v: str) -> str:
+        return SANDBOX_RUNNERS.check(v)
 
 
 _SERVICES = ("trainer", "rollout", "reward", "checkpoint_engine", "sandbox")
@@ -404,10 +423,11 @@ class RLConfig(Section):
         "counts rounded by largest remainder). null: prompts are drawn from all levels' "
         "problems together.",
     )
-    sampler: Literal["uniform", "curriculum", "prioritized"] = Field(
+    sampler: str = Field(
         "uniform",
-        description="How prompts are drawn (k1rl/master/sampling.py): uniformly, by a "
-        "difficulty curriculum, or prioritized by 1 - tracked success rate.",
+        description="How prompts are drawn, by registry name (k1rl/master/samplers/): "
+        "uniform, curriculum (a difficulty schedule) or prioritized (by 1 - tracked "
+        "success rate).",
     )
     curriculum: Literal["easy_to_hard", "warmup_then_hard"] = Field(
         "easy_to_hard",
@@ -424,6 +444,13 @@ class RLConfig(Section):
     )
     pool_size: int = Field(2000, ge=1, description="Training problems generated per level.")
     keep_checkpoints: int = Field(2, ge=1, description="Trainer checkpoints kept for resume.")
+    metrics: list[str] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="Where each iteration's metrics row goes, by registry name "
+        "(k1rl/metrics/): jsonl (the run dir's metrics.jsonl), tensorboard (event files in "
+        "tensorboard/), wandb (an offline Weights & Biases run in wandb/). jsonl is always "
+        "written, added when not listed: resume, plots and summaries read it.",
+    )
     eval_every: int = Field(
         0,
         ge=0,
@@ -446,12 +473,31 @@ class RLConfig(Section):
         description="Samples per held-out problem at the rollout temperature (pass@1 is "
         "their mean accuracy); one greedy sample is taken as well.",
     )
+    schedule: BudgetSchedule = Field(
+        default_factory=BudgetSchedule,
+        description="Token budget and length-penalty weight by iteration (k1rl/schedule.py): "
+        "warm-up, long2short's cut budget, Toggle's alternating phases. Empty: constant.",
+    )
 
     @field_validator("tasks")
     @classmethod
     def _levels(cls, v: list[str]) -> list[str]:
         parse_levels(v)
         return v
+
+    @field_validator("sampler")
+    @classmethod
+    def _registered_sampler(cls, v: str) -> str:
+        return SAMPLERS.check(v)
+
+    @field_validator("metrics")
+    @classmethod
+    def _registered_sinks(cls, v: list[str]) -> list[str]:
+        for name in v:
+            METRIC_SINKS.check(name)
+        if len(set(v)) != len(v):
+            raise ValueError("a sink is listed twice")
+        return v if "jsonl" in v else ["jsonl", *v]
 
     @model_validator(mode="after")
     def _mix(self) -> RLConfig:
@@ -489,6 +535,11 @@ class RLConfig(Section):
 
 
 class RunConfig(Section):
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Python modules imported before the rest of the config is validated, in "
+        "every process: where your own losses, verifiers or samplers register themselves.",
+    )
     run_id: str = Field("k1rl", min_length=1, description="Name of the run; tags messages.")
     seed: int = Field(0, ge=0, description="Global random seed.")
     run_dir: str = Field(
@@ -507,6 +558,24 @@ class RunConfig(Section):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig,
                                    description="Code execution for code rewards.")
     rl: RLConfig = Field(default_factory=RLConfig, description="The master's RL loop.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("plugins"), list):
+            import_plugins([str(m) for m in data["plugins"]])
+        return data
+
+    @model_validator(mode="after")
+    def _schedule_fits_rollout(self) -> RunConfig:
+        budgets, r = self.rl.schedule.budgets(), self.rollout
+        if budgets and r.max_response_tokens is not None:
+            raise ValueError("rl.schedule: a token budget per phase needs partial rollouts off "
+                             "(rollout.max_response_tokens sets the segment budget)")
+        if budgets and max(budgets) > r.max_tokens:
+            raise ValueError(f"rl.schedule: max_tokens {max(budgets)} is above "
+                             f"rollout.max_tokens ({r.max_tokens}), the run's largest budget")
+        return self
 
     @model_validator(mode="after")
     def _distinct_addresses(self) -> RunConfig:
@@ -528,25 +597,6 @@ class RunConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def parse_yaml_model(model: type[M], text: str, source: str = "<text>") -> M:
-    """Parse YAML (duplicate keys refused) into ``model``; ConfigError names every bad field."""
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(source, [_yaml_problem(e)]) from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(source, [f"top level must be a mapping, got {type(data).__name__}"])
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(source, _problems(e, model)) from e
-
-
 def load_config(path: str | Path) -> RunConfig:
     """Load a RunConfig from a YAML file; raise ConfigError naming what was wrong."""
     p = Path(path)
@@ -555,72 +605,3 @@ def load_config(path: str | Path) -> RunConfig:
     except OSError as e:
         raise ConfigError(str(p), [f"cannot read file: {e.strerror or e}"]) from e
     return RunConfig.from_yaml_text(text, source=str(p))
-
-
-# ------------------------------------------------------------------ YAML parsing
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    out: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in out:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping",
-                node.start_mark,
-                f"found duplicate key {key!r}",
-                key_node.start_mark,
-            )
-        out[key] = loader.construct_object(value_node, deep=True)
-    return out
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-# PyYAML follows YAML 1.1, where 1e-3 (no dot) is a string; people write learning rates
-# that way, so resolve YAML 1.2 style exponent floats too.
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e)
-    kind = "YAML error" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
-    if mark is None:
-        return f"{kind}: {problem}"
-    return f"{kind} at line {mark.line + 1}, column {mark.column + 1}: {problem}"
-
-
-def _problems(exc: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
-    """``dotted.path: value — reason`` for each pydantic error."""
-    out = []
-    for err in exc.errors(include_url=False):
-        path = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if not path:  # model-level validators already name their fields
-            out.append(msg)
-        elif err["type"] == "extra_forbidden":
-            out.append(f"{path}: unknown key (allowed: {_allowed_keys(err['loc'], root)})")
-        else:
-            msg = msg[:1].lower() + msg[1:]
-            out.append(f"{path}: {err['input']!r} — {msg}")
-    return out
-
-
-def _allowed_keys(loc: tuple[int | str, ...], root: type[BaseModel] | None = None) -> str:
-    model: type[BaseModel] = root or RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return "?"
-        model = ann
-    return ", ".join(model.model_fields)

@@ -20,14 +20,9 @@ from pydantic import ValidationError
 
 from k1rl.protocol import TrainBatch, TrainSample
 from trainer_svc import MegatronTrainer, run_distributed
-from trainer_svc.losses import LOSSES, MirrorDescentConfig, get_loss, loss_config
-from trainer_svc.losses.mirror_descent import (
-    as_train_samples,
-    mirror_descent_loss,
-    mixed_groups,
-    split_groups,
-    uniform_group_fraction,
-)
+from trainer_svc.groups import as_train_samples, mixed_groups, split_groups, uniform_group_fraction
+from trainer_svc.losses import MirrorDescentConfig, create, mirror_descent_loss
+from trainer_svc.rl_step import StepSettings, rl_iteration
 from trainer_svc.model import unwrap
 
 VOCAB = 4
@@ -230,13 +225,10 @@ def test_loss_refuses_bad_inputs(override, message):
         mirror_descent_loss(cfg=MirrorDescentConfig(), **args)
 
 
-def test_registry_finds_mirror_descent_by_name():
-    entry = get_loss("mirror_descent")
-    assert entry.fn is mirror_descent_loss and entry.config is MirrorDescentConfig
-    assert loss_config("mirror_descent", tau=0.2).tau == 0.2
-    assert set(LOSSES) == {"mirror_descent"}
-    with pytest.raises(KeyError, match=r"unknown loss 'ppo'; registered: \['mirror_descent'\]"):
-        get_loss("ppo")
+def test_mirror_descent_is_built_by_name_from_a_config_section():
+    loss = create({"name": "mirror_descent", "tau": 0.2})
+    assert loss.name == "mirror_descent" and loss.cfg == MirrorDescentConfig(tau=0.2)
+    assert create("mirror_descent").cfg == MirrorDescentConfig()
 
 
 # ------------------------------------------------------------------ batches of groups
@@ -312,7 +304,7 @@ def _sequence_logprobs(trainer, samples) -> torch.Tensor:
 
 def _iteration_scenario(rank, world, hf_dir):
     trainer = MegatronTrainer.from_hf(hf_dir, tp=world, lr=LR, seed=0)
-    cfg = MirrorDescentConfig(tau=0.1)
+    loss = create(MirrorDescentConfig(tau=0.1))
     # optimizer state from earlier steps, which the iteration must drop
     for _ in range(2):
         trainer.sft_step([([3, 4, 5], [6, 7, 8, 9]), ([10, 11], [12, 13, 14])])
@@ -320,16 +312,15 @@ def _iteration_scenario(rank, world, hf_dir):
     start = _sequence_logprobs(trainer, samples)
 
     before = _weights(trainer)
-    first = trainer.mirror_descent_iteration(samples, cfg)  # one step: a fresh Adam's first
+    first = rl_iteration(trainer, samples, loss)  # one step: a fresh Adam's first
     result = {"first": first, "after_reset": _update_over_lr(before, _weights(trainer))}
     before = _weights(trainer)
-    trainer.mirror_descent_iteration(samples, cfg, reset_optimizer=False)
+    rl_iteration(trainer, samples, loss, StepSettings(optimizer="keep"))
     result["kept_state"] = _update_over_lr(before, _weights(trainer))
 
     samples = [s.model_copy(update={"policy_version": trainer.policy_version}) for s in samples]
-    result["second"] = trainer.mirror_descent_iteration(
-        TrainBatch(samples=samples), cfg, minibatches=3, epochs=2
-    )
+    result["second"] = rl_iteration(trainer, TrainBatch(samples=samples), loss,
+                                    StepSettings(minibatches=3, epochs=2))
     result["gain"] = (_sequence_logprobs(trainer, samples) - start).tolist()
     result["rewarded"] = [s.reward == 1.0 for s in samples]
     result["groups"] = [s.group_id for s in samples]
@@ -387,8 +378,8 @@ def test_iteration_metrics(iteration_tp1):
 
 def _one_step_scenario(rank, world, hf_dir, skip):
     trainer = MegatronTrainer.from_hf(hf_dir, tp=world, lr=LR, seed=0)
-    stats = trainer.mirror_descent_iteration(_toy_batch(trainer), MirrorDescentConfig(tau=0.1),
-                                             skip_uniform_groups=skip)
+    stats = rl_iteration(trainer, _toy_batch(trainer), create(MirrorDescentConfig(tau=0.1)),
+                         StepSettings(skip_uniform_groups=skip))
     return stats, _weights(trainer)
 
 

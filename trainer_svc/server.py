@@ -10,6 +10,7 @@ sender (every rank holds the full HF tensors after the export's all-gather).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,8 @@ from k1rl.protocol import (
 )
 from k1rl.rpc import RPCServer
 from k1rl.service import run_until_signalled, setup_logging
+from trainer_svc.losses import create as create_loss
+from trainer_svc.rl_step import StepSettings, rl_iteration
 from trainer_svc.trainer import MegatronTrainer
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,8 @@ class TrainerService:
             )
         self._planned = False
         self._publish_started: float | None = None
+        self.loss = create_loss(cfg.trainer.loss)
+        self._after_sft = False
 
     # -------------------------------------------------------------------- verbs
     def sft_step(self, batch: SFTBatch) -> TrainStats:
@@ -65,6 +70,7 @@ class TrainerService:
         # SFT is plain supervised learning: always AdamW, whatever RL iterations use
         self.trainer.configure_optimizer("adam", batch.lr or self.trainer.optim.lr)
         stats = self.trainer.sft_step(examples)
+        self._after_sft = True
         return TrainStats(
             ref=batch.ref,
             policy_version=self.trainer.policy_version,
@@ -74,22 +80,16 @@ class TrainerService:
         )
 
     def train(self, batch: TrainBatch) -> TrainStats:
-        """One k1.5 RL iteration: reset the optimizer, take the reference, several steps."""
-        from trainer_svc.losses import loss_config
-
+        """One RL iteration of the configured loss (trainer_svc.rl_step)."""
         t = self.cfg.trainer
-        # SFT steps may have scheduled another lr; RL iterations always use the configured
-        # optimizer and lr (the iteration re-creates the optimizer anyway).
+        settings = StepSettings.from_config(t)
+        if self._after_sft:
+            # SFT's moments (another objective, another lr) never carry into RL
+            settings = replace(settings, optimizer="reset")
+            self._after_sft = False
+        # SFT steps may have scheduled another lr; RL iterations use the configured one
         self.trainer.configure_optimizer(t.optimizer, t.lr)
-        stats = self.trainer.mirror_descent_iteration(
-            batch,
-            loss_config(t.loss, tau=t.tau, baseline=t.baseline),
-            minibatches=t.minibatches_per_iteration,
-            epochs=t.epochs_per_iteration,
-            skip_uniform_groups=t.skip_uniform_groups,
-            segments=t.segments,
-            max_segment_age=t.max_segment_age,
-        )
+        stats = rl_iteration(self.trainer, batch, self.loss, settings)
         return TrainStats(
             ref=batch.ref,
             policy_version=self.trainer.policy_version,

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from k1rl.protocol import TrainBatch, TrainSample
+from k1rl.config import TrainerConfig
 from trainer_svc import convert
 from trainer_svc.cpu_shims import apply_cpu_shims, cuda_as_cpu, seed_model_parallel
 from trainer_svc.model import (
@@ -33,15 +33,6 @@ from trainer_svc.model import (
     forward_logprobs,
     pack_rows,
     unwrap,
-)
-from trainer_svc.losses.mirror_descent import (
-    MirrorDescentConfig,
-    as_train_samples,
-    mirror_descent_loss,
-    mixed_groups,
-    segment_mask,
-    split_groups,
-    uniform_group_fraction,
 )
 
 # Files next to the weights that make an exported dir loadable by transformers / vLLM.
@@ -63,17 +54,23 @@ CHECKPOINT_FORMAT = 1
 LossFn = Callable[[Tensor, TokenBatch], Tensor]
 
 
+def _configured(field: str):
+    """The run config's default of a trainer field: declared once, in k1rl.config."""
+    return TrainerConfig.model_fields[field].default
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimizer hyper-parameters: ``name`` "adam" (AdamW; ``betas`` = beta1, beta2) or
-    "sgd" (plain SGD, no momentum); ``grad_clip`` 0 disables clipping."""
+    "sgd" (plain SGD, no momentum); ``grad_clip`` 0 disables clipping. Defaults are the
+    run config's (``trainer.*``)."""
 
-    name: str = "adam"
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    name: str = _configured("optimizer")
+    lr: float = _configured("lr")
+    weight_decay: float = _configured("weight_decay")
+    betas: tuple[float, float] = (_configured("adam_beta1"), _configured("adam_beta2"))
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = _configured("grad_clip")
 
     def __post_init__(self) -> None:
         if self.name not in ("adam", "sgd"):
@@ -161,10 +158,10 @@ class MegatronTrainer:
         model_dir: str | Path,
         *,
         tp: int = 1,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        grad_clip: float = 1.0,
+        lr: float = OptimConfig.lr,
+        weight_decay: float = OptimConfig.weight_decay,
+        betas: tuple[float, float] = OptimConfig.betas,
+        grad_clip: float = OptimConfig.grad_clip,
         seed: int = 0,
         device: str = "cpu",
         seq_length: int | None = None,
@@ -236,6 +233,20 @@ class MegatronTrainer:
     def reset_optimizer(self) -> None:
         """Fresh optimizer state (k1.5 resets it at the start of every iteration)."""
         self.optimizer = self._make_optimizer()
+
+    def prepare_optimizer(self, policy: str) -> None:
+        """The optimizer state an RL iteration starts from: ``reset`` (k1.5: fresh state
+        every iteration), ``keep`` (Adam's moments carry over), or ``reset_first_moment``
+        (momentum zeroed, the per-parameter scale of the second moment kept)."""
+        if policy == "reset":
+            self.reset_optimizer()
+        elif policy == "reset_first_moment":
+            for state in _torch_optimizer_states(self.optimizer):
+                if "exp_avg" in state:
+                    state["exp_avg"].zero_()
+        elif policy != "keep":
+            raise ValueError(f"optimizer policy must be reset, keep or reset_first_moment, "
+                             f"got {policy!r}")
 
     def configure_optimizer(self, name: str, lr: float) -> None:
         """Use optimizer ``name`` at ``lr`` from the next step on; a new kind of optimizer
@@ -359,152 +370,6 @@ class MegatronTrainer:
         stats = self.train_step(mean_nll, batches)
         stats.update(tokens=float(n_tokens), rows=float(sum(len(b.input_ids) for b in batches)))
         return stats
-
-    # ---------------------------------------------------- RL: online policy mirror descent
-
-    def mirror_descent_iteration(
-        self,
-        samples: TrainBatch | Sequence[TrainSample | tuple],
-        loss_cfg: MirrorDescentConfig,
-        *,
-        minibatches: int = 1,
-        epochs: int = 1,
-        reset_optimizer: bool = True,
-        skip_uniform_groups: bool = False,
-        segments: str = "all",
-        max_segment_age: int = 1,
-    ) -> dict[str, float]:
-        """One k1.5 RL iteration: ``minibatches * epochs`` optimizer steps on ``samples``.
-
-        ``samples``: a TrainBatch, TrainSamples, or tuples ``(group_id, prompt_token_ids,
-        response_token_ids, rollout_logprobs, reward[, policy_version])``; the k samples
-        of a prompt share a group id. The optimizer is reset first (k1.5 does so every
-        iteration) and the reference log π_θi of every sample is computed once with the
-        current weights, before any step. The groups (whole, in order of first
-        appearance) are split into ``minibatches`` near-equal mini-batches, one
-        optimizer step each, and the pass is repeated ``epochs`` times; the loss is
-        :func:`~trainer_svc.losses.mirror_descent.mirror_descent_loss` per mini-batch.
-
-        Returns step means (``loss``, ``grad_norm``) and last values, ``reward_mean``,
-        ``uniform_groups`` (fraction of groups whose rewards are all equal: no policy
-        gradient), ``rollout_logprob_diff`` (mean |rollout − trainer| token log-prob at
-        θ_i: the trainer/rollout mismatch alarm; ``stale_samples`` counts samples whose
-        policy_version is not the trainer's), ``log_ratio_sq`` (mean (log πθ − log πθi)²
-        over steps) and ``kl_term`` (τ/2 times it), ``ref_gap_first_step`` (max |log ratio|
-        at the first step, ~0 unless the reference is wrong).
-
-        Partial-rollout trajectories (per-token segments and versions) enter the loss with
-        the tokens :func:`~trainer_svc.losses.mirror_descent.segment_mask` selects for
-        ``segments`` / ``max_segment_age``; the reference is θ_i's log-prob of the same
-        tokens, and the mismatch alarm compares only tokens θ_i itself generated.
-        """
-        if minibatches < 1 or epochs < 1:
-            raise ValueError(f"minibatches={minibatches} and epochs={epochs} must be >= 1")
-        samples = as_train_samples(samples, self.policy_version)
-        stale = sum(s.policy_version != self.policy_version for s in samples)
-        received = samples
-        if skip_uniform_groups:
-            samples = mixed_groups(received) or received
-        if reset_optimizer:
-            self.reset_optimizer()
-        # With a single step θ = θ_i throughout it, so the step's own forward pass is the
-        # reference (same numbers, one forward pass fewer); with more steps the reference
-        # is taken up front, before any weight moves.
-        single_step = minibatches * epochs == 1
-        plan, diffs = [], []
-        for idx in split_groups([s.group_id for s in samples], minibatches):
-            part = [samples[i] for i in idx]
-            prompts = [s.prompt_token_ids for s in part]
-            masks = [segment_mask(s, segments, self.policy_version, max_segment_age)
-                     for s in part]
-            batches = self.micro_batches(prompts, [s.response_token_ids for s in part],
-                                         pack=True, masks=masks)
-            ref = None
-            if not single_step:
-                ref, tokens = self._sequence_logprobs(batches, len(part))
-                diffs += _rollout_diffs(part, tokens, masks, self.policy_version)
-            plan.append((part, batches, ref, masks))
-        steps, ratios = [], []
-        for _ in range(epochs):
-            for part, batches, ref, masks in plan:
-                loss_fn, step_ratios, seen = self._mirror_descent_loss_fn(part, ref, loss_cfg)
-                steps.append(self.train_step(loss_fn, batches))
-                ratios.append(torch.cat(step_ratios))
-                if ref is None:
-                    diffs += _rollout_diffs(part, _tokens_by_sample(*seen, len(part)), masks,
-                                            self.policy_version - 1)
-        diff, log_ratio_sq = torch.cat(diffs), torch.cat(ratios).square().mean().item()
-        if not diff.numel():  # no token of this policy's own (every one was older)
-            diff = torch.zeros(1)
-        return {
-            "steps": float(len(steps)),
-            "loss": sum(s["loss"] for s in steps) / len(steps),
-            "loss_last": steps[-1]["loss"],
-            "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
-            "grad_norm_last": steps[-1]["grad_norm"],
-            "lr": self.optim.lr,
-            "policy_version": float(self.policy_version),
-            "samples": float(len(received)),
-            "reward_mean": sum(s.reward for s in received) / len(received),
-            "uniform_groups": uniform_group_fraction(received),
-            "trained_samples": float(len(samples)),
-            "response_tokens": float(diff.numel()),
-            "rollout_logprob_diff": diff.mean().item(),
-            "rollout_logprob_diff_max": diff.max().item(),
-            "stale_samples": float(stale),
-            "log_ratio_sq": log_ratio_sq,
-            "kl_term": 0.5 * loss_cfg.tau * log_ratio_sq,
-            "ref_gap_first_step": ratios[0].abs().max().item(),
-        }
-
-    @torch.no_grad()
-    def _sequence_logprobs(
-        self, batches: Sequence[TokenBatch], n: int
-    ) -> tuple[Tensor, list[Tensor]]:
-        """log π of each of the ``n`` samples in ``batches``, and each one's token log-probs.
-
-        Sums in the same order as :meth:`_mirror_descent_loss_fn`, so at unchanged
-        weights the loss sees log πθ − log πθi == 0 exactly.
-        """
-        self.model.eval()
-        seq = torch.zeros(n, device=self.device)
-        index, values = [], []
-        for batch in batches:
-            logprobs = forward_logprobs(self.model, batch)
-            mask = batch.sample_index >= 0
-            seq.index_add_(0, batch.sample_index[mask], logprobs[mask])
-            index.append(batch.sample_index[mask])
-            values.append(logprobs[mask])
-        return seq, _tokens_by_sample(index, values, n)
-
-    def _mirror_descent_loss_fn(
-        self, part: Sequence[TrainSample], ref: Tensor | None, cfg: MirrorDescentConfig
-    ) -> tuple[LossFn, list[Tensor], tuple[list[Tensor], list[Tensor]]]:
-        """The train_step loss of one mini-batch, the list its log-ratios go to and, when
-        ``ref`` is None (the step's own forward is the reference), where the token
-        log-probs it saw go (sample indices, values) for the rollout mismatch alarm."""
-        n = len(part)
-        rewards = torch.tensor([s.reward for s in part], device=self.device)
-        groups = torch.tensor([s.group_id for s in part], device=self.device)
-        ratios: list[Tensor] = []
-        seen: tuple[list[Tensor], list[Tensor]] = ([], [])
-
-        def loss_fn(logprobs: Tensor, batch: TokenBatch) -> Tensor:
-            mask = batch.sample_index >= 0
-            index = batch.sample_index[mask]
-            seq = torch.zeros(n, dtype=logprobs.dtype, device=self.device)
-            seq = seq.index_add(0, index, logprobs[mask])
-            present = torch.zeros(n, dtype=torch.bool, device=self.device)
-            present[index] = True
-            step_ref = ref
-            if ref is None:  # a sample's tokens all sit in one micro-batch: seq is whole
-                step_ref = seq.detach()
-                seen[0].append(index)
-                seen[1].append(logprobs[mask].detach())
-            ratios.append((seq.detach() - step_ref)[present])
-            return mirror_descent_loss(seq, step_ref, rewards, groups, cfg, present=present)
-
-        return loss_fn, ratios, seen
 
     # ----------------------------------------------------------------- weight export
 
@@ -631,28 +496,7 @@ def _copy_into_params(gpt: torch.nn.Module, state: Mapping[str, Tensor]) -> None
         param.copy_(state[name])
 
 
-def _tokens_by_sample(index: Sequence[Tensor], values: Sequence[Tensor], n: int) -> list[Tensor]:
-    """Per-sample token log-probs, in token order, from micro-batch (sample index, value)
-    pairs; row-major order keeps each sample's tokens in order, a stable sort groups them."""
-    flat = torch.cat(list(index))
-    order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=n).tolist()
-    return list(torch.cat(list(values))[order].split(counts))
-
-
-def _rollout_diffs(part: Sequence[TrainSample], tokens: Sequence[Tensor],
-                   masks: Sequence[Sequence[bool] | None], version: int) -> list[Tensor]:
-    """|rollout - trainer| token log-prob per sample (the mismatch alarm), over the tokens
-    in the loss that policy ``version`` (the one the trainer scored them with) generated:
-    older segments differ by design."""
-    diffs = []
-    for s, t, mask in zip(part, tokens, masks, strict=True):
-        keep = [True] * len(s.response_token_ids) if mask is None else list(mask)
-        rollout = torch.tensor([lp for lp, k in zip(s.rollout_logprobs, keep) if k],
-                               device=t.device)
-        versions = [v for v, k in zip(s.token_versions or [], keep) if k]
-        diff = (t - rollout).abs()
-        if versions:
-            diff = diff[torch.tensor([v == version for v in versions], device=t.device)]
-        diffs.append(diff)
-    return diffs
+def _torch_optimizer_states(optimizer) -> Iterator[dict]:
+    """Per-parameter state dicts of the torch optimizers inside a megatron optimizer."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        yield from inner.optimizer.state.values()

@@ -1,51 +1,43 @@
-"""Training losses of trainer_svc, registered by name (one file per loss).
+"""RL losses of trainer_svc, registered by name (one file per loss).
 
-Each entry pairs a loss function with its pydantic config model, so a config section
-``{"name": ..., **fields}`` can be validated and dispatched without knowing the loss.
-Registered: ``mirror_descent`` (k1.5 online policy mirror descent).
+Each entry is a :class:`~trainer_svc.losses.base.Loss` subclass with its own pydantic
+``Config`` (a ``name`` plus its parameters), registered in ``k1rl.registry.LOSSES`` so a
+run config's ``trainer.loss`` section is validated when the config loads. Registered:
+``mirror_descent`` (k1.5, eq. 3), ``grpo`` (PPO-clip per token, group-normalised
+advantages), ``gspo`` (clipped sequence ratio), ``token_clip`` (mirror descent per token,
+far-drifted tokens dropped), ``dpo`` (long2short pairs within a group). A loss defined
+anywhere else registers the same way (``@LOSSES.register("name")``) and is selected by
+config once its module is imported (``RunConfig.plugins``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from k1rl.registry import LOSSES
+from trainer_svc.losses.base import Loss, LossConfig, MiniBatch, MismatchCorrection, Tokens
 
-from pydantic import BaseModel
-
+# Imported for their registration side effect.
+from trainer_svc.losses import dpo as _dpo  # noqa: E402, F401
+from trainer_svc.losses import grpo as _grpo  # noqa: E402, F401
+from trainer_svc.losses import gspo as _gspo  # noqa: E402, F401
+from trainer_svc.losses import mirror_descent as _mirror_descent  # noqa: E402, F401
+from trainer_svc.losses import token_clip as _token_clip  # noqa: E402, F401
 from trainer_svc.losses.mirror_descent import MirrorDescentConfig, mirror_descent_loss
 
 
-@dataclass(frozen=True)
-class RegisteredLoss:
-    name: str
-    config: type[BaseModel]
-    fn: Callable[..., Any]
-
-
-LOSSES: dict[str, RegisteredLoss] = {
-    "mirror_descent": RegisteredLoss("mirror_descent", MirrorDescentConfig, mirror_descent_loss),
-}
-
-
-def get_loss(name: str) -> RegisteredLoss:
-    """The registered loss called ``name``; an unknown name lists the known ones."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise KeyError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}") from None
-
-
-def loss_config(name: str, **fields: Any) -> BaseModel:
-    """Validate ``fields`` against the config model of loss ``name``."""
-    return get_loss(name).config(**fields)
+def create(cfg: LossConfig | dict | str) -> Loss:
+    """The loss a config section names, built with its validated parameters."""
+    cfg = LOSSES.config(cfg)
+    return LOSSES.get(cfg.name)(cfg)
 
 
 __all__ = [
     "LOSSES",
+    "Loss",
+    "LossConfig",
+    "MiniBatch",
     "MirrorDescentConfig",
-    "RegisteredLoss",
-    "get_loss",
-    "loss_config",
+    "MismatchCorrection",
+    "Tokens",
+    "create",
     "mirror_descent_loss",
 ]

@@ -18,29 +18,26 @@ prompts becomes a mean over the G groups of the batch, so every prompt weighs th
 whatever its k (a plain mean over all samples would weigh prompts by their k). No
 division by response length: log π is a sum over tokens, as in the report.
 
-The helpers at the end turn a batch of TrainSamples into mini-batches of whole groups
-(a group's baseline needs all its k rewards).
+With a train/inference mismatch correction (``mismatch``) the policy-gradient term's
+log π is the weighted token sum Σ_t w_t log πθ(y_t); the τ term stays unweighted.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from itertools import pairwise
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from k1rl.protocol import TrainBatch, TrainSample
+from k1rl.registry import LOSSES
+from trainer_svc.losses.base import MiniBatch, PolicyGradientConfig, PolicyGradientLoss, Tokens
 
 
-class MirrorDescentConfig(BaseModel):
+class MirrorDescentConfig(PolicyGradientConfig):
     """Hyper-parameters of the mirror-descent loss; bad values fail when the model is built."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+    name: Literal["mirror_descent"] = "mirror_descent"
     tau: float = Field(
         0.1,
         ge=0,
@@ -69,6 +66,7 @@ def mirror_descent_loss(
     group_ids: Tensor,
     cfg: MirrorDescentConfig,
     present: Tensor | None = None,
+    pg_logprobs: Tensor | None = None,
 ) -> Tensor:
     """The mirror-descent loss (module docstring) over one batch of whole groups.
 
@@ -78,7 +76,9 @@ def mirror_descent_loss(
     share an id). Baselines, k and G always come from all N samples; ``present``
     (bool ``[N]``, default all) selects whose terms this call adds, so the calls over a
     partition of the samples (micro-batches) sum to the whole batch's loss, and the
-    entries of ``logprobs`` outside ``present`` are ignored.
+    entries of ``logprobs`` outside ``present`` are ignored. ``pg_logprobs`` (default
+    ``logprobs``) is what the policy-gradient term differentiates: the importance-weighted
+    token sums under a mismatch correction.
     """
     if logprobs.dim() != 1 or logprobs.numel() == 0:
         raise ValueError(
@@ -117,86 +117,30 @@ def mirror_descent_loss(
     ref = ref_logprobs.detach().to(logprobs.dtype)
     # absent entries may hold anything (even NaN): keep them out of values and gradients
     logprobs = torch.where(present, logprobs, ref)
+    pg = logprobs if pg_logprobs is None else torch.where(present, pg_logprobs, 0.0)
     log_ratio = logprobs - ref
-    per_sample = -advantage * logprobs + 0.5 * cfg.tau * log_ratio.square()
+    per_sample = -advantage * pg + 0.5 * cfg.tau * log_ratio.square()
     return torch.where(present, weight * per_sample, 0.0).sum()
 
 
-# ------------------------------------------------------------------ batches of groups
+@LOSSES.register("mirror_descent")
+class MirrorDescent(PolicyGradientLoss):
+    """k1.5's online policy mirror descent over whole sequences (eq. 3)."""
 
-_SAMPLE_FIELDS = ("group_id", "prompt_token_ids", "response_token_ids", "rollout_logprobs",
-                  "reward", "policy_version")
+    Config = MirrorDescentConfig
 
+    def __call__(self, tokens: Tokens, batch: MiniBatch) -> Tensor:
+        seq = tokens.per_sample(tokens.logprobs)
+        ref = tokens.per_sample(tokens.ref)
+        weighted = None
+        if self.cfg.mismatch.mode != "none":
+            weighted = tokens.per_sample(tokens.weight * tokens.logprobs)
+        rewards = batch.rewards.to(seq.device, seq.dtype)
+        # absent samples still count in k, G and the baselines: the call is one share
+        return mirror_descent_loss(seq, ref, rewards, batch.group.to(seq.device), self.cfg,
+                                   present=tokens.present, pg_logprobs=weighted)
 
-def as_train_samples(
-    samples: TrainBatch | Sequence[TrainSample | tuple], policy_version: int
-) -> list[TrainSample]:
-    """Validated TrainSamples; a 5-tuple gets the trainer's current ``policy_version``."""
-    if isinstance(samples, TrainBatch):
-        samples = samples.samples
-    out = []
-    for i, sample in enumerate(samples):
-        if isinstance(sample, (tuple, list)) and len(sample) in (5, 6):
-            # zip stops at the 6 fields, so a 6-tuple keeps its own policy_version
-            sample = TrainSample(**dict(zip(_SAMPLE_FIELDS, (*sample, policy_version))))
-        elif not isinstance(sample, TrainSample):
-            raise TypeError(f"sample {i}: expected a TrainSample or a tuple of "
-                            f"{', '.join(_SAMPLE_FIELDS)} (the last optional), got {sample!r:.80}")
-        if len(sample.rollout_logprobs) != len(sample.response_token_ids):
-            raise ValueError(f"sample {i}: {len(sample.rollout_logprobs)} rollout_logprobs for "
-                             f"{len(sample.response_token_ids)} response tokens")
-        if not math.isfinite(sample.reward):
-            raise ValueError(f"sample {i}: reward {sample.reward} is not finite")
-        out.append(sample)
-    if not out:
-        raise ValueError("no samples to train on")
-    return out
+    def metrics(self, log_ratio_sq: float) -> dict[str, float]:
+        return {"kl_term": 0.5 * self.cfg.tau * log_ratio_sq}
 
 
-def segment_mask(sample: TrainSample, segments: str, policy_version: int,
-                 max_age: int = 1) -> list[bool] | None:
-    """Which response tokens of a (partial-rollout) trajectory enter the loss: "all";
-    "latest" (the last segment: the one the current policy θ_i generated); "recent" (the
-    segments produced at most ``max_age`` policy versions before ``policy_version``).
-    None: every token (a trajectory of one segment, or "all")."""
-    if segments == "all" or sample.token_segments is None:
-        return None
-    if segments == "latest":
-        last = sample.token_segments[-1] if sample.token_segments else 0
-        return [seg == last for seg in sample.token_segments]
-    if segments == "recent":
-        versions = sample.token_versions or [sample.policy_version] * len(sample.token_segments)
-        return [policy_version - v <= max_age for v in versions]
-    raise ValueError(f"segments must be 'all', 'latest' or 'recent', got {segments!r}")
-
-
-def split_groups(group_ids: Sequence[int], parts: int) -> list[list[int]]:
-    """Sample indices of ``parts`` mini-batches of whole groups (near-equal group counts)."""
-    members: dict[int, list[int]] = {}
-    for i, group in enumerate(group_ids):
-        members.setdefault(group, []).append(i)
-    order = list(members)
-    if parts > len(order):
-        raise ValueError(f"minibatches={parts} but the batch has {len(order)} groups "
-                         "(a mini-batch holds whole groups)")
-    bounds = [round(p * len(order) / parts) for p in range(parts + 1)]
-    return [sorted(i for g in order[a:b] for i in members[g]) for a, b in pairwise(bounds)]
-
-
-def _group_rewards(samples: Sequence[TrainSample]) -> dict[int, set[float]]:
-    rewards: dict[int, set[float]] = {}
-    for s in samples:
-        rewards.setdefault(s.group_id, set()).add(s.reward)
-    return rewards
-
-
-def uniform_group_fraction(samples: Sequence[TrainSample]) -> float:
-    """Fraction of groups whose rewards are all equal (no policy gradient with mean baseline)."""
-    rewards = _group_rewards(samples)
-    return sum(len(r) == 1 for r in rewards.values()) / len(rewards)
-
-
-def mixed_groups(samples: Sequence[TrainSample]) -> list[TrainSample]:
-    """The samples of groups whose rewards are not all equal (the ones with a policy gradient)."""
-    rewards = _group_rewards(samples)
-    return [s for s in samples if len(rewards[s.group_id]) > 1]
