@@ -307,6 +307,9 @@ class RewardRequest(Message):
     kind: Literal["reward_request"] = "reward_request"
     ref: RunRef = Field(default_factory=RunRef)
     items: list[RewardItem]
+    length_penalty_weight: float | None = Field(
+        None, ge=0, description="This request's length-penalty weight (the master's "
+        "rl.schedule); null: the reward service's own, after its warm-up.")
 
 
 class RewardResult(Message):

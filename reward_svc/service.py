@@ -22,8 +22,8 @@ class RewardService:
     ``task`` is 1.0 if the item's verifier accepts the response, else 0.0. ``length`` is the
     k1.5 length reward over the items sharing a ``group_id`` (the k responses to one
     prompt). ``weight`` is ``config.length_penalty_weight`` from iteration
-    ``config.length_penalty_warmup_iters`` on (the request's ``ref.iteration``), 0 before.
-    Verifiers are created on first use and kept until :meth:`close`.
+    ``config.length_penalty_warmup_iters`` on (the request's ``ref.iteration``), 0 before,
+    unless the request sets its own (the master's ``rl.schedule``). Verifiers are created on first use and kept until :meth:`close`.
     """
 
     def __init__(self, config: RewardConfig) -> None:
@@ -56,7 +56,9 @@ class RewardService:
             )
             for j, value in zip(members, group_rewards):
                 length[j] = value
-        weight = self.length_penalty_weight(request.ref.iteration)
+        weight = request.length_penalty_weight
+        if weight is None:
+            weight = self.length_penalty_weight(request.ref.iteration)
         task = [c.score for c in checks]
         errors = [c.error for c in checks]
         return RewardResult(

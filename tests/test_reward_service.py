@@ -70,6 +70,16 @@ def test_no_length_penalty_during_warmup(service):
     assert result.length_rewards == pytest.approx(LENGTH)
 
 
+def test_a_request_may_set_its_own_weight(service):
+    """The master's rl.schedule decides the weight per iteration, warm-up or not."""
+    during_warmup = request(iteration=1).model_copy(update={"length_penalty_weight": 0.5})
+    result = service.score(during_warmup)
+    assert result.length_penalty_weight == 0.5
+    assert result.rewards == pytest.approx([float(c) + 0.5 * n for c, n in zip(CORRECT, LENGTH)])
+    off = request(iteration=9).model_copy(update={"length_penalty_weight": 0.0})
+    assert service.score(off).rewards == [float(c) for c in CORRECT]
+
+
 def test_group_order_does_not_matter(service):
     reordered = [BATCH[i] for i in (6, 5, 4, 3, 2, 1, 0)]
     result = service.score(request(iteration=5, items=reordered))
