@@ -79,13 +79,43 @@ def demo_cmd(
     seed: int = typer.Option(0, help="Seeds the model, data and sampling."),
     run_dir: Path = typer.Option(None, help="Run directory (default: runs/demo-seed<SEED>)."),
     config: Path = typer.Option(None, help="Demo config YAML (default: k1rl/demo.yaml)."),
+    sft_only: bool = typer.Option(
+        False, help="Stop after SFT and its HF export (RUN_DIR/sft-hf): no RL, no summary."),
 ) -> None:
     """Build the tiny model, SFT it, run k1.5 RL on it, and report held-out accuracy."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from k1rl.demo import DEFAULT_CONFIG, load_demo_config, run_demo
 
     cfg = load_demo_config(config or DEFAULT_CONFIG)
-    run_demo(cfg, seed=seed, run_dir=run_dir or Path(f"runs/demo-seed{seed}"))
+    run_demo(cfg, seed=seed, run_dir=run_dir or Path(f"runs/demo-seed{seed}"),
+             sft_only=sft_only)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Option(..., help="HF checkpoint directory to evaluate."),
+    config: Path = typer.Option(..., help="RunConfig YAML: held-out levels, problems, "
+                                "samples, seed and rollout settings."),
+    eval_problems: int = typer.Option(None, min=1, help="Held-out problems per level "
+                                      "(default: the config's rl.eval_problems)."),
+    work_dir: Path = typer.Option(None, help="Service logs and config (default: a temp dir)."),
+) -> None:
+    """Held-out accuracy of a checkpoint, as the RL loop measures it; prints one JSON line."""
+    import json
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from k1rl.config import load_config
+    from k1rl.master.evaluation import evaluate_checkpoint
+
+    if not (model / "config.json").is_file():
+        raise typer.BadParameter(f"{model} holds no HF checkpoint (config.json)")
+    cfg = load_config(config)
+    if eval_problems is not None:
+        cfg.rl.eval_problems = eval_problems
+    work_dir = work_dir or Path(tempfile.mkdtemp(prefix="k1rl-eval-"))
+    metrics = evaluate_checkpoint(cfg, model, work_dir)
+    print(json.dumps({"model": str(model.resolve()), **metrics}), flush=True)
 
 
 @app.command("run")

@@ -236,7 +236,11 @@ def rl(master, iterations: int) -> None:
         master.run(on_iteration=report)
 
 
-def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo")) -> dict:
+def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"),
+             sft_only: bool = False) -> dict:
+    """Build, SFT (saved to ``checkpoints/sft`` and exported as HF to ``sft-hf``), RL,
+    summary; ``sft_only`` stops after the SFT export (a start checkpoint for other RL
+    runs, e.g. bench/peer_trl.py) and returns where it is."""
     from k1rl.data.tokenizer import load_tokenizer
     from k1rl.master import CONFIG_FILE, start_local_services
     from k1rl.master.loop import METRICS_FILE, Clients, Master
@@ -283,6 +287,9 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
             master.state.policy_version = saved.policy_version
             master.state.trainer_checkpoint = str(sft_ckpt)
             master.state.save(run_dir)
+            sft_hf = export_sft(clients.trainer, run_dir)
+            if sft_only:
+                return finish_sft_only(run_dir, history, sft_ckpt, sft_hf, started)
             rl(master, run.rl.iterations)
             final = (run_dir / "final").resolve()
             clients.trainer.call(
@@ -301,6 +308,26 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary)
     return summary
+
+
+def export_sft(trainer, run_dir: Path) -> Path:
+    """The SFT weights as an HF checkpoint (``sft-hf``): what any RL run, ours or a peer
+    framework's, can start from and be evaluated against."""
+    path = (run_dir / "sft-hf").resolve()
+    trainer.call("checkpoint", CheckpointRequest(action="export_hf", path=str(path)),
+                 CheckpointResult)
+    return path
+
+
+def finish_sft_only(run_dir: Path, history: list[dict], sft_ckpt: Path, sft_hf: Path,
+                    started: float) -> dict:
+    with open(run_dir / "sft_metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in history)
+    out = {"sft_steps": len(history), "final_sft_loss": history[-1]["loss"],
+           "sft_checkpoint": str(sft_ckpt), "sft_hf": str(sft_hf),
+           "wall_seconds": round(time.perf_counter() - started, 1)}
+    console.print(f"SFT done in {out['sft_steps']} steps: HF checkpoint {sft_hf}")
+    return out
 
 
 def summarize(rows: list[dict], sft_history: list[dict], cfg: DemoConfig, run: RunConfig,

@@ -106,6 +106,7 @@ def test_a_miniature_demo_writes_the_full_report(tmp_path):
         assert (run_dir / png).stat().st_size > 0
     assert (run_dir / "final" / "config.json").is_file()
     assert (run_dir / "final" / "model.safetensors").is_file()
+    assert (run_dir / "sft-hf" / "model.safetensors").is_file()  # the SFT, for other RL runs
     assert len((run_dir / "sft_metrics.jsonl").read_text().splitlines()) == 5
     assert summary["sft_steps"] == 5
     assert [v["after_steps"] for v in summary["sft_validation"]] == [2, 4]
