@@ -14,6 +14,7 @@ import pytest
 from k1rl.config import RunConfig
 from k1rl.launch import free_tcp_address
 from k1rl.master.state import RunState
+from k1rl.schedule import BudgetSchedule, Phase
 
 
 def _config(tmp_path, model_dir, iterations: int) -> RunConfig:
@@ -65,6 +66,10 @@ def test_run_state_round_trips_the_sampler_rng(tmp_path):
 def test_killed_master_resumes_without_losing_an_iteration(tmp_path, trainer_model_dir):
     run_dir = tmp_path / "run"
     cfg = _config(tmp_path, trainer_model_dir, iterations=2)
+    # a budget and a length-penalty weight per iteration (rl.schedule), kept after resume
+    cfg.rl.schedule = BudgetSchedule(phases=[
+        Phase(start=0, max_tokens=6, length_penalty_weight=0.5),
+        Phase(start=1, length_penalty_weight=0.0)])
     config = tmp_path / "run.yaml"
     config.write_text(cfg.dump_yaml())
 
@@ -93,6 +98,9 @@ def test_killed_master_resumes_without_losing_an_iteration(tmp_path, trainer_mod
     assert state.policy_version == rows[1]["policy_version"] > rows[0]["policy_version"]
     assert all(r["train_stale_samples"] == 0 for r in rows)
     assert all(r["switch_to_rollout_s"] > 0 for r in rows)
+    assert [r["max_tokens"] for r in rows] == [6, 16]
+    assert [r["length_penalty_weight"] for r in rows] == [0.5, 0.0]
+    assert rows[0]["response_tokens_mean"] <= 6
 
 
 @pytest.mark.slow

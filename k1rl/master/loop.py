@@ -1,8 +1,8 @@
 """The k1.5 iterative synchronous loop: one named call per step.
 
     sample prompts -> ROLLOUT (checkpoint engine pushes policy v into vLLM)
-    -> k samples per prompt -> rewards -> TRAIN (vLLM halted) -> mirror-descent
-    iteration -> checkpoint trainer + run state -> metrics
+    -> k samples per prompt -> rewards -> TRAIN (vLLM halted) -> one RL iteration of
+    the configured loss -> checkpoint trainer + run state -> metrics
 
 Each iteration ends with the trainer checkpointed and the run state written
 atomically, so a master killed between iterations resumes without losing one.
@@ -10,18 +10,20 @@ atomically, so a master killed between iterations resumes without losing one.
 
 from __future__ import annotations
 
-import json
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from k1rl.config import RunConfig, parse_levels
 from k1rl.data.tasks import Task, generate_tasks
+from k1rl.master import samplers
+from k1rl.master.evaluation import accuracy, by_level, heldout_set, score_responses
 from k1rl.master.replay import Group, ReplayBuffer
-from k1rl.master.sampling import PromptSampler
 from k1rl.master.state import RunState
+from k1rl.master.timing import Stopwatch
+from k1rl.metrics import MetricSinks, open_sinks
+from k1rl.metrics.jsonl import METRICS_FILE  # noqa: F401 - k1rl.demo reads it from here
 from k1rl.protocol import (
     CheckpointRequest,
     CheckpointResult,
@@ -29,8 +31,6 @@ from k1rl.protocol import (
     GenerateResult,
     PhaseCommand,
     PhaseStatus,
-    RewardItem,
-    RewardRequest,
     RewardResult,
     RunRef,
     Continuation,
@@ -39,8 +39,6 @@ from k1rl.protocol import (
     TrainStats,
 )
 from k1rl.rpc import RPCClient
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -74,24 +72,15 @@ def prompt_pool(cfg: RunConfig) -> list[Task]:
     return [task for pool in level_pools(cfg) for task in pool]
 
 
-def heldout_set(cfg: RunConfig) -> list[Task]:
-    """Problems of the evaluated RL levels (``rl.headline_tasks``) that no training prompt
-    can be (the hash-split held-out side)."""
-    tasks: list[Task] = []
-    for family, level in parse_levels(cfg.rl.headline_tasks):
-        tasks += generate_tasks(family, level, cfg.rl.eval_problems, seed=cfg.seed + 1,
-                                split="heldout")
-    return tasks
-
-
 class Master:
     def __init__(self, cfg: RunConfig, run_dir: Path, clients: Clients, state: RunState):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.clients = clients
         self.state = state
-        self.sampler = PromptSampler(cfg.rl, level_pools(cfg))
+        self.sampler = samplers.create(cfg.rl, level_pools(cfg))
         self.sampler.load_state_dict(state.sampler_state)
+        self.sinks: MetricSinks | None = None  # where metrics rows go; open in run()
         r = cfg.rollout
         # Without partial rollouts every trajectory ends within its one segment, so
         # each group is done in the iteration that started it.
@@ -99,6 +88,7 @@ class Master:
             capacity=r.replay_capacity if r.max_response_tokens else 2**62,
             segment_tokens=r.max_tokens,
             max_response_tokens=r.max_response_tokens or r.max_tokens,
+            partial=r.max_response_tokens is not None,
         )
         self.replay.load(state.replay_file)
         self.heldout: list[Task] = []  # built on the first evaluation
@@ -108,78 +98,82 @@ class Master:
     def run(self, on_iteration: Callable[[dict], None] | None = None) -> RunState:
         """Iterate until rl.iterations are done; ``on_iteration`` gets each metrics row."""
         self.restore_trainer()
-        while self.state.iterations_done < self.cfg.rl.iterations:
-            row = self.iteration(self.state.iterations_done)
-            if on_iteration is not None:
-                on_iteration(row)
-        if self.cfg.rl.eval_every:
-            self.final_evaluation()
+        # on resume, rows of an iteration that did not complete go as the sinks open
+        self.sinks = open_sinks(self.cfg, self.run_dir, self.state.iterations_done)
+        with self.sinks:
+            while self.state.iterations_done < self.cfg.rl.iterations:
+                row = self.iteration(self.state.iterations_done)
+                if on_iteration is not None:
+                    on_iteration(row)
+            if self.cfg.rl.eval_every:
+                self.final_evaluation()
         return self.state
 
     def iteration(self, i: int) -> dict:
-        """One k1.5 iteration: parked trajectories go on and fresh prompts start (one
-        batch), groups whose k trajectories have all finished are scored and trained on."""
-        started = time.perf_counter()
+        """One k1.5 iteration: sample prompts; in the ROLLOUT phase, evaluate when due and
+        generate (parked trajectories go on beside fresh prompts, one batch); score the
+        groups whose k trajectories have all finished; in the TRAIN phase, train on them;
+        checkpoint. Returns the iteration's metrics row."""
+        watch = Stopwatch()
         ref = RunRef(run_id=self.cfg.run_id, iteration=i)
-        n = self.cfg.rollout.n
+        with watch("iteration_s"):
+            tasks = self.sample(i)
+            to_rollout = self.switch("rollout", ref)
+            # the engine now holds policy v_i: evaluating it here needs no extra weight sync
+            evaluation = self.evaluate(ref) if self._eval_due(i) else {}
+            with watch("rollout_s"):
+                groups, generated = self.generate(tasks, ref)
+            with watch("reward_s"):
+                rewards = self.score(groups, ref)
+            to_train = self.switch("train", ref)
+            with watch("train_s"):
+                stats = self.train(groups, rewards, ref)
+        row = {"iteration": i, "policy_version": self.state.policy_version,
+               "max_tokens": self.cfg.rl.schedule.at(i).max_tokens or self.cfg.rollout.max_tokens,
+               **generated, **_reward_metrics(groups, rewards), **_train_metrics(stats),
+               **_switch_metrics(to_rollout, to_train), **watch.seconds, **evaluation}
+        self.checkpoint(i, row["policy_version"], row)
+        return row
+
+    # ------------------------------------------------------------------ phases
+    def sample(self, i: int) -> list[Task]:
+        """This iteration's fresh prompts, as many as the replay buffer has room for."""
+        return self.sampler.sample(self.rng, i)[: self.replay.room() // self.cfg.rollout.n]
+
+    def generate(self, tasks: list[Task], ref: RunRef) -> tuple[list[Group], dict]:
+        """k samples of each fresh prompt and one more segment of each parked trajectory (one
+        engine batch); returns the groups that are now complete, and rollout metrics."""
+        i = ref.iteration
         parked = self.replay.parked()
-        tasks = self.sampler.sample(self.rng, i)[: self.replay.room() // n]
-        to_rollout = self.switch("rollout", ref)
-        # the engine now holds policy v_i: evaluating it here needs no extra weight sync
-        evaluation = self.evaluate(ref) if self._eval_due(i) else {}
-        t0 = time.perf_counter()
         continuations = self.replay.continuations()
         rollout = self.rollout(tasks, ref, continuations)
         for k, (task, result) in enumerate(zip(tasks, rollout.results, strict=True)):
             self.replay.start(f"{i}-{k}", task, result.prompt_token_ids, result.completions, i)
         self.replay.extend(parked, rollout.continued, i)
         groups = self.replay.pop_done()
-        t1 = time.perf_counter()
-        row = {"iteration": i, "policy_version_rollout": rollout.policy_version,
-               "policy_version": self.state.policy_version,
-               "groups_trained": len(groups), "prompts_started": len(tasks),
-               "trajectories_continued": len(continuations),
-               "tokens_reused": sum(len(c.generated_token_ids) for c in continuations),
-               # segments stopped in the engine because they loop, and all tokens the
-               # engine decoded (a loop's last few are decoded but not kept)
-               "repetition_stops": sum(c.finish_reason == "repetition" for c in [
-                   *(c for r in rollout.results for c in r.completions), *rollout.continued]),
-               "decoded_tokens": rollout.decoded_tokens,
-               **self.replay.metrics(i)}
-        rewards = self.score_groups(groups, ref) if groups else None
-        group_tasks = [g.task for g in groups]
-        if rewards is not None and self.cfg.rl.sampler == "prioritized":
-            self.sampler.update(group_tasks, rewards.correct, n)
-        t2 = time.perf_counter()
-        to_train = self.switch("train", ref)
-        t3 = time.perf_counter()
-        stats = self.train_groups(groups, rewards, ref) if groups else None
-        t4 = time.perf_counter()
-        if rewards is not None:
-            lengths = [len(t.token_ids) for g in groups for t in g.trajectories]
-            row.update({
-                "reward_mean": sum(rewards.rewards) / len(rewards.rewards),
-                "accuracy": sum(rewards.correct) / len(rewards.correct),
-                **_by_level("accuracy", group_tasks, rewards.correct, n),
-                "reward_errors": sum(bool(e) for e in rewards.errors),
-                "response_tokens_mean": sum(lengths) / max(1, len(lengths)),
-            })
-        if stats is not None:
-            row.update({"policy_version": stats.policy_version, "train_loss": stats.loss,
-                        **{f"train_{k}": v for k, v in stats.metrics.items()}})
-        row.update({
-            "switch_to_rollout_s": to_rollout.switch_s,
-            "switch_to_train_s": to_train.switch_s,
-            "engine_start_s": to_rollout.breakdown.get("engine_start_s", 0.0),
-            "weight_sync_s": to_rollout.breakdown.get("push_s", 0.0)
-            + to_rollout.breakdown.get("update_s", 0.0),
-            "rollout_s": t1 - t0,
-            "reward_s": t2 - t1,
-            "train_s": t4 - t3,
-            **evaluation,
-        })
-        self.checkpoint(i, row["policy_version"], row, time.perf_counter() - started)
-        return row
+        segments = [*(c for r in rollout.results for c in r.completions), *rollout.continued]
+        return groups, {
+            "policy_version_rollout": rollout.policy_version,
+            "groups_trained": len(groups), "prompts_started": len(tasks),
+            "trajectories_continued": len(continuations),
+            "tokens_reused": sum(len(c.generated_token_ids) for c in continuations),
+            # segments stopped in the engine because they loop, and all tokens the engine
+            # decoded (a loop's last few are decoded but not kept)
+            "repetition_stops": sum(c.finish_reason == "repetition" for c in segments),
+            "decoded_tokens": rollout.decoded_tokens,
+            **self.replay.metrics(i)}
+
+    def score(self, groups: list[Group], ref: RunRef) -> RewardResult | None:
+        """Rewards of the complete groups; the sampler learns their success rates."""
+        if not groups:
+            return None
+        rewards = self.score_groups(groups, ref)
+        self.sampler.update([g.task for g in groups], rewards.correct, self.cfg.rollout.n)
+        return rewards
+
+    def train(self, groups: list[Group], rewards: RewardResult | None,
+              ref: RunRef) -> TrainStats | None:
+        return self.train_groups(groups, rewards, ref) if groups else None
 
     # -------------------------------------------------------------- evaluation
     def _eval_due(self, i: int) -> bool:
@@ -194,28 +188,12 @@ class Master:
 
     def accuracy(self, tasks: list[Task], ref: RunRef, samples: int,
                  prefix: str) -> dict[str, float]:
-        """Accuracy of the policy in the engine on ``tasks``: ``<prefix>_accuracy`` = pass@1
-        of ``samples`` samples at the rollout temperature, ``<prefix>_greedy``, the same
-        per level (``<prefix>_accuracy@<level>``) when ``tasks`` span several, and the
-        seconds it took. Needs the ROLLOUT phase.
-
-        The sampling seed is fixed by the run seed, not drawn from the loop's RNG, so
-        evaluating more or less often leaves the training prompts and samples unchanged.
-        """
-        r = self.cfg.rollout
-        started = time.perf_counter()
-        result = {}
-        for key, n, temperature in ((f"{prefix}_accuracy", samples, r.temperature),
-                                    (f"{prefix}_greedy", 1, 0.0)):
-            sampling = SamplingSpec(n=n, temperature=temperature, top_p=r.top_p,
-                                    max_tokens=r.max_tokens, seed=self.cfg.seed + 7919)
-            req = GenerateRequest(ref=ref, prompts=[t.prompt for t in tasks], sampling=sampling)
-            generated = self.clients.rollout.call("generate", req, GenerateResult)
-            correct = self.score(tasks, generated, ref).correct
-            result[key] = sum(correct) / len(correct)
-            result.update(_by_level(key, tasks, correct, n))
-        result[f"{prefix}_s"] = time.perf_counter() - started
-        return result
+        """Accuracy of the policy in the engine on ``tasks`` (``<prefix>_accuracy``,
+        ``<prefix>_greedy``, per level, ``<prefix>_s``): see
+        :func:`k1rl.master.evaluation.accuracy`, which a checkpoint evaluated on its own
+        goes through too. Needs the ROLLOUT phase."""
+        return accuracy(self.cfg, self.clients.rollout, self.clients.reward, tasks, ref,
+                        samples, prefix)
 
     def final_evaluation(self) -> dict[str, float]:
         """Evaluate the policy after the last iteration and append it as a metrics row
@@ -223,8 +201,7 @@ class Master:
         i = self.state.iterations_done
         row = {"iteration": i, "policy_version": self.state.policy_version,
                **self.in_rollout_phase(i, self.evaluate)}
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.sinks.write(row)
         return row
 
     def measure_in_rollout(self, tasks: list[Task], samples: int, prefix: str) -> dict[str, float]:
@@ -249,34 +226,22 @@ class Master:
     def rollout(self, tasks: list[Task], ref: RunRef,
                 continuations: list[Continuation] = ()) -> GenerateResult:
         r = self.cfg.rollout
+        budget = self.cfg.rl.schedule.at(ref.iteration).max_tokens or r.max_tokens
         sampling = SamplingSpec(
-            n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
+            n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=budget,
             seed=self.rng.randrange(2**31),
         )
         req = GenerateRequest(ref=ref, prompts=[t.prompt for t in tasks], sampling=sampling,
                               continuations=list(continuations))
         return self.clients.rollout.call("generate", req, GenerateResult)
 
-    def score(self, tasks: list[Task], rollout: GenerateResult, ref: RunRef) -> RewardResult:
-        return self._score([(t, c.text, len(c.token_ids), c.finish_reason)
-                            for t, r in zip(tasks, rollout.results) for c in r.completions],
-                           len(rollout.results[0].completions) if rollout.results else 1, ref)
-
     def score_groups(self, groups: list[Group], ref: RunRef) -> RewardResult:
         """Rewards of whole trajectories (every segment), group by group."""
-        return self._score([(g.task, t.text, len(t.token_ids), t.finish_reason)
-                            for g in groups for t in g.trajectories],
-                           len(groups[0].trajectories), ref)
-
-    def _score(self, responses: list[tuple], n: int, ref: RunRef) -> RewardResult:
-        """``responses``: (task, text, tokens, finish reason), ``n`` per group in order."""
-        items = [
-            RewardItem(group_id=j // n, response=text, answer=task.answer,
-                       response_tokens=tokens, verifier=task.verifier,
-                       repeated=finish == "repetition")
-            for j, (task, text, tokens, finish) in enumerate(responses)
-        ]
-        return self.clients.reward.call("score", RewardRequest(ref=ref, items=items), RewardResult)
+        return score_responses(self.clients.reward,
+                               [(g.task, t.text, len(t.token_ids), t.finish_reason)
+                                for g in groups for t in g.trajectories],
+                               len(groups[0].trajectories), ref,
+                               self.cfg.rl.schedule.at(ref.iteration).length_penalty_weight)
 
     def train_groups(self, groups: list[Group], rewards: RewardResult,
                      ref: RunRef) -> TrainStats | None:
@@ -297,15 +262,13 @@ class Master:
         batch = TrainBatch(ref=ref, samples=samples)
         return self.clients.trainer.call("train", batch, TrainStats)
 
-    def checkpoint(self, i: int, version: int, row: dict, seconds: float) -> None:
+    def checkpoint(self, i: int, version: int, row: dict) -> None:
         """Trainer weights first, then the metrics row and the replay buffer, then the state
         that points at them."""
         path = self.run_dir / "checkpoints" / f"iter_{i:05d}"
         req = CheckpointRequest(action="save", path=str(path.resolve()))
         self.clients.trainer.call("checkpoint", req, CheckpointResult)
-        row["iteration_s"] = seconds
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.sinks.write(row)
         self.state.iterations_done = i + 1
         self.state.policy_version = version
         self.state.trainer_checkpoint = str(path.resolve())
@@ -321,9 +284,7 @@ class Master:
                 old.unlink()
 
     def restore_trainer(self) -> None:
-        """On resume: the trainer goes back to the last completed iteration's weights, and
-        metrics rows of an iteration that did not complete are dropped."""
-        _truncate_metrics(self.run_dir / METRICS_FILE, self.state.iterations_done)
+        """On resume: the trainer goes back to the last completed iteration's weights."""
         if self.state.trainer_checkpoint:
             req = CheckpointRequest(action="load", path=self.state.trainer_checkpoint)
             self.clients.trainer.call("checkpoint", req, CheckpointResult)
@@ -334,22 +295,30 @@ class Master:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _by_level(key: str, tasks: list[Task], correct: list[bool], n: int) -> dict[str, float]:
-    """``key@family:level`` accuracy of each level, when ``tasks`` span several; ``correct``
-    is task-major (``n`` items per task, in task order)."""
-    levels: dict[str, list[bool]] = {}
-    for i, ok in enumerate(correct):
-        task = tasks[i // n]
-        levels.setdefault(f"{task.family}:{task.difficulty}", []).append(ok)
-    if len(levels) < 2:
+def _reward_metrics(groups: list[Group], rewards: RewardResult | None) -> dict[str, float]:
+    if rewards is None:
         return {}
-    return {f"{key}@{level}": sum(oks) / len(oks) for level, oks in levels.items()}
+    n = len(groups[0].trajectories)
+    lengths = [len(t.token_ids) for g in groups for t in g.trajectories]
+    return {
+        "reward_mean": sum(rewards.rewards) / len(rewards.rewards),
+        "accuracy": sum(rewards.correct) / len(rewards.correct),
+        **by_level("accuracy", [g.task for g in groups], rewards.correct, n),
+        "reward_errors": sum(bool(e) for e in rewards.errors),
+        "length_penalty_weight": rewards.length_penalty_weight,
+        "response_tokens_mean": sum(lengths) / max(1, len(lengths)),
+    }
 
 
-def _truncate_metrics(path: Path, iterations_done: int) -> None:
-    if not path.exists():
-        return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r["iteration"] < iterations_done]
-    if len(kept) != len(rows):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+def _train_metrics(stats: TrainStats | None) -> dict[str, float]:
+    if stats is None:
+        return {}
+    return {"policy_version": stats.policy_version, "train_loss": stats.loss,
+            "train_steps": stats.steps, **{f"train_{k}": v for k, v in stats.metrics.items()}}
+
+
+def _switch_metrics(to_rollout: PhaseStatus, to_train: PhaseStatus) -> dict[str, float]:
+    pushed = to_rollout.breakdown
+    return {"switch_to_rollout_s": to_rollout.switch_s, "switch_to_train_s": to_train.switch_s,
+            "engine_start_s": pushed.get("engine_start_s", 0.0),
+            "weight_sync_s": pushed.get("push_s", 0.0) + pushed.get("update_s", 0.0)}

@@ -86,13 +86,17 @@ class Group(BaseModel):
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, segment_tokens: int, max_response_tokens: int) -> None:
+    def __init__(self, capacity: int, segment_tokens: int, max_response_tokens: int,
+                 partial: bool = True) -> None:
+        """``partial`` False: every trajectory ends with its first segment, whatever stopped
+        it (a budget cut by rl.schedule included)."""
         if not 0 < segment_tokens <= max_response_tokens:
             raise ValueError(f"need 0 < segment_tokens ({segment_tokens}) <= "
                              f"max_response_tokens ({max_response_tokens})")
         self.capacity = capacity
         self.segment_tokens = segment_tokens
         self.max_response_tokens = max_response_tokens
+        self.partial = partial
         self.groups: list[Group] = []
 
     # --------------------------------------------------------------- what to run
@@ -133,8 +137,9 @@ class ReplayBuffer:
                                            logprobs=c.logprobs,
                                            policy_version=c.policy_version,
                                            iteration=iteration))
-        out_of_budget = c.finish_reason == "length"
-        if not out_of_budget or len(trajectory.token_ids) >= self.max_response_tokens:
+        may_grow = (self.partial and c.finish_reason == "length"
+                    and len(trajectory.token_ids) < self.max_response_tokens)
+        if not may_grow:
             trajectory.finish_reason = c.finish_reason
 
     def pop_done(self) -> list[Group]:
