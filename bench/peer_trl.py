@@ -164,7 +164,8 @@ def run_k1rl(cfg: RunConfig, budget_s: float, run_dir: Path) -> dict:
         clients = Clients.connect(cfg)
         try:
             master = Master(cfg, run_dir, clients, RunState(run_id=cfg.run_id))
-            totals = k1rl_iterations(master, cfg, budget_s)
+            with master.metric_sinks():
+                totals = k1rl_iterations(master, cfg, budget_s)
             clients.trainer.call("checkpoint", CheckpointRequest(action="export_hf",
                                                                  path=str(final)),
                                  CheckpointResult)

@@ -11,7 +11,8 @@ atomically, so a master killed between iterations resumes without losing one.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,7 @@ class Master:
         self.state = state
         self.sampler = samplers.create(cfg.rl, level_pools(cfg))
         self.sampler.load_state_dict(state.sampler_state)
-        self.sinks: MetricSinks | None = None  # where metrics rows go; open in run()
+        self.sinks: MetricSinks | None = None  # where metrics rows go: see metric_sinks()
         r = cfg.rollout
         # Without partial rollouts every trajectory ends within its one segment, so
         # each group is done in the iteration that started it.
@@ -98,9 +99,7 @@ class Master:
     def run(self, on_iteration: Callable[[dict], None] | None = None) -> RunState:
         """Iterate until rl.iterations are done; ``on_iteration`` gets each metrics row."""
         self.restore_trainer()
-        # on resume, rows of an iteration that did not complete go as the sinks open
-        self.sinks = open_sinks(self.cfg, self.run_dir, self.state.iterations_done)
-        with self.sinks:
+        with self.metric_sinks():
             while self.state.iterations_done < self.cfg.rl.iterations:
                 row = self.iteration(self.state.iterations_done)
                 if on_iteration is not None:
@@ -108,6 +107,18 @@ class Master:
             if self.cfg.rl.eval_every:
                 self.final_evaluation()
         return self.state
+
+    @contextmanager
+    def metric_sinks(self) -> Iterator[MetricSinks]:
+        """The rl.metrics sinks, open while iterations run (run() opens them; so must a
+        caller that drives :meth:`iteration` itself). On resume, the rows of an iteration
+        that did not complete go as they open."""
+        self.sinks = open_sinks(self.cfg, self.run_dir, self.state.iterations_done)
+        try:
+            with self.sinks:
+                yield self.sinks
+        finally:
+            self.sinks = None
 
     def iteration(self, i: int) -> dict:
         """One k1.5 iteration: sample prompts; in the ROLLOUT phase, evaluate when due and
@@ -201,8 +212,14 @@ class Master:
         i = self.state.iterations_done
         row = {"iteration": i, "policy_version": self.state.policy_version,
                **self.in_rollout_phase(i, self.evaluate)}
-        self.sinks.write(row)
+        self._write(row)
         return row
+
+    def _write(self, row: dict) -> None:
+        if self.sinks is None:
+            raise RuntimeError("the metric sinks are closed: iterate inside "
+                               "`with master.metric_sinks():` (run() does)")
+        self.sinks.write(row)
 
     def measure_in_rollout(self, tasks: list[Task], samples: int, prefix: str) -> dict[str, float]:
         """:meth:`accuracy` of the trainer's current weights, outside an iteration (e.g.
@@ -268,7 +285,7 @@ class Master:
         path = self.run_dir / "checkpoints" / f"iter_{i:05d}"
         req = CheckpointRequest(action="save", path=str(path.resolve()))
         self.clients.trainer.call("checkpoint", req, CheckpointResult)
-        self.sinks.write(row)
+        self._write(row)
         self.state.iterations_done = i + 1
         self.state.policy_version = version
         self.state.trainer_checkpoint = str(path.resolve())
