@@ -122,6 +122,12 @@ def rl_iteration(trainer: MegatronTrainer, samples: TrainBatch | Sequence[TrainS
             steps.append(trainer.train_step(loss_fn, part.micro))
             if not diffs and len(steps) == 1:  # the first step's forward pass is θ_i's
                 diffs += _alarm(part.seen, part)
+    return {**_step_metrics(trainer, steps, ratios, weights, diffs, loss),
+            **_batch_metrics(received, samples, parts, version)}
+
+
+def _step_metrics(trainer: MegatronTrainer, steps: list[dict], ratios: list[Tensor],
+                  weights: list[Tensor], diffs: list[Tensor], loss: Loss) -> dict[str, float]:
     diff = torch.cat(diffs) if diffs else torch.zeros(1)
     if not diff.numel():  # no token of this policy's own (every one was older)
         diff = torch.zeros(1)
@@ -134,18 +140,24 @@ def rl_iteration(trainer: MegatronTrainer, samples: TrainBatch | Sequence[TrainS
         "grad_norm_last": steps[-1]["grad_norm"],
         "lr": trainer.optim.lr,
         "policy_version": float(trainer.policy_version),
-        "samples": float(len(received)),
-        "reward_mean": sum(s.reward for s in received) / len(received),
-        "uniform_groups": uniform_group_fraction(received),
-        "trained_samples": float(len(samples)),
-        "response_tokens": float(sum(p.batch.total_tokens for p in parts)),
         "rollout_logprob_diff": diff.mean().item(),
         "rollout_logprob_diff_max": diff.max().item(),
-        "stale_samples": float(sum(s.policy_version != version for s in received)),
         "log_ratio_sq": log_ratio_sq,
         "ref_gap_first_step": ratios[0].abs().max().item() if ratios[0].numel() else 0.0,
         "mismatch_weight_mean": torch.cat(weights).mean().item(),
         **loss.metrics(log_ratio_sq),
+    }
+
+
+def _batch_metrics(received: list[TrainSample], trained: list[TrainSample], parts: list[_Part],
+                   version: int) -> dict[str, float]:
+    return {
+        "samples": float(len(received)),
+        "reward_mean": sum(s.reward for s in received) / len(received),
+        "uniform_groups": uniform_group_fraction(received),
+        "trained_samples": float(len(trained)),
+        "response_tokens": float(sum(p.batch.total_tokens for p in parts)),
+        "stale_samples": float(sum(s.policy_version != version for s in received)),
     }
 
 
