@@ -140,7 +140,7 @@ class Master:
             with watch("train_s"):
                 stats = self.train(groups, rewards, ref)
         row = {"iteration": i, "policy_version": self.state.policy_version,
-               "max_tokens": self.cfg.rl.schedule.at(i).max_tokens or self.cfg.rollout.max_tokens,
+               "max_tokens": self._budget(i),
                **generated, **_reward_metrics(groups, rewards), **_train_metrics(stats),
                **_switch_metrics(to_rollout, to_train), **watch.seconds, **evaluation}
         self.checkpoint(i, row["policy_version"], row)
@@ -175,16 +175,39 @@ class Master:
             **self.replay.metrics(i)}
 
     def score(self, groups: list[Group], ref: RunRef) -> RewardResult | None:
-        """Rewards of the complete groups; the sampler learns their success rates."""
+        """Rewards of the complete groups' whole trajectories (every segment), group by
+        group; the sampler learns their success rates."""
         if not groups:
             return None
-        rewards = self.score_groups(groups, ref)
+        rewards = score_responses(self.clients.reward,
+                                  [(g.task, t.text, len(t.token_ids), t.finish_reason)
+                                   for g in groups for t in g.trajectories],
+                                  len(groups[0].trajectories), ref,
+                                  self.cfg.rl.schedule.at(ref.iteration).length_penalty_weight)
         self.sampler.update([g.task for g in groups], rewards.correct, self.cfg.rollout.n)
         return rewards
 
     def train(self, groups: list[Group], rewards: RewardResult | None,
               ref: RunRef) -> TrainStats | None:
-        return self.train_groups(groups, rewards, ref) if groups else None
+        """One RL iteration of the trainer on the complete groups (None: nothing to train)."""
+        if not groups:
+            return None
+        n = len(groups[0].trajectories)
+        errors = rewards.errors or [""] * len(rewards.rewards)
+        samples = [
+            sample
+            for g, group in enumerate(groups)
+            for sample, error in zip(
+                group.train_samples(g, rewards.rewards[g * n:(g + 1) * n]),
+                errors[g * n:(g + 1) * n])
+            # an empty response carries no token to learn from; one the reward service
+            # could not judge (the sandbox failed) is neither right nor wrong
+            if sample.response_token_ids and not error
+        ]
+        if not samples:
+            return None
+        return self.clients.trainer.call("train", TrainBatch(ref=ref, samples=samples),
+                                         TrainStats)
 
     # -------------------------------------------------------------- evaluation
     def _eval_due(self, i: int) -> bool:
@@ -240,44 +263,21 @@ class Master:
         cmd = PhaseCommand(ref=ref, phase=phase)
         return self.clients.checkpoint_engine.call("phase", cmd, PhaseStatus)
 
+    def _budget(self, i: int) -> int:
+        """Iteration ``i``'s token budget per trajectory (rl.schedule, else rollout's)."""
+        return self.cfg.rl.schedule.at(i).max_tokens or self.cfg.rollout.max_tokens
+
     def rollout(self, tasks: list[Task], ref: RunRef,
                 continuations: list[Continuation] = ()) -> GenerateResult:
         r = self.cfg.rollout
-        budget = self.cfg.rl.schedule.at(ref.iteration).max_tokens or r.max_tokens
         sampling = SamplingSpec(
-            n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=budget,
+            n=r.n, temperature=r.temperature, top_p=r.top_p,
+            max_tokens=self._budget(ref.iteration),
             seed=self.rng.randrange(2**31),
         )
         req = GenerateRequest(ref=ref, prompts=[t.prompt for t in tasks], sampling=sampling,
                               continuations=list(continuations))
         return self.clients.rollout.call("generate", req, GenerateResult)
-
-    def score_groups(self, groups: list[Group], ref: RunRef) -> RewardResult:
-        """Rewards of whole trajectories (every segment), group by group."""
-        return score_responses(self.clients.reward,
-                               [(g.task, t.text, len(t.token_ids), t.finish_reason)
-                                for g in groups for t in g.trajectories],
-                               len(groups[0].trajectories), ref,
-                               self.cfg.rl.schedule.at(ref.iteration).length_penalty_weight)
-
-    def train_groups(self, groups: list[Group], rewards: RewardResult,
-                     ref: RunRef) -> TrainStats | None:
-        n = len(groups[0].trajectories)
-        errors = rewards.errors or [""] * len(rewards.rewards)
-        samples = [
-            sample
-            for g, group in enumerate(groups)
-            for sample, error in zip(
-                group.train_samples(g, rewards.rewards[g * n:(g + 1) * n]),
-                errors[g * n:(g + 1) * n])
-            # an empty response carries no token to learn from; one the reward service
-            # could not judge (the sandbox failed) is neither right nor wrong
-            if sample.response_token_ids and not error
-        ]
-        if not samples:
-            return None
-        batch = TrainBatch(ref=ref, samples=samples)
-        return self.clients.trainer.call("train", batch, TrainStats)
 
     def checkpoint(self, i: int, version: int, row: dict) -> None:
         """Trainer weights first, then the metrics row and the replay buffer, then the state
