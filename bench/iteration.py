@@ -22,6 +22,7 @@ from k1rl import master  # noqa: E402
 from k1rl.config import load_config  # noqa: E402
 from k1rl.demo import load_demo_config  # noqa: E402
 from k1rl.launch import free_tcp_address  # noqa: E402
+from k1rl.metrics.jsonl import read_metrics  # noqa: E402
 
 KEYS = (
     "iteration_s",
@@ -60,7 +61,7 @@ def main() -> None:
         section.address = free_tcp_address()
     run_dir = Path(tempfile.mkdtemp(prefix="k1rl-bench-iter-"))
     master.run(cfg, run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [record.row() for record in read_metrics(run_dir)]
     report = {k: round(statistics.median(r[k] for r in rows), 3) for k in KEYS}
     report.update(
         iterations=len(rows),

@@ -43,6 +43,7 @@ import yaml  # noqa: E402
 from k1rl.config import RunConfig, parse_levels  # noqa: E402
 from k1rl.demo import load_demo_config, run_config  # noqa: E402
 from k1rl.master.evaluation import evaluate_checkpoint  # noqa: E402
+from k1rl.metrics.record import Accuracy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("trl_grpo_worker.py")
@@ -136,12 +137,12 @@ def ensure_sft(args: argparse.Namespace) -> Path:
     return sft.resolve()
 
 
-def evaluate(cfg: RunConfig, model: Path, work: Path, name: str) -> dict:
+def evaluate(cfg: RunConfig, model: Path, work: Path, name: str) -> Accuracy:
     log(f"evaluating {name} ({model})")
-    metrics = evaluate_checkpoint(cfg, model, work)
-    log(f"{name}: held-out pass@1 {metrics['eval_accuracy']:.3f}, "
-        f"greedy {metrics['eval_greedy']:.3f} ({metrics['eval_s']:.0f} s)")
-    return metrics
+    measured = evaluate_checkpoint(cfg, model, work)
+    log(f"{name}: held-out pass@1 {measured.accuracy:.3f}, "
+        f"greedy {measured.greedy:.3f} ({measured.seconds:.0f} s)")
+    return measured
 
 
 # --------------------------------------------------------------------------- k1rl
@@ -178,27 +179,26 @@ def k1rl_iterations(master, cfg: RunConfig, budget_s: float) -> dict:
     steps_per_iteration = (cfg.trainer.minibatches_per_iteration
                            * cfg.trainer.epochs_per_iteration)
     wall = completions = steps = 0.0
-    rows = []
+    records = []
     while wall < budget_s:
-        row = master.iteration(len(rows))
-        rows.append(row)
-        wall += row["iteration_s"] - row.get("eval_s", 0.0)
-        completions += row["prompts_started"] * cfg.rollout.n
-        # the trainer's step count when the loop reports it; else the configured steps of
-        # an iteration that trained (none when every group was uniform and skipped)
-        steps += row.get("train_steps", steps_per_iteration if "train_loss" in row else 0)
-        log(f"k1rl: iteration {row['iteration']} reward {row.get('reward_mean', 0):.3f} "
-            f"({row['iteration_s']:.1f} s) train {wall:.0f}/{budget_s:.0f} s")
-    iteration_s = sorted(r["iteration_s"] for r in rows)
+        record = master.iteration(len(records))
+        records.append(record)
+        wall += record.time.iteration_s - (record.eval.seconds if record.eval else 0.0)
+        completions += record.rollout.prompts_started * cfg.rollout.n
+        steps += record.train.train_steps if record.train else 0
+        reward = record.reward.reward_mean if record.reward else 0.0
+        log(f"k1rl: iteration {record.iteration} reward {reward:.3f} "
+            f"({record.time.iteration_s:.1f} s) train {wall:.0f}/{budget_s:.0f} s")
+    iteration_s = sorted(r.time.iteration_s for r in records)
     return {
-        "iterations": len(rows),
+        "iterations": len(records),
         "optimizer_steps": int(steps),
         "completions": int(completions),
         "train_wall_s": wall,
         "iteration_s_median": iteration_s[len(iteration_s) // 2],
         # one-off vLLM start inside iteration 0 (persistent engine), counted in the wall
-        "engine_start_s": sum(r.get("engine_start_s", 0.0) for r in rows),
-        "rewards": [r.get("reward_mean") for r in rows],
+        "engine_start_s": sum(r.switch.engine_start_s for r in records),
+        "rewards": [r.reward.reward_mean if r.reward else None for r in records],
     }
 
 
@@ -294,17 +294,17 @@ def run_trl(gen: RunConfig, reward_cfg: RunConfig, sft: Path, lr: float, budget_
 # ------------------------------------------------------------------------- report
 
 
-def side(run: dict, before: dict) -> dict:
+def side(run: dict, before: Accuracy) -> dict:
     """One training run's line in the report: counts, after-scores and its lift."""
     after = run["after"]
     rewards = [r for r in run.pop("rewards", []) if r is not None]
     return {
         **{k: v for k, v in run.items() if k not in ("after", "model")},
-        "after_pass1": after["eval_accuracy"],
-        "after_greedy": after["eval_greedy"],
-        "after_by_level": {k[len("eval_"):]: v for k, v in after.items() if "@" in k},
-        "lift": after["eval_accuracy"] - before["eval_accuracy"],
-        "greedy_lift": after["eval_greedy"] - before["eval_greedy"],
+        "after_pass1": after.accuracy,
+        "after_greedy": after.greedy,
+        "after_by_level": _by_level(after),
+        "lift": after.accuracy - before.accuracy,
+        "greedy_lift": after.greedy - before.greedy,
         # mean training reward of the first / last 5 steps or iterations
         "train_reward_first5": _mean(rewards[:5]),
         "train_reward_last5": _mean(rewards[-5:]),
@@ -323,19 +323,24 @@ def _rounded(obj):
     return obj
 
 
+def _by_level(measured: Accuracy) -> dict[str, float]:
+    return {**{f"accuracy@{k}": v for k, v in measured.accuracy_by_level.items()},
+            **{f"greedy@{k}": v for k, v in measured.greedy_by_level.items()}}
+
+
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def report(args, eval_cfg: RunConfig, train_cfg: RunConfig, before: dict, k1rl: dict | None,
+def report(args, eval_cfg: RunConfig, train_cfg: RunConfig, before: Accuracy, k1rl: dict | None,
            trl_runs: list[dict], extra: dict) -> dict:
     best = max(trl_runs, key=lambda r: r["lift"]) if trl_runs else None
     out = {
         "k1rl_lift": k1rl["lift"] if k1rl else None,
         "trl_lift": best["lift"] if best else None,
         "k1rl_minus_trl": k1rl["lift"] - best["lift"] if k1rl and best else None,
-        "before_pass1": before["eval_accuracy"],
-        "before_greedy": before["eval_greedy"],
+        "before_pass1": before.accuracy,
+        "before_greedy": before.greedy,
     }
     for name, run in (("k1rl", k1rl), ("trl", best)):
         for key in ("after_pass1", "after_greedy", "optimizer_steps", "completions",
@@ -344,7 +349,7 @@ def report(args, eval_cfg: RunConfig, train_cfg: RunConfig, before: dict, k1rl: 
     out["trl_best_lr"] = best["lr"] if best else None
     out["k1rl"] = k1rl
     out["trl_runs"] = trl_runs
-    out["before_by_level"] = {k[len("eval_"):]: v for k, v in before.items() if "@" in k}
+    out["before_by_level"] = _by_level(before)
     r, rl = train_cfg.rollout, train_cfg.rl
     out["settings"] = {
         "seed": args.seed, "budget_s": args.budget_s, **extra,

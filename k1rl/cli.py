@@ -114,8 +114,8 @@ def eval_cmd(
     if eval_problems is not None:
         cfg.rl.eval_problems = eval_problems
     work_dir = work_dir or Path(tempfile.mkdtemp(prefix="k1rl-eval-"))
-    metrics = evaluate_checkpoint(cfg, model, work_dir)
-    print(json.dumps({"model": str(model.resolve()), **metrics}), flush=True)
+    measured = evaluate_checkpoint(cfg, model, work_dir)
+    print(json.dumps({"model": str(model.resolve()), **measured.row("eval")}), flush=True)
 
 
 @app.command("run")

@@ -29,6 +29,7 @@ from rich.table import Table
 from k1rl.config import ConfigError, RunConfig, parse_levels, parse_yaml_model
 from k1rl.data.tasks import Task, generate_suite, generate_tasks
 from k1rl.launch import free_tcp_address
+from k1rl.metrics.record import Accuracy, IterationMetrics, SFTStepMetrics
 from k1rl.protocol import CheckpointRequest, CheckpointResult, SFTBatch, SFTExample, TrainStats
 
 console = Console()
@@ -185,9 +186,9 @@ def validation_set(run: RunConfig, problems: int) -> list[Task]:
 
 
 def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int,
-        validate: Callable[[], dict[str, float]] | None = None) -> list[dict]:
-    """SFT steps until ``settings.steps``, or until ``validate()["val_accuracy"]`` reaches
-    ``settings.stop_when.accuracy``; one history row per step (validations included)."""
+        validate: Callable[[], Accuracy] | None = None) -> list[SFTStepMetrics]:
+    """SFT steps until ``settings.steps``, or until ``validate().accuracy`` reaches
+    ``settings.stop_when.accuracy``; one record per step (validations included)."""
     encoded = [
         SFTExample(
             prompt_token_ids=tokenizer.encode(t.prompt),
@@ -197,7 +198,7 @@ def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int,
     ]
     rng = random.Random(seed)
     stop = settings.stop_when
-    history: list[dict] = []
+    history: list[SFTStepMetrics] = []
     with _progress() as progress:
         bar = progress.add_task("SFT (megatron-core)", total=settings.steps, info="")
         val = ""
@@ -207,16 +208,17 @@ def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int,
                 lr=settings.lr_at(step),
             )
             stats = trainer.call("sft_step", batch, TrainStats, timeout_s=600)
-            history.append({"step": step, "loss": stats.loss, **stats.metrics})
+            record = SFTStepMetrics(step=step, loss=stats.loss, values=stats.metrics)
+            history.append(record)
             done = step + 1
             if stop and validate and stop.due(done):
-                history[-1].update(validate())
-                val = f"  validation {history[-1]['val_accuracy']:.3f}"
+                record.val = validate()
+                val = f"  validation {record.val.accuracy:.3f}"
                 progress.console.print(
-                    f"SFT step {done}: validation pass@1 {history[-1]['val_accuracy']:.3f}, "
-                    f"greedy {history[-1]['val_greedy']:.3f} (stop at {stop.accuracy})")
+                    f"SFT step {done}: validation pass@1 {record.val.accuracy:.3f}, "
+                    f"greedy {record.val.greedy:.3f} (stop at {stop.accuracy})")
             progress.update(bar, advance=1, info=f"loss {stats.loss:.3f}{val}")
-            if stop and history[-1].get("val_accuracy", 0.0) >= stop.accuracy:
+            if stop and record.val and record.val.accuracy >= stop.accuracy:
                 progress.update(bar, total=done)
                 break
     return history
@@ -227,11 +229,13 @@ def rl(master, iterations: int) -> None:
         bar = progress.add_task("RL (mirror descent)", total=iterations,
                                 completed=master.state.iterations_done, info="")
 
-        def report(row: dict) -> None:
-            info = f"reward {row['reward_mean']:.3f}  v{row['policy_version']}"
-            if "eval_accuracy" in row:
-                info += f"  held-out {row['eval_accuracy']:.3f}"
-            progress.update(bar, completed=row["iteration"] + 1, info=info)
+        def report(record: IterationMetrics) -> None:
+            info = f"v{record.policy_version}"
+            if record.reward:
+                info = f"reward {record.reward.reward_mean:.3f}  {info}"
+            if record.eval:
+                info += f"  held-out {record.eval.accuracy:.3f}"
+            progress.update(bar, completed=record.iteration + 1, info=info)
 
         master.run(on_iteration=report)
 
@@ -243,8 +247,9 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
     runs, e.g. bench/peer_trl.py) and returns where it is."""
     from k1rl.data.tokenizer import load_tokenizer
     from k1rl.master import CONFIG_FILE, start_local_services
-    from k1rl.master.loop import METRICS_FILE, Clients, Master
+    from k1rl.master.loop import Clients, Master
     from k1rl.master.plots import plot_run
+    from k1rl.metrics.jsonl import read_metrics
     from k1rl.master.state import RunState
 
     started = time.perf_counter()
@@ -273,8 +278,8 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
             if cfg.sft.stop_when:
                 val_tasks = validation_set(run, cfg.sft.stop_when.problems)
 
-                def validate() -> dict[str, float]:
-                    return master.measure_in_rollout(val_tasks, cfg.sft.stop_when.samples, "val")
+                def validate() -> Accuracy:
+                    return master.measure_in_rollout(val_tasks, cfg.sft.stop_when.samples)
 
             history = sft(clients.trainer, load_tokenizer(model_dir), sft_tasks, cfg.sft, seed,
                           validate)
@@ -300,8 +305,8 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
             clients.close()
 
     with open(run_dir / "sft_metrics.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in history)
-    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+        f.writelines(json.dumps(record.row()) + "\n" for record in history)
+    rows = read_metrics(run_dir)
     plot_run(run_dir)
     summary = summarize(rows, history, cfg, run, time.perf_counter() - started)
     summary["final_checkpoint"] = str(final)
@@ -319,37 +324,37 @@ def export_sft(trainer, run_dir: Path) -> Path:
     return path
 
 
-def finish_sft_only(run_dir: Path, history: list[dict], sft_ckpt: Path, sft_hf: Path,
+def finish_sft_only(run_dir: Path, history: list[SFTStepMetrics], sft_ckpt: Path, sft_hf: Path,
                     started: float) -> dict:
     with open(run_dir / "sft_metrics.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in history)
-    out = {"sft_steps": len(history), "final_sft_loss": history[-1]["loss"],
+        f.writelines(json.dumps(record.row()) + "\n" for record in history)
+    out = {"sft_steps": len(history), "final_sft_loss": history[-1].loss,
            "sft_checkpoint": str(sft_ckpt), "sft_hf": str(sft_hf),
            "wall_seconds": round(time.perf_counter() - started, 1)}
     console.print(f"SFT done in {out['sft_steps']} steps: HF checkpoint {sft_hf}")
     return out
 
 
-def summarize(rows: list[dict], sft_history: list[dict], cfg: DemoConfig, run: RunConfig,
-              wall_s: float) -> dict:
-    iterations = [r for r in rows if "reward_mean" in r]
-    evals = [r for r in rows if "eval_accuracy" in r]
-    if not iterations or len(evals) < 2 or evals[0]["iteration"] != 0:
+def summarize(records: list[IterationMetrics], sft_history: list[SFTStepMetrics],
+              cfg: DemoConfig, run: RunConfig, wall_s: float) -> dict:
+    iterations = [r for r in records if r.reward and r.time and r.switch]
+    evals = [r for r in records if r.eval]
+    if not iterations or len(evals) < 2 or evals[0].iteration != 0:
         raise RuntimeError("the run has no held-out evaluation before and after RL")
 
-    def mean(key: str) -> float:
-        return sum(r[key] for r in iterations) / len(iterations)
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
 
-    before, after = evals[0], evals[-1]
+    before, after = evals[0].eval, evals[-1].eval
     return {
         "seed": run.seed,
         "model_parameters_shape": cfg.model.model_dump(),
         "sft_levels": cfg.sft.levels,
         "sft_steps": len(sft_history),
-        "final_sft_loss": sft_history[-1]["loss"],
-        "sft_validation": [{"after_steps": r["step"] + 1, "accuracy": r["val_accuracy"],
-                            "greedy": r["val_greedy"]}
-                           for r in sft_history if "val_accuracy" in r],
+        "final_sft_loss": sft_history[-1].loss,
+        "sft_validation": [{"after_steps": r.step + 1, "accuracy": r.val.accuracy,
+                            "greedy": r.val.greedy}
+                           for r in sft_history if r.val],
         "rl_levels": run.rl.tasks,
         "rl_task_weights": run.rl.task_weights,
         "heldout_levels": run.rl.headline_tasks,
@@ -357,37 +362,36 @@ def summarize(rows: list[dict], sft_history: list[dict], cfg: DemoConfig, run: R
         "heldout_samples_per_problem": run.rl.eval_samples,
         # every evaluated level on its own, and every RL level's training accuracy
         "eval_by_level": {
-            level: {f"{kind}_{stage}": row[f"eval_{kind}@{level}"]
-                    for kind in ("accuracy", "greedy")
-                    for stage, row in (("after_sft", before), ("after_rl", after))}
-            for level in run.rl.headline_tasks if f"eval_accuracy@{level}" in before
+            level: {"accuracy_after_sft": before.accuracy_by_level[level],
+                    "accuracy_after_rl": after.accuracy_by_level[level],
+                    "greedy_after_sft": before.greedy_by_level[level],
+                    "greedy_after_rl": after.greedy_by_level[level]}
+            for level in run.rl.headline_tasks if level in before.accuracy_by_level
         },
         "train_accuracy_by_level": {
-            level: {"first_10": _mean_of(iterations[:10], f"accuracy@{level}"),
-                    "last_10": _mean_of(iterations[-10:], f"accuracy@{level}")}
-            for level in run.rl.tasks if f"accuracy@{level}" in iterations[0]
+            level: {"first_10": mean([r.reward.accuracy_by_level[level]
+                                      for r in iterations[:10]]),
+                    "last_10": mean([r.reward.accuracy_by_level[level]
+                                     for r in iterations[-10:]])}
+            for level in run.rl.tasks if level in iterations[0].reward.accuracy_by_level
         },
-        "reward_errors": sum(r.get("reward_errors", 0) for r in iterations),
-        "eval_accuracy_after_sft": before["eval_accuracy"],
-        "eval_accuracy_after_rl": after["eval_accuracy"],
-        "eval_greedy_after_sft": before["eval_greedy"],
-        "eval_greedy_after_rl": after["eval_greedy"],
-        "rl_gain": after["eval_accuracy"] - before["eval_accuracy"],
+        "reward_errors": sum(r.reward.reward_errors for r in iterations),
+        "eval_accuracy_after_sft": before.accuracy,
+        "eval_accuracy_after_rl": after.accuracy,
+        "eval_greedy_after_sft": before.greedy,
+        "eval_greedy_after_rl": after.greedy,
+        "rl_gain": after.accuracy - before.accuracy,
         "iterations": len(iterations),
-        "policy_version": after["policy_version"],
-        "train_reward_first": iterations[0]["reward_mean"],
-        "train_reward_last": iterations[-1]["reward_mean"],
-        "mean_switch_to_rollout_s": mean("switch_to_rollout_s"),
-        "mean_switch_to_train_s": mean("switch_to_train_s"),
-        "mean_iteration_s": mean("iteration_s"),
-        "mean_rollout_s": mean("rollout_s"),
-        "mean_train_s": mean("train_s"),
+        "policy_version": evals[-1].policy_version,
+        "train_reward_first": iterations[0].reward.reward_mean,
+        "train_reward_last": iterations[-1].reward.reward_mean,
+        "mean_switch_to_rollout_s": mean([r.switch.switch_to_rollout_s for r in iterations]),
+        "mean_switch_to_train_s": mean([r.switch.switch_to_train_s for r in iterations]),
+        "mean_iteration_s": mean([r.time.iteration_s for r in iterations]),
+        "mean_rollout_s": mean([r.time.rollout_s for r in iterations]),
+        "mean_train_s": mean([r.time.train_s for r in iterations]),
         "wall_seconds": round(wall_s, 1),
     }
-
-
-def _mean_of(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
 
 
 def print_summary(summary: dict) -> None:

@@ -65,25 +65,27 @@ def test_accuracy_samples_with_the_run_seed_and_reports_each_level():
     cfg.rollout.max_tokens = 17
     rollout, reward = FakeRollout(), FakeReward()
     tasks = _tasks()
-    out = accuracy(cfg, rollout, reward, tasks, RunRef(iteration=3), samples=4, prefix="eval")
+    out = accuracy(cfg, rollout, reward, tasks, RunRef(iteration=3), samples=4)
     sampled, greedy = (r.sampling for r in rollout.requests)
     assert (sampled.n, sampled.temperature, sampled.max_tokens) == (4, 0.8, 17)
     assert (greedy.n, greedy.temperature) == (1, 0.0)
     assert sampled.seed == greedy.seed == 5 + EVAL_SEED_OFFSET
     # 4 samples per task, reward groups of 4 in task order
     assert [item.group_id for item in reward.requests[0].items] == [j // 4 for j in range(24)]
-    assert out["eval_accuracy"] == pytest.approx(0.25)  # half of add's samples, none of sub's
-    assert out["eval_accuracy@add:2"] == pytest.approx(0.5)
-    assert out["eval_accuracy@sub:2"] == 0.0
-    assert out["eval_greedy"] == pytest.approx(0.5)
-    assert out["eval_greedy@add:2"] == 1.0
-    assert set(out) == {"eval_accuracy", "eval_accuracy@add:2", "eval_accuracy@sub:2",
-                        "eval_greedy", "eval_greedy@add:2", "eval_greedy@sub:2", "eval_s"}
+    assert out.accuracy == pytest.approx(0.25)  # half of add's samples, none of sub's
+    assert out.accuracy_by_level == pytest.approx({"add:2": 0.5, "sub:2": 0.0})
+    assert out.greedy == pytest.approx(0.5)
+    assert out.greedy_by_level == {"add:2": 1.0, "sub:2": 0.0}
+    assert out.seconds > 0
+    # stored flat under a prefix: the names metrics.jsonl and every sink show
+    assert set(out.row("eval")) == {"eval_accuracy", "eval_accuracy@add:2",
+                                    "eval_accuracy@sub:2", "eval_greedy", "eval_greedy@add:2",
+                                    "eval_greedy@sub:2", "eval_s"}
 
 
-def test_one_level_has_no_per_level_keys():
+def test_one_level_has_no_per_level_accuracy():
     tasks = _tasks()[:3]
-    assert by_level("x", tasks, [True] * 6, 2) == {}
+    assert by_level(tasks, [True] * 6, 2) == {}
 
 
 def test_a_checkpoint_is_evaluated_on_fresh_ports_and_its_sandbox_only_for_code(tmp_path):

@@ -1,5 +1,5 @@
-"""Metric sinks: each writes the master's rows where they can be read back, resumes the way
-the run does, and is chosen by name in rl.metrics."""
+"""Metric sinks: each writes the master's records where they can be read back, resumes the
+way the run does, and is chosen by name in rl.metrics."""
 
 from __future__ import annotations
 
@@ -12,19 +12,29 @@ import pytest
 
 from k1rl.config import ConfigError, RunConfig
 from k1rl.metrics import METRIC_SINKS, MetricSink, available, open_sinks, register
-from k1rl.metrics.jsonl import METRICS_FILE
+from k1rl.metrics.jsonl import METRICS_FILE, read_metrics
+from k1rl.metrics.record import IterationMetrics, RewardMetrics, RolloutMetrics
 
-ROWS = [{"iteration": i, "reward_mean": 0.5 + i / 10, "groups_trained": 4 + i} for i in range(3)]
+
+def _record(i: int, reward: float, groups: int = 4) -> IterationMetrics:
+    return IterationMetrics(
+        iteration=i, policy_version=i,
+        rollout=RolloutMetrics(policy_version_rollout=i, groups_trained=groups,
+                               prompts_started=groups),
+        reward=RewardMetrics(reward_mean=reward, accuracy=reward))
+
+
+RECORDS = [_record(i, 0.5 + i / 10, 4 + i) for i in range(3)]
 
 
 def _config(*sinks: str) -> RunConfig:
     return RunConfig.from_yaml_text(json.dumps({"run_id": "sinks", "rl": {"metrics": list(sinks)}}))
 
 
-def _write(run_dir, cfg: RunConfig, rows, resume_at: int = 0) -> None:
+def _write(run_dir, cfg: RunConfig, records, resume_at: int = 0) -> None:
     with open_sinks(cfg, run_dir, resume_at) as sinks:
-        for row in rows:
-            sinks.write(row)
+        for record in records:
+            sinks.write(record)
 
 
 # ------------------------------------------------------------------ config
@@ -44,17 +54,26 @@ def test_rl_metrics_names_registered_sinks_and_always_keeps_jsonl():
 # ------------------------------------------------------------------ jsonl
 
 
-def test_jsonl_appends_one_line_per_row(tmp_path):
-    _write(tmp_path, _config(), ROWS)
+def test_jsonl_appends_one_flat_row_per_record_and_reads_the_records_back(tmp_path):
+    _write(tmp_path, _config(), RECORDS)
     lines = (tmp_path / METRICS_FILE).read_text().splitlines()
-    assert [json.loads(line) for line in lines] == ROWS
+    assert [json.loads(line) for line in lines] == [r.row() for r in RECORDS]
+    assert json.loads(lines[0])["groups_trained"] == 4  # flat: the names every sink shows
+    assert read_metrics(tmp_path) == RECORDS
 
 
 def test_jsonl_drops_the_rows_of_iterations_that_did_not_complete_on_resume(tmp_path):
-    _write(tmp_path, _config(), ROWS)
-    _write(tmp_path, _config(), [{"iteration": 1, "reward_mean": 0.9}], resume_at=1)
-    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
-    assert rows == [ROWS[0], {"iteration": 1, "reward_mean": 0.9}]
+    _write(tmp_path, _config(), RECORDS)
+    _write(tmp_path, _config(), [_record(1, 0.9)], resume_at=1)
+    assert read_metrics(tmp_path) == [RECORDS[0], _record(1, 0.9)]
+
+
+def test_a_row_no_record_field_holds_is_refused_naming_the_line_and_key(tmp_path):
+    _write(tmp_path, _config(), RECORDS[:1])
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write(json.dumps({**RECORDS[1].row(), "rewrd_mean": 0.3}) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: .*iteration 1 .*\['rewrd_mean'\]"):
+        read_metrics(tmp_path)
 
 
 # ------------------------------------------------------------------ tensorboard
@@ -69,14 +88,14 @@ def _scalars(log_dir, tag: str) -> list[tuple[int, float]]:
 
 
 def test_tensorboard_writes_every_key_as_a_scalar_at_the_iteration_step(tmp_path):
-    _write(tmp_path, _config("tensorboard"), ROWS)
+    _write(tmp_path, _config("tensorboard"), RECORDS)
     assert _scalars(tmp_path / "tensorboard", "reward_mean") == [(0, 0.5), (1, 0.6), (2, 0.7)]
     assert _scalars(tmp_path / "tensorboard", "groups_trained") == [(0, 4), (1, 5), (2, 6)]
 
 
 def test_tensorboard_hides_the_steps_of_iterations_that_ran_again_on_resume(tmp_path):
-    _write(tmp_path, _config("tensorboard"), ROWS)
-    _write(tmp_path, _config("tensorboard"), [{"iteration": 1, "reward_mean": 0.9}], resume_at=1)
+    _write(tmp_path, _config("tensorboard"), RECORDS)
+    _write(tmp_path, _config("tensorboard"), [_record(1, 0.9)], resume_at=1)
     assert _scalars(tmp_path / "tensorboard", "reward_mean") == [(0, 0.5), (1, 0.9)]
 
 
@@ -104,9 +123,9 @@ def _wandb_history(run_file) -> list[dict]:
     return rows
 
 
-# Writes ROWS to a wandb sink in a fresh process whose every DNS lookup or non-Unix
-# connect is refused and reported, until the process has exited (the SDK's background
-# threads and exit handlers included).
+# Writes the records of the given rows to a wandb sink in a fresh process whose every DNS
+# lookup or non-Unix connect is refused and reported, until the process has exited (the
+# SDK's background threads and exit handlers included).
 _OFFLINE_PROCESS = """
 import json, socket, sys
 from pathlib import Path
@@ -122,44 +141,46 @@ socket.socket.connect = lambda self, a: (_connect if self.family == socket.AF_UN
 
 from k1rl.config import RunConfig
 from k1rl.metrics import open_sinks
+from k1rl.metrics.record import IterationMetrics
 
 cfg = RunConfig.from_yaml_text("run_id: sinks\\nrl: {metrics: [wandb]}")
 with open_sinks(cfg, Path(sys.argv[1]), 0) as sinks:
     for row in json.loads(sys.argv[2]):
-        sinks.write(row)
+        sinks.write(IterationMetrics.from_row(row))
 """
 
 
 def test_wandb_logs_an_offline_run_in_the_run_dir_without_touching_the_network(tmp_path):
     done = subprocess.run([sys.executable, "-c", _OFFLINE_PROCESS, str(tmp_path),
-                           json.dumps(ROWS)], capture_output=True, text=True, timeout=120)
+                           json.dumps([r.row() for r in RECORDS])],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "NETWORK" not in done.stderr, done.stderr
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
     [run_file] = run_dir.glob("run-*.wandb")
     history = _wandb_history(run_file)
     assert [(h["_step"], h["reward_mean"], h["groups_trained"]) for h in history] == \
-        [(r["iteration"], r["reward_mean"], r["groups_trained"]) for r in ROWS]
+        [(r.iteration, r.reward.reward_mean, r.rollout.groups_trained) for r in RECORDS]
     assert (tmp_path / METRICS_FILE).exists()  # jsonl beside it, always
 
 
 # ------------------------------------------------------------------ the registry
 
 
-@register("rows_in_memory")
-class RowsInMemory(MetricSink):
+@register("records_in_memory")
+class RecordsInMemory(MetricSink):
     """A sink defined outside k1rl.metrics: registered on import, selectable by config."""
 
-    written: list[dict] = []
+    written: list[IterationMetrics] = []
 
     @classmethod
     def open(cls, cfg, run_dir, resume_at):
         return cls()
 
-    def write(self, row):
-        self.written.append(row)
+    def write(self, record):
+        self.written.append(record)
 
 
-def test_a_sink_defined_elsewhere_is_selectable_and_gets_every_row(tmp_path):
-    assert "rows_in_memory" in METRIC_SINKS
-    _write(tmp_path, _config("rows_in_memory"), ROWS)
-    assert RowsInMemory.written == ROWS
+def test_a_sink_defined_elsewhere_is_selectable_and_gets_every_record(tmp_path):
+    assert "records_in_memory" in METRIC_SINKS
+    _write(tmp_path, _config("records_in_memory"), RECORDS)
+    assert RecordsInMemory.written == RECORDS

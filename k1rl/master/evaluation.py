@@ -15,6 +15,7 @@ from pathlib import Path
 
 from k1rl.config import RunConfig, parse_levels
 from k1rl.data.tasks import Task, generate_tasks
+from k1rl.metrics.record import Accuracy
 from k1rl.protocol import (
     GenerateRequest,
     GenerateResult,
@@ -42,25 +43,22 @@ def heldout_set(cfg: RunConfig) -> list[Task]:
 
 
 def accuracy(cfg: RunConfig, rollout: RPCClient, reward: RPCClient, tasks: list[Task],
-             ref: RunRef, samples: int, prefix: str) -> dict[str, float]:
-    """Accuracy of the policy in the engine on ``tasks``: ``<prefix>_accuracy`` = pass@1
-    of ``samples`` samples at the rollout temperature, ``<prefix>_greedy``, the same per
-    level (``<prefix>_accuracy@<level>``) when ``tasks`` span several, and the seconds it
-    took (``<prefix>_s``)."""
+             ref: RunRef, samples: int) -> Accuracy:
+    """Accuracy of the policy in the engine on ``tasks``: pass@1 of ``samples`` samples at
+    the rollout temperature and greedy, each per level when ``tasks`` span several, and
+    the seconds it took."""
     r = cfg.rollout
     started = time.perf_counter()
     result = {}
-    for key, n, temperature in ((f"{prefix}_accuracy", samples, r.temperature),
-                                (f"{prefix}_greedy", 1, 0.0)):
+    for kind, n, temperature in (("accuracy", samples, r.temperature), ("greedy", 1, 0.0)):
         sampling = SamplingSpec(n=n, temperature=temperature, top_p=r.top_p,
                                 max_tokens=r.max_tokens, seed=cfg.seed + EVAL_SEED_OFFSET)
         req = GenerateRequest(ref=ref, prompts=[t.prompt for t in tasks], sampling=sampling)
         generated = rollout.call("generate", req, GenerateResult)
         correct = score_completions(reward, tasks, generated, ref).correct
-        result[key] = sum(correct) / len(correct)
-        result.update(by_level(key, tasks, correct, n))
-    result[f"{prefix}_s"] = time.perf_counter() - started
-    return result
+        result[kind] = sum(correct) / len(correct)
+        result[f"{kind}_by_level"] = by_level(tasks, correct, n)
+    return Accuracy(**result, seconds=time.perf_counter() - started)
 
 
 def score_completions(reward: RPCClient, tasks: list[Task], generated: GenerateResult,
@@ -86,16 +84,16 @@ def score_responses(reward: RPCClient, responses: list[tuple], n: int, ref: RunR
     return reward.call("score", request, RewardResult)
 
 
-def by_level(key: str, tasks: list[Task], correct: list[bool], n: int) -> dict[str, float]:
-    """``key@family:level`` accuracy of each level, when ``tasks`` span several; ``correct``
-    is task-major (``n`` items per task, in task order)."""
+def by_level(tasks: list[Task], correct: list[bool], n: int) -> dict[str, float]:
+    """The accuracy of each level (``family:level``) when ``tasks`` span several (else
+    none); ``correct`` is task-major (``n`` items per task, in task order)."""
     levels: dict[str, list[bool]] = {}
     for i, ok in enumerate(correct):
         task = tasks[i // n]
         levels.setdefault(f"{task.family}:{task.difficulty}", []).append(ok)
     if len(levels) < 2:
         return {}
-    return {f"{key}@{level}": sum(oks) / len(oks) for level, oks in levels.items()}
+    return {level: sum(oks) / len(oks) for level, oks in levels.items()}
 
 
 # ------------------------------------------------------------- a checkpoint on its own
@@ -124,9 +122,8 @@ def evaluation_config(cfg: RunConfig, model_dir: Path) -> RunConfig:
 
 
 def evaluate_checkpoint(cfg: RunConfig, model_dir: Path, work_dir: Path, *,
-                        ready_timeout_s: float = 900.0) -> dict[str, float]:
-    """``Master.evaluate``'s metrics (``eval_accuracy``, ``eval_greedy``, per level,
-    ``eval_s``) of the HF checkpoint in ``model_dir`` on ``heldout_set(cfg)``, with the
+                        ready_timeout_s: float = 900.0) -> Accuracy:
+    """``Master.evaluate``'s accuracy of the HF checkpoint in ``model_dir`` on ``heldout_set(cfg)``, with the
     run's rollout settings and seed. Starts rollout_svc (vLLM reads the checkpoint itself),
     reward_svc and, for code levels, the sandbox as local processes (logs and the config
     they read in ``work_dir``), and stops them before returning."""
@@ -148,5 +145,4 @@ def evaluate_checkpoint(cfg: RunConfig, model_dir: Path, work_dir: Path, *,
         with RPCClient(cfg.rollout.address, timeout_s=ready_timeout_s) as rollout, \
                 RPCClient(cfg.reward.address, timeout_s=ready_timeout_s) as reward:
             ref = RunRef(run_id=cfg.run_id, iteration=0)
-            return accuracy(cfg, rollout, reward, heldout_set(cfg), ref,
-                            cfg.rl.eval_samples, prefix="eval")
+            return accuracy(cfg, rollout, reward, heldout_set(cfg), ref, cfg.rl.eval_samples)

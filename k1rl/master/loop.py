@@ -24,7 +24,15 @@ from k1rl.master.replay import Group, ReplayBuffer
 from k1rl.master.state import RunState
 from k1rl.master.timing import Stopwatch
 from k1rl.metrics import MetricSinks, open_sinks
-from k1rl.metrics.jsonl import METRICS_FILE  # noqa: F401 - k1rl.demo reads it from here
+from k1rl.metrics.record import (
+    Accuracy,
+    IterationMetrics,
+    RewardMetrics,
+    RolloutMetrics,
+    SwitchMetrics,
+    Timings,
+    TrainMetrics,
+)
 from k1rl.protocol import (
     CheckpointRequest,
     CheckpointResult,
@@ -81,7 +89,7 @@ class Master:
         self.state = state
         self.sampler = samplers.create(cfg.rl, level_pools(cfg))
         self.sampler.load_state_dict(state.sampler_state)
-        self.sinks: MetricSinks | None = None  # where metrics rows go: see metric_sinks()
+        self.sinks: MetricSinks | None = None  # where metrics records go: see metric_sinks()
         r = cfg.rollout
         # Without partial rollouts every trajectory ends within its one segment, so
         # each group is done in the iteration that started it.
@@ -96,14 +104,14 @@ class Master:
         self.rng = state.rng(cfg.seed)
 
     # ------------------------------------------------------------------ the loop
-    def run(self, on_iteration: Callable[[dict], None] | None = None) -> RunState:
-        """Iterate until rl.iterations are done; ``on_iteration`` gets each metrics row."""
+    def run(self, on_iteration: Callable[[IterationMetrics], None] | None = None) -> RunState:
+        """Iterate until rl.iterations are done; ``on_iteration`` gets each metrics record."""
         self.restore_trainer()
         with self.metric_sinks():
             while self.state.iterations_done < self.cfg.rl.iterations:
-                row = self.iteration(self.state.iterations_done)
+                record = self.iteration(self.state.iterations_done)
                 if on_iteration is not None:
-                    on_iteration(row)
+                    on_iteration(record)
             if self.cfg.rl.eval_every:
                 self.final_evaluation()
         return self.state
@@ -111,8 +119,8 @@ class Master:
     @contextmanager
     def metric_sinks(self) -> Iterator[MetricSinks]:
         """The rl.metrics sinks, open while iterations run (run() opens them; so must a
-        caller that drives :meth:`iteration` itself). On resume, the rows of an iteration
-        that did not complete go as they open."""
+        caller that drives :meth:`iteration` itself). On resume, the records of an
+        iteration that did not complete go as they open."""
         self.sinks = open_sinks(self.cfg, self.run_dir, self.state.iterations_done)
         try:
             with self.sinks:
@@ -120,18 +128,18 @@ class Master:
         finally:
             self.sinks = None
 
-    def iteration(self, i: int) -> dict:
+    def iteration(self, i: int) -> IterationMetrics:
         """One k1.5 iteration: sample prompts; in the ROLLOUT phase, evaluate when due and
         generate (parked trajectories go on beside fresh prompts, one batch); score the
         groups whose k trajectories have all finished; in the TRAIN phase, train on them;
-        checkpoint. Returns the iteration's metrics row."""
+        checkpoint. Returns the iteration's metrics record."""
         watch = Stopwatch()
         ref = RunRef(run_id=self.cfg.run_id, iteration=i)
         with watch("iteration_s"):
             tasks = self.sample(i)
             to_rollout = self.switch("rollout", ref)
             # the engine now holds policy v_i: evaluating it here needs no extra weight sync
-            evaluation = self.evaluate(ref) if self._eval_due(i) else {}
+            evaluation = self.evaluate(ref) if self._eval_due(i) else None
             with watch("rollout_s"):
                 groups, generated = self.generate(tasks, ref)
             with watch("reward_s"):
@@ -139,19 +147,22 @@ class Master:
             to_train = self.switch("train", ref)
             with watch("train_s"):
                 stats = self.train(groups, rewards, ref)
-        row = {"iteration": i, "policy_version": self.state.policy_version,
-               "max_tokens": self._budget(i),
-               **generated, **_reward_metrics(groups, rewards), **_train_metrics(stats),
-               **_switch_metrics(to_rollout, to_train), **watch.seconds, **evaluation}
-        self.checkpoint(i, row["policy_version"], row)
-        return row
+        record = IterationMetrics(
+            iteration=i,
+            policy_version=stats.policy_version if stats else self.state.policy_version,
+            max_tokens=self._budget(i), time=Timings(**watch.seconds),
+            switch=_switch_metrics(to_rollout, to_train), rollout=generated,
+            reward=_reward_metrics(groups, rewards), train=_train_metrics(stats),
+            eval=evaluation)
+        self.checkpoint(i, record)
+        return record
 
     # ------------------------------------------------------------------ phases
     def sample(self, i: int) -> list[Task]:
         """This iteration's fresh prompts, as many as the replay buffer has room for."""
         return self.sampler.sample(self.rng, i)[: self.replay.room() // self.cfg.rollout.n]
 
-    def generate(self, tasks: list[Task], ref: RunRef) -> tuple[list[Group], dict]:
+    def generate(self, tasks: list[Task], ref: RunRef) -> tuple[list[Group], RolloutMetrics]:
         """k samples of each fresh prompt and one more segment of each parked trajectory (one
         engine batch); returns the groups that are now complete, and rollout metrics."""
         i = ref.iteration
@@ -163,16 +174,15 @@ class Master:
         self.replay.extend(parked, rollout.continued, i)
         groups = self.replay.pop_done()
         segments = [*(c for r in rollout.results for c in r.completions), *rollout.continued]
-        return groups, {
-            "policy_version_rollout": rollout.policy_version,
-            "groups_trained": len(groups), "prompts_started": len(tasks),
-            "trajectories_continued": len(continuations),
-            "tokens_reused": sum(len(c.generated_token_ids) for c in continuations),
-            # segments stopped in the engine because they loop, and all tokens the engine
-            # decoded (a loop's last few are decoded but not kept)
-            "repetition_stops": sum(c.finish_reason == "repetition" for c in segments),
-            "decoded_tokens": rollout.decoded_tokens,
-            **self.replay.metrics(i)}
+        return groups, RolloutMetrics(
+            policy_version_rollout=rollout.policy_version,
+            groups_trained=len(groups), prompts_started=len(tasks),
+            trajectories_continued=len(continuations),
+            tokens_reused=sum(len(c.generated_token_ids) for c in continuations),
+            # a loop's last few tokens are decoded but not kept
+            repetition_stops=sum(c.finish_reason == "repetition" for c in segments),
+            decoded_tokens=rollout.decoded_tokens,
+            **self.replay.metrics(i))
 
     def score(self, groups: list[Group], ref: RunRef) -> RewardResult | None:
         """Rewards of the complete groups' whole trajectories (every segment), group by
@@ -213,44 +223,42 @@ class Master:
     def _eval_due(self, i: int) -> bool:
         return bool(self.cfg.rl.eval_every) and i % self.cfg.rl.eval_every == 0
 
-    def evaluate(self, ref: RunRef) -> dict[str, float]:
-        """Held-out accuracy of the policy in the engine (``eval_accuracy``, ``eval_greedy``,
-        ``eval_s``): see :meth:`accuracy`. Needs the ROLLOUT phase."""
+    def evaluate(self, ref: RunRef) -> Accuracy:
+        """Held-out accuracy of the policy in the engine: see :meth:`accuracy`. Needs the
+        ROLLOUT phase."""
         if not self.heldout:
             self.heldout = heldout_set(self.cfg)
-        return self.accuracy(self.heldout, ref, self.cfg.rl.eval_samples, prefix="eval")
+        return self.accuracy(self.heldout, ref, self.cfg.rl.eval_samples)
 
-    def accuracy(self, tasks: list[Task], ref: RunRef, samples: int,
-                 prefix: str) -> dict[str, float]:
-        """Accuracy of the policy in the engine on ``tasks`` (``<prefix>_accuracy``,
-        ``<prefix>_greedy``, per level, ``<prefix>_s``): see
+    def accuracy(self, tasks: list[Task], ref: RunRef, samples: int) -> Accuracy:
+        """Accuracy of the policy in the engine on ``tasks``: see
         :func:`k1rl.master.evaluation.accuracy`, which a checkpoint evaluated on its own
         goes through too. Needs the ROLLOUT phase."""
         return accuracy(self.cfg, self.clients.rollout, self.clients.reward, tasks, ref,
-                        samples, prefix)
+                        samples)
 
-    def final_evaluation(self) -> dict[str, float]:
-        """Evaluate the policy after the last iteration and append it as a metrics row
+    def final_evaluation(self) -> IterationMetrics:
+        """Evaluate the policy after the last iteration and append it as a metrics record
         (iteration = iterations done, so a resumed run replaces it)."""
         i = self.state.iterations_done
-        row = {"iteration": i, "policy_version": self.state.policy_version,
-               **self.in_rollout_phase(i, self.evaluate)}
-        self._write(row)
-        return row
+        record = IterationMetrics(iteration=i, policy_version=self.state.policy_version,
+                                  eval=self.in_rollout_phase(i, self.evaluate))
+        self._write(record)
+        return record
 
-    def _write(self, row: dict) -> None:
+    def _write(self, record: IterationMetrics) -> None:
         if self.sinks is None:
             raise RuntimeError("the metric sinks are closed: iterate inside "
                                "`with master.metric_sinks():` (run() does)")
-        self.sinks.write(row)
+        self.sinks.write(record)
 
-    def measure_in_rollout(self, tasks: list[Task], samples: int, prefix: str) -> dict[str, float]:
+    def measure_in_rollout(self, tasks: list[Task], samples: int) -> Accuracy:
         """:meth:`accuracy` of the trainer's current weights, outside an iteration (e.g.
         between SFT steps): a round trip TRAIN -> ROLLOUT -> TRAIN."""
         i = self.state.iterations_done
-        return self.in_rollout_phase(i, lambda ref: self.accuracy(tasks, ref, samples, prefix))
+        return self.in_rollout_phase(i, lambda ref: self.accuracy(tasks, ref, samples))
 
-    def in_rollout_phase(self, iteration: int, fn: Callable[[RunRef], dict]) -> dict:
+    def in_rollout_phase(self, iteration: int, fn: Callable[[RunRef], Accuracy]) -> Accuracy:
         ref = RunRef(run_id=self.cfg.run_id, iteration=iteration)
         self.switch("rollout", ref)
         try:
@@ -279,15 +287,15 @@ class Master:
                               continuations=list(continuations))
         return self.clients.rollout.call("generate", req, GenerateResult)
 
-    def checkpoint(self, i: int, version: int, row: dict) -> None:
-        """Trainer weights first, then the metrics row and the replay buffer, then the state
-        that points at them."""
+    def checkpoint(self, i: int, record: IterationMetrics) -> None:
+        """Trainer weights first, then the metrics record and the replay buffer, then the
+        state that points at them."""
         path = self.run_dir / "checkpoints" / f"iter_{i:05d}"
         req = CheckpointRequest(action="save", path=str(path.resolve()))
         self.clients.trainer.call("checkpoint", req, CheckpointResult)
-        self._write(row)
+        self._write(record)
         self.state.iterations_done = i + 1
-        self.state.policy_version = version
+        self.state.policy_version = record.policy_version
         self.state.trainer_checkpoint = str(path.resolve())
         self.state.remember_rng(self.rng)
         self.state.sampler_state = self.sampler.state_dict()
@@ -312,30 +320,31 @@ class Master:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _reward_metrics(groups: list[Group], rewards: RewardResult | None) -> dict[str, float]:
+def _reward_metrics(groups: list[Group], rewards: RewardResult | None) -> RewardMetrics | None:
     if rewards is None:
-        return {}
+        return None
     n = len(groups[0].trajectories)
     lengths = [len(t.token_ids) for g in groups for t in g.trajectories]
-    return {
-        "reward_mean": sum(rewards.rewards) / len(rewards.rewards),
-        "accuracy": sum(rewards.correct) / len(rewards.correct),
-        **by_level("accuracy", [g.task for g in groups], rewards.correct, n),
-        "reward_errors": sum(bool(e) for e in rewards.errors),
-        "length_penalty_weight": rewards.length_penalty_weight,
-        "response_tokens_mean": sum(lengths) / max(1, len(lengths)),
-    }
+    return RewardMetrics(
+        reward_mean=sum(rewards.rewards) / len(rewards.rewards),
+        accuracy=sum(rewards.correct) / len(rewards.correct),
+        accuracy_by_level=by_level([g.task for g in groups], rewards.correct, n),
+        reward_errors=sum(bool(e) for e in rewards.errors),
+        length_penalty_weight=rewards.length_penalty_weight,
+        response_tokens_mean=sum(lengths) / max(1, len(lengths)),
+    )
 
 
-def _train_metrics(stats: TrainStats | None) -> dict[str, float]:
+def _train_metrics(stats: TrainStats | None) -> TrainMetrics | None:
     if stats is None:
-        return {}
-    return {"policy_version": stats.policy_version, "train_loss": stats.loss,
-            "train_steps": stats.steps, **{f"train_{k}": v for k, v in stats.metrics.items()}}
+        return None
+    values = {k: v for k, v in stats.metrics.items() if k != "policy_version"}
+    return TrainMetrics(train_loss=stats.loss, train_steps=stats.steps, values=values)
 
 
-def _switch_metrics(to_rollout: PhaseStatus, to_train: PhaseStatus) -> dict[str, float]:
+def _switch_metrics(to_rollout: PhaseStatus, to_train: PhaseStatus) -> SwitchMetrics:
     pushed = to_rollout.breakdown
-    return {"switch_to_rollout_s": to_rollout.switch_s, "switch_to_train_s": to_train.switch_s,
-            "engine_start_s": pushed.get("engine_start_s", 0.0),
-            "weight_sync_s": pushed.get("push_s", 0.0) + pushed.get("update_s", 0.0)}
+    return SwitchMetrics(switch_to_rollout_s=to_rollout.switch_s,
+                         switch_to_train_s=to_train.switch_s,
+                         engine_start_s=pushed.get("engine_start_s", 0.0),
+                         weight_sync_s=pushed.get("push_s", 0.0) + pushed.get("update_s", 0.0))

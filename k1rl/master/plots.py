@@ -1,11 +1,12 @@
-"""PNG plots of a run's metrics.jsonl: what a person looks at first after a run."""
+"""PNG plots of a run's metrics: what a person looks at first after a run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-# (file name, title, y label, metric keys drawn on the same axes; a key's per-level
+from k1rl.metrics.jsonl import read_metrics
+
+# (file name, title, y label, flat metric keys drawn on the same axes; a key's per-level
 # variants, key@family:level, are drawn too)
 PLOTS = (
     ("reward.png", "Training reward", "mean reward", ("reward_mean", "accuracy")),
@@ -24,7 +25,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # the records' rows: the names every sink shows, so a plot reads as TensorBoard does
+    rows = [record.row() for record in read_metrics(run_dir)]
     written = []
     for name, title, ylabel, keys in PLOTS:
         present = [k for k in keys if any(k in r for r in rows)]

@@ -1,8 +1,9 @@
-"""Metric sinks, registered by name (``rl.metrics``): where each iteration's metrics row goes.
+"""Metric sinks, registered by name (``rl.metrics``): where each iteration's metrics go.
 
-A row is a flat dict of str -> int/float whose ``iteration`` key is its step. The master
-opens every configured sink when a run starts or resumes (:func:`open_sinks`), writes
-each row to all of them and closes them when the run ends. One module per sink:
+Each iteration's metrics are one typed record (:class:`~k1rl.metrics.record.
+IterationMetrics`); a sink stores its flat row (``record.row()``, str -> number) at step
+``record.iteration``. The master opens every configured sink when a run starts or resumes (:func:`open_sinks`), writes
+each record to all of them and closes them when the run ends. One module per sink:
 ``jsonl`` (the run dir's metrics.jsonl: resume, plots and summaries read it, so it is
 always on), ``tensorboard`` and ``wandb`` (offline). A sink defined elsewhere registers
 itself the same way (``@register("name")``).
@@ -15,11 +16,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from k1rl.config import RunConfig
+from k1rl.metrics.record import IterationMetrics
 from k1rl.registry import METRIC_SINKS
 
 register = METRIC_SINKS.register
-
-Row = dict[str, float | int]
 
 
 class MetricSink(ABC):
@@ -29,13 +29,13 @@ class MetricSink(ABC):
     @abstractmethod
     def open(cls, cfg: RunConfig, run_dir: Path, resume_at: int) -> MetricSink:
         """Start writing the metrics of the run in ``run_dir``, which has completed
-        ``resume_at`` iterations (0: a new run). Rows of later iterations were written by
-        a master that stopped before they completed: the iterations run again, and the
-        sink drops or hides the old rows where its format allows."""
+        ``resume_at`` iterations (0: a new run). Records of later iterations were written
+        by a master that stopped before they completed: the iterations run again, and the
+        sink drops or hides the old ones where its format allows."""
 
     @abstractmethod
-    def write(self, row: Row) -> None:
-        """Record one row, written out before returning where the format allows: the
+    def write(self, record: IterationMetrics) -> None:
+        """Store one record, written out before returning where the format allows: the
         master may be killed right after."""
 
     def close(self) -> None:
@@ -48,9 +48,9 @@ class MetricSinks:
     def __init__(self, sinks: Iterable[MetricSink]) -> None:
         self.sinks = list(sinks)
 
-    def write(self, row: Row) -> None:
+    def write(self, record: IterationMetrics) -> None:
         for sink in self.sinks:
-            sink.write(row)
+            sink.write(record)
 
     def close(self) -> None:
         """Close every sink, even when one fails (the first failure is raised after)."""

@@ -1,5 +1,5 @@
-"""TensorBoard event files in the run dir's ``tensorboard/``: every key of a row but
-``iteration`` as a scalar, at step = iteration.
+"""TensorBoard event files in the run dir's ``tensorboard/``: every key of a record's row
+but ``iteration`` as a scalar, at step = iteration.
 
 Written with torch's SummaryWriter (torch is imported only when this sink is on). A
 resumed run's writer starts with a purge at the first iteration not completed, so
@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from k1rl.config import RunConfig
-from k1rl.metrics import MetricSink, Row, register
+from k1rl.metrics import MetricSink, register
+from k1rl.metrics.record import IterationMetrics
 
 LOG_DIR = "tensorboard"
 
@@ -27,11 +28,10 @@ class TensorBoardSink(MetricSink):
 
         return cls(SummaryWriter(str(Path(run_dir) / LOG_DIR), purge_step=resume_at or None))
 
-    def write(self, row: Row) -> None:
-        step = int(row["iteration"])
-        for key, value in row.items():
+    def write(self, record: IterationMetrics) -> None:
+        for key, value in record.row().items():
             if key != "iteration":
-                self.writer.add_scalar(key, value, global_step=step)
+                self.writer.add_scalar(key, value, global_step=record.iteration)
         self.writer.flush()
 
     def close(self) -> None:

@@ -3,9 +3,9 @@ later, from wherever the network is allowed.
 
 It never touches the network: offline mode, and nothing the SDK would gather about the
 host (system stats, machine and cloud metadata, git state, code, requirements, console
-output). A row is logged at step = iteration, with the run config as the run's config.
+output). A record's row is logged at step = iteration, with the run config as the run's config.
 wandb cannot resume an offline run, so a resumed k1rl run is a second wandb run whose
-steps start at the first iteration not completed; rows a stopped master wrote for the
+steps start at the first iteration not completed; records a stopped master wrote for the
 iterations that ran again stay in the first.
 """
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from k1rl.config import RunConfig
-from k1rl.metrics import MetricSink, Row, register
+from k1rl.metrics import MetricSink, register
+from k1rl.metrics.record import IterationMetrics
 
 PROJECT = "k1rl"
 
@@ -41,9 +42,9 @@ class WandbSink(MetricSink):
                          config=cfg.model_dump(mode="json"), settings=settings)
         return cls(run)
 
-    def write(self, row: Row) -> None:
-        self.run.log({k: v for k, v in row.items() if k != "iteration"},
-                     step=int(row["iteration"]))
+    def write(self, record: IterationMetrics) -> None:
+        self.run.log({k: v for k, v in record.row().items() if k != "iteration"},
+                     step=record.iteration)
 
     def close(self) -> None:
         import wandb
