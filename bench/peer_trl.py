@@ -152,6 +152,7 @@ def run_k1rl(cfg: RunConfig, budget_s: float, run_dir: Path) -> dict:
     """k1.5 iterations from the SFT until the training wall time reaches ``budget_s``; the
     final policy exported as HF to ``run_dir/final-hf``."""
     from k1rl.master import CONFIG_FILE, start_local_services
+    from k1rl.master.problems import load_problems
     from k1rl.master.loop import Clients, Master
     from k1rl.master.state import RunState
     from k1rl.protocol import CheckpointRequest, CheckpointResult
@@ -161,10 +162,11 @@ def run_k1rl(cfg: RunConfig, budget_s: float, run_dir: Path) -> dict:
     config_path.write_text(cfg.dump_yaml())
     final = (run_dir / "final-hf").resolve()
     log("k1rl: starting trainer_svc, reward_svc, checkpoint engine (+ sandbox)")
-    with start_local_services(cfg, config_path, run_dir / "logs"):
+    problems = load_problems(cfg, run_dir / "data")
+    with start_local_services(cfg, config_path, run_dir / "logs", problems):
         clients = Clients.connect(cfg)
         try:
-            master = Master(cfg, run_dir, clients, RunState(run_id=cfg.run_id))
+            master = Master(cfg, run_dir, clients, RunState(run_id=cfg.run_id), problems)
             with master.metric_sinks():
                 totals = k1rl_iterations(master, cfg, budget_s)
             clients.trainer.call("checkpoint", CheckpointRequest(action="export_hf",
@@ -176,8 +178,6 @@ def run_k1rl(cfg: RunConfig, budget_s: float, run_dir: Path) -> dict:
 
 
 def k1rl_iterations(master, cfg: RunConfig, budget_s: float) -> dict:
-    steps_per_iteration = (cfg.trainer.minibatches_per_iteration
-                           * cfg.trainer.epochs_per_iteration)
     wall = completions = steps = 0.0
     records = []
     while wall < budget_s:
@@ -209,22 +209,21 @@ def write_prompts(cfg: RunConfig, path: Path) -> dict[str, int]:
     """TRL's training prompts: k1rl's sampler's draws (its pools, task_weights and run
     seed) for PROMPT_ITERATIONS iterations, so the level mix is k1rl's. TRL shuffles
     them and takes PROMPTS_PER_STEP per step. Returns the rows per level."""
-    from k1rl.master.loop import level_pools
     from k1rl.master import samplers
+    from k1rl.master.problems import load_problems
 
     if cfg.rl.sampler != "uniform":
         # curriculum / prioritized depend on k1rl's iteration and outcomes: no fixed list
         log(f"TRL prompts: rl.sampler={cfg.rl.sampler} drawn as uniform with task_weights")
     rl = cfg.rl.model_copy(update={"sampler": "uniform"})
-    sampler = samplers.create(rl, level_pools(cfg))
+    sampler = samplers.create(rl, load_problems(cfg).train)
     rng = random.Random(cfg.seed)
     levels: dict[str, int] = {}
     with open(path, "w") as f:
         for i in range(PROMPT_ITERATIONS):
             for task in sampler.sample(rng, i):
-                level = f"{task.family}:{task.difficulty}"
-                levels[level] = levels.get(level, 0) + 1
-                f.write(json.dumps({"id": task.id, "level": level, "prompt": task.prompt,
+                levels[task.level] = levels.get(task.level, 0) + 1
+                f.write(json.dumps({"id": task.id, "level": task.level, "prompt": task.prompt,
                                     "answer": task.answer, "verifier": task.verifier}) + "\n")
     return levels
 

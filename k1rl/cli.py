@@ -55,22 +55,27 @@ def init_model_cmd(
 @app.command("gen-tasks")
 def gen_tasks_cmd(
     out: Path = typer.Argument(..., help="JSONL file to write."),
-    family: str = typer.Option("add", help="add | sub | mul | multi"),
+    family: str = typer.Option("add", help="add | sub | mul | multi | code | count"),
     difficulty: int = typer.Option(1, help="Digits (add/sub/mul) or operations - 1 (multi)."),
     count: int = typer.Option(100, help="Number of distinct tasks."),
     seed: int = typer.Option(0, help="Random seed."),
     split: str = typer.Option("all", help="all | train | heldout (hash split on task id)."),
     heldout_fraction: float = typer.Option(0.1, help="Share of ids in the held-out split."),
 ) -> None:
-    """Generate synthetic arithmetic tasks with a verifiable answer."""
-    from k1rl.data.tasks import generate_tasks, write_jsonl
+    """Generate synthetic problems with a verifiable answer, as a data source (JSONL in the
+    format `data.train` reads with the default field names)."""
+    import json
+
+    from k1rl.data.tasks import generate_tasks
 
     try:
         tasks = generate_tasks(family, difficulty, count, seed, split=split,
                                heldout_fraction=heldout_fraction)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    n = write_jsonl(tasks, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(t.as_problem()) + "\n" for t in tasks))
+    n = len(tasks)
     console.print(f"wrote [bold]{n}[/bold] {family} tasks (difficulty {difficulty}) to {out}")
 
 

@@ -15,18 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from k1rl.data.sources import DataConfig
 from k1rl.registry import LOSSES, METRIC_SINKS, SAMPLERS, SANDBOX_RUNNERS, import_plugins
 from k1rl.schedule import BudgetSchedule
-from k1rl.yaml_config import ConfigError, parse_yaml_model
+from k1rl.yaml_config import ConfigError, Section, parse_yaml_model
 
 
 # tcp://host:port (host may be a name, an IPv4/IPv6 literal or * for "all interfaces"),
@@ -44,11 +38,6 @@ def check_address(address: str) -> str:
     if not 1 <= int(m.group(2)) <= 65535:
         raise ValueError(f"port {m.group(2)} is outside 1-65535")
     return address
-
-
-class Section(BaseModel):
-    # strict: YAML already types values, so "2" for an int is a mistake, not a number
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
 class ServiceSection(Section):
@@ -320,6 +309,14 @@ class RewardConfig(ServiceSection):
         description="Wall-clock limit for checking one non-integer answer with math-verify "
         "(sympy can hang on inputs like 10^{10^{10}}); past it the answer scores 0.",
     )
+    answer_formats: list[Literal["boxed", "answer_is", "regex"]] = Field(
+        default_factory=lambda: ["boxed", "answer_is"], min_length=1,
+        description="Where a math response's final answer is, tried in order: the last "
+        "\\boxed{...} (nested braces), the sentence after the last 'The answer is', or "
+        "the last match of answer_regex.")
+    answer_regex: str | None = Field(
+        None, description="For answer_formats 'regex': a Python regex; its first group (or "
+        "the whole match) is the answer.")
     repetition_penalty: float = Field(
         0.0, ge=0, description="A trajectory stopped for repetition (rollout.repetition) is "
         "wrong and its task reward is -repetition_penalty.")
@@ -338,6 +335,19 @@ class RewardConfig(ServiceSection):
     @classmethod
     def _sandbox_address(cls, v: str) -> str:
         return check_address(v)
+
+    @model_validator(mode="after")
+    def _answer_regex(self) -> RewardConfig:
+        if ("regex" in self.answer_formats) != (self.answer_regex is not None):
+            raise ValueError("answer_regex and the answer format 'regex' go together")
+        if self.answer_regex is not None:
+            try:
+                groups = re.compile(self.answer_regex).groups
+            except re.error as e:
+                raise ValueError(f"answer_regex does not compile: {e}") from None
+            if groups > 1:
+                raise ValueError("answer_regex: at most one group (the answer)")
+        return self
 
 
 class CheckpointEngineConfig(ServiceSection):
@@ -412,16 +422,17 @@ class RLConfig(Section):
     prompts_per_iteration: int = Field(
         32, ge=1, description="Prompts sampled per iteration; each gets rollout.n samples."
     )
-    tasks: list[str] = Field(
-        default_factory=lambda: ["add:2"],
+    tasks: list[str] | None = Field(
+        None,
         min_length=1,
-        description="RL prompt set as family:difficulty levels of k1rl.data.tasks.",
+        description="Synthetic RL prompt set as family:difficulty levels of k1rl.data.tasks "
+        "(null: add:2), when data.train names no source.",
     )
     task_weights: list[float] | None = Field(
         None,
-        description="Share of each rl.tasks level in an iteration's prompts (normalised; "
-        "counts rounded by largest remainder). null: prompts are drawn from all levels' "
-        "problems together.",
+        description="Share of each prompt pool (rl.tasks level, or data.train source) in an "
+        "iteration's prompts (normalised; counts rounded by largest remainder). null: "
+        "prompts are drawn from all pools' problems together.",
     )
     sampler: str = Field(
         "uniform",
@@ -481,8 +492,9 @@ class RLConfig(Section):
 
     @field_validator("tasks")
     @classmethod
-    def _levels(cls, v: list[str]) -> list[str]:
-        parse_levels(v)
+    def _levels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            parse_levels(v)
         return v
 
     @field_validator("sampler")
@@ -505,12 +517,14 @@ class RLConfig(Section):
             raise ValueError("task_weights and sampler 'curriculum' both decide which levels "
                              "an iteration draws from: use one")
         if self.task_weights is not None:
-            if len(self.task_weights) != len(self.tasks):
+            if self.tasks is not None and len(self.task_weights) != len(self.tasks):
                 raise ValueError(f"task_weights: {len(self.task_weights)} weights for "
                                  f"{len(self.tasks)} tasks")
             if not all(w > 0 and math.isfinite(w) for w in self.task_weights):
                 raise ValueError(f"task_weights must all be > 0, got {self.task_weights}")
-        unknown = set(self.eval_tasks or ()) - set(self.tasks)
+        if self.eval_tasks is not None and self.tasks is None:
+            raise ValueError("eval_tasks names rl.tasks levels, but rl.tasks is not set")
+        unknown = set(self.eval_tasks or ()) - set(self.tasks or ())
         if unknown or self.eval_tasks == []:
             raise ValueError(f"eval_tasks must be a non-empty subset of tasks; not in tasks: "
                              f"{sorted(unknown)}")
@@ -518,11 +532,12 @@ class RLConfig(Section):
 
     @property
     def headline_tasks(self) -> list[str]:
-        """The levels evaluated on held-out problems (eval_accuracy averages over them)."""
-        return self.eval_tasks or self.tasks
+        """The synthetic levels evaluated on held-out problems (eval_accuracy averages over
+        them); none when the prompts come from data sources."""
+        return self.eval_tasks or self.tasks or []
 
     def prompt_counts(self) -> list[int] | None:
-        """Prompts per rl.tasks level in an iteration (None: drawn from all together)."""
+        """Prompts per pool in an iteration (None: drawn from all together)."""
         if self.task_weights is None:
             return None
         total = sum(self.task_weights)
@@ -558,6 +573,8 @@ class RunConfig(Section):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig,
                                    description="Code execution for code rewards.")
     rl: RLConfig = Field(default_factory=RLConfig, description="The master's RL loop.")
+    data: DataConfig = Field(default_factory=DataConfig,
+                             description="Your datasets (k1rl/data/sources.py).")
 
     @model_validator(mode="before")
     @classmethod
@@ -565,6 +582,20 @@ class RunConfig(Section):
         if isinstance(data, dict) and isinstance(data.get("plugins"), list):
             import_plugins([str(m) for m in data["plugins"]])
         return data
+
+    @model_validator(mode="after")
+    def _one_prompt_set(self) -> RunConfig:
+        pools = len(self.data.train)
+        if pools and self.rl.tasks is not None:
+            raise ValueError("rl.tasks: the prompts come from data.train; drop rl.tasks "
+                             "(synthetic levels) or data.train")
+        if not pools and self.rl.tasks is None:
+            self.rl.tasks = ["add:2"]
+        weights = self.rl.task_weights
+        if pools and weights is not None and len(weights) != pools:
+            raise ValueError(f"rl.task_weights: {len(weights)} weights for {pools} "
+                             "data.train sources")
+        return self
 
     @model_validator(mode="after")
     def _schedule_fits_rollout(self) -> RunConfig:

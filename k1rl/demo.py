@@ -27,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from k1rl.config import ConfigError, RunConfig, parse_levels, parse_yaml_model
+from k1rl.data.problem import Problem, synthetic_problems
 from k1rl.data.tasks import Task, generate_suite, generate_tasks
 from k1rl.launch import free_tcp_address
 from k1rl.metrics.record import Accuracy, IterationMetrics, SFTStepMetrics
@@ -172,17 +173,18 @@ def run_config(cfg: DemoConfig, seed: int, run_dir: Path, model_dir: Path) -> Ru
     return RunConfig.model_validate(run.model_dump())  # re-validate the edited copy
 
 
-def validation_set(run: RunConfig, problems: int) -> list[Task]:
+def validation_set(run: RunConfig, problems: int) -> list[Problem]:
     """Train-split problems of the headline RL levels (``rl.headline_tasks``) outside the
     RL prompt pool (see SFTStop)."""
-    from k1rl.master.loop import prompt_pool
+    from k1rl.master.problems import load_problems
 
-    pool = {t.id for t in prompt_pool(run)}
+    pool = {t.id for level in load_problems(run).train for t in level}
     levels = parse_levels(run.rl.headline_tasks)
     per_level = math.ceil(problems / len(levels))
-    return [t for family, level in levels
-            for t in generate_tasks(family, level, per_level, seed=run.seed + 2,
-                                    split="train", exclude=pool)]
+    return synthetic_problems(
+        t for family, level in levels
+        for t in generate_tasks(family, level, per_level, seed=run.seed + 2, split="train",
+                                exclude=pool))
 
 
 def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int,
@@ -226,7 +228,7 @@ def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int,
 
 def rl(master, iterations: int) -> None:
     with _progress() as progress:
-        bar = progress.add_task("RL (mirror descent)", total=iterations,
+        bar = progress.add_task(f"RL ({master.cfg.trainer.loss.name})", total=iterations,
                                 completed=master.state.iterations_done, info="")
 
         def report(record: IterationMetrics) -> None:
@@ -249,6 +251,7 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
     from k1rl.master import CONFIG_FILE, start_local_services
     from k1rl.master.loop import Clients, Master
     from k1rl.master.plots import plot_run
+    from k1rl.master.problems import load_problems
     from k1rl.metrics.jsonl import read_metrics
     from k1rl.master.state import RunState
 
@@ -269,11 +272,12 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
 
     with console.status("starting trainer_svc, reward_svc and the checkpoint-engine sidecar "
                         "(which starts vLLM)"):
-        cluster = start_local_services(run, config_path.resolve(), run_dir / "logs")
+        problems = load_problems(run, run_dir / "data")
+        cluster = start_local_services(run, config_path.resolve(), run_dir / "logs", problems)
     with cluster:
         clients = Clients.connect(run)
         try:
-            master = Master(run, run_dir, clients, RunState(run_id=run.run_id))
+            master = Master(run, run_dir, clients, RunState(run_id=run.run_id), problems)
             validate = None
             if cfg.sft.stop_when:
                 val_tasks = validation_set(run, cfg.sft.stop_when.problems)

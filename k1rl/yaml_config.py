@@ -7,7 +7,7 @@ import re
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class ConfigError(ValueError):
@@ -18,6 +18,13 @@ class ConfigError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  {p}" for p in problems)
         super().__init__(f"invalid config {source}:\n{lines}")
+
+
+class Section(BaseModel):
+    """A config section."""
+
+    # strict: YAML already types values, so "2" for an int is a mistake, not a number
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -52,14 +52,15 @@ def test_sft_validates_every_n_steps_from_min_steps_on():
 
 def test_sft_validation_problems_are_rl_levels_outside_the_prompt_pool_and_heldout_set():
     from k1rl.data.tasks import is_heldout
-    from k1rl.master.loop import heldout_set, prompt_pool
+    from k1rl.master.problems import load_problems
 
     run = load_demo_config(DEFAULT_CONFIG).run
+    problems = load_problems(run)
     val = validation_set(run, 100)
     assert len(val) == 100 and len({t.id for t in val}) == 100
-    assert {f"{t.family}:{t.difficulty}" for t in val} == set(run.rl.headline_tasks)
-    assert not {t.id for t in val} & {t.id for t in prompt_pool(run)}
-    assert not {t.id for t in val} & {t.id for t in heldout_set(run)}
+    assert {t.level for t in val} == set(run.rl.headline_tasks)
+    assert not {t.id for t in val} & {t.id for pool in problems.train for t in pool}
+    assert not {t.id for t in val} & {t.id for t in problems.heldout_problems()}
     assert not any(is_heldout(t.id) for t in val)
 
 

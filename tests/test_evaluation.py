@@ -15,9 +15,9 @@ from k1rl.master.evaluation import (
     accuracy,
     by_level,
     evaluation_config,
-    heldout_set,
     needs_local_sandbox,
 )
+from k1rl.master.problems import load_problems
 from k1rl.protocol import Completion, GenerateResult, PromptResult, RewardResult, RunRef
 
 
@@ -52,10 +52,10 @@ class FakeReward:
 
 
 def _tasks():
-    from k1rl.data.tasks import Task
+    from k1rl.data.problem import Problem
 
-    return [Task(id=f"{family}:2:{i}", family=family, difficulty=2, prompt=f"{family} {i}",
-                 cot="", answer="0", target="")
+    return [Problem(id=f"{family}:2:{i}", prompt=f"{family} {i}", answer="0",
+                    level=f"{family}:2")
             for family in ("add", "sub") for i in range(3)]
 
 
@@ -92,16 +92,19 @@ def test_a_checkpoint_is_evaluated_on_fresh_ports_and_its_sandbox_only_for_code(
     cfg = RunConfig(seed=1)
     cfg.rl.tasks = ["add:2", "code:1"]
     cfg.rl.eval_tasks = ["add:2"]
-    assert not needs_local_sandbox(cfg)
-    out = evaluation_config(cfg, tmp_path)
+    problems = load_problems(cfg)
+    assert not needs_local_sandbox(cfg, problems, heldout_only=True)
+    assert needs_local_sandbox(cfg, problems, heldout_only=False)  # training needs it
+    out = evaluation_config(cfg, tmp_path, sandbox=False)
     assert out.model.path == str(tmp_path.resolve())
     assert out.rollout.address != cfg.rollout.address
     assert out.reward.address != cfg.reward.address
-    assert heldout_set(out) == heldout_set(cfg)  # the same problems, whatever the ports
+    # the same problems, whatever the ports
+    assert load_problems(out).heldout_problems() == problems.heldout_problems()
 
     cfg.rl.eval_tasks = None  # every RL level is evaluated, code:1 included
-    assert needs_local_sandbox(cfg)
-    out = evaluation_config(cfg, tmp_path)
+    assert needs_local_sandbox(cfg, load_problems(cfg), heldout_only=True)
+    out = evaluation_config(cfg, tmp_path, sandbox=True)
     assert out.reward.sandbox_address == out.sandbox.address != cfg.sandbox.address
     assert out.sandbox.http_port is None
 
@@ -109,7 +112,8 @@ def test_a_checkpoint_is_evaluated_on_fresh_ports_and_its_sandbox_only_for_code(
 def test_the_loop_evaluates_through_the_same_code():
     from k1rl.master import evaluation, loop
 
-    assert loop.heldout_set is evaluation.heldout_set
+    assert loop.accuracy is evaluation.accuracy
+    assert loop.load_problems is evaluation.load_problems
 
 
 @pytest.mark.slow

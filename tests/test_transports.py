@@ -7,7 +7,6 @@ pass the manifest over a pipe as ``model_dump()``, exactly what crosses the wire
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import threading
 import traceback
 import uuid

@@ -83,6 +83,15 @@ class Task(BaseModel):
         """The reward_svc verifier that judges a response to this task."""
         return "code" if self.family == "code" else "math"
 
+    def as_problem(self) -> dict:
+        """This task as a row of the data-source format (k1rl/data/sources.py), as
+        ``k1rl gen-tasks`` writes it: code tasks carry their tests, math tasks the answer."""
+        gold = ({"tests": json.loads(self.answer)} if self.verifier == "code"
+                else {"answer": self.answer})
+        return {"id": self.id, "prompt": self.prompt, **gold, "verifier": self.verifier,
+                "tags": [self.family, f"{self.family}:{self.difficulty}"],
+                "difficulty": self.difficulty, "response": self.target}
+
 
 # ----------------------------------------------------------------------- answer lines
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from k1rl.config import RunConfig, load_config, parse_levels
+from k1rl.config import RunConfig, load_config
 from k1rl.launch import LocalCluster
+from k1rl.master.evaluation import needs_local_sandbox
 from k1rl.master.loop import Clients, Master
+from k1rl.master.problems import ProblemSet, load_problems
 from k1rl.master.plots import plot_run
 from k1rl.master.state import RunState
 from k1rl.rpc import wait_until_ready
@@ -15,15 +17,15 @@ from k1rl.rpc import wait_until_ready
 CONFIG_FILE = "config.yaml"
 
 
-def start_local_services(cfg: RunConfig, config_path: Path, log_dir: Path) -> LocalCluster:
+def start_local_services(cfg: RunConfig, config_path: Path, log_dir: Path,
+                         problems: ProblemSet) -> LocalCluster:
     """trainer, reward and the checkpoint-engine sidecar (which owns vLLM's lifecycle), and
-    the code sandbox when a task level needs it and reward.sandbox_address names this
-    run's sandbox section (another address is a sandbox service running elsewhere)."""
+    the code sandbox when some of ``problems`` are code and reward.sandbox_address names
+    this run's sandbox section (another address is a sandbox service running elsewhere)."""
     cluster = LocalCluster(log_dir)
     try:
         args = ["--config", str(config_path)]
-        code = any(family == "code" for family, _ in parse_levels(cfg.rl.tasks))
-        if code and cfg.reward.sandbox_address == cfg.sandbox.address:
+        if needs_local_sandbox(cfg, problems, heldout_only=False):
             cluster.start("sandbox", "sandbox", ["serve", *args], cfg.sandbox.address)
         cluster.start("trainer", "trainer_svc", args, cfg.trainer.address)
         cluster.start("reward", "reward_svc", args, cfg.reward.address)
@@ -61,12 +63,16 @@ def run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False,
         cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
         config_path.write_text(cfg.dump_yaml())
         state = RunState(run_id=cfg.run_id)
-    services = (start_local_services(cfg, config_path.resolve(), run_dir / "logs")
+    # loaded before the services start: whether a sandbox is needed depends on them
+    problems = load_problems(cfg, run_dir / "data")
+    if problems.skipped:
+        print(f"data: skipped bad rows by reason: {dict(problems.skipped)}", flush=True)
+    services = (start_local_services(cfg, config_path.resolve(), run_dir / "logs", problems)
                 if local_services else wait_for_external_services(cfg))
     with services:
         clients = Clients.connect(cfg)
         try:
-            state = Master(cfg, run_dir, clients, state).run()
+            state = Master(cfg, run_dir, clients, state, problems).run()
         finally:
             clients.close()
     plot_run(run_dir)

@@ -16,16 +16,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from k1rl.config import RunConfig, parse_levels
-from k1rl.data.tasks import Task, generate_tasks
+from k1rl.config import RunConfig
+from k1rl.data.problem import Problem
+from k1rl.data.prompts import PromptRenderer
 from k1rl.master import samplers
-from k1rl.master.evaluation import accuracy, by_level, heldout_set, score_responses
+from k1rl.master.evaluation import accuracy, by_level, score_responses
+from k1rl.master.problems import ProblemSet, load_problems
 from k1rl.master.replay import Group, ReplayBuffer
 from k1rl.master.state import RunState
 from k1rl.master.timing import Stopwatch
 from k1rl.metrics import MetricSinks, open_sinks
 from k1rl.metrics.record import (
     Accuracy,
+    DataMetrics,
     IterationMetrics,
     RewardMetrics,
     RolloutMetrics,
@@ -71,23 +74,16 @@ class Clients:
             c.close()
 
 
-def level_pools(cfg: RunConfig) -> list[list[Task]]:
-    """The training problems of each rl.tasks level, in order."""
-    return [generate_tasks(family, level, cfg.rl.pool_size, seed=cfg.seed, split="train")
-            for family, level in parse_levels(cfg.rl.tasks)]
-
-
-def prompt_pool(cfg: RunConfig) -> list[Task]:
-    return [task for pool in level_pools(cfg) for task in pool]
-
-
 class Master:
-    def __init__(self, cfg: RunConfig, run_dir: Path, clients: Clients, state: RunState):
+    def __init__(self, cfg: RunConfig, run_dir: Path, clients: Clients, state: RunState,
+                 problems: ProblemSet | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.clients = clients
         self.state = state
-        self.sampler = samplers.create(cfg.rl, level_pools(cfg))
+        self.problems = problems or load_problems(cfg, self.run_dir / "data")
+        self.renderer = PromptRenderer(cfg.data.prompt, cfg.model.path)
+        self.sampler = samplers.create(cfg.rl, self.problems.train)
         self.sampler.load_state_dict(state.sampler_state)
         self.sinks: MetricSinks | None = None  # where metrics records go: see metric_sinks()
         r = cfg.rollout
@@ -100,7 +96,7 @@ class Master:
             partial=r.max_response_tokens is not None,
         )
         self.replay.load(state.replay_file)
-        self.heldout: list[Task] = []  # built on the first evaluation
+        self.heldout: list[Problem] = []  # built on the first evaluation
         self.rng = state.rng(cfg.seed)
 
     # ------------------------------------------------------------------ the loop
@@ -153,16 +149,23 @@ class Master:
             max_tokens=self._budget(i), time=Timings(**watch.seconds),
             switch=_switch_metrics(to_rollout, to_train), rollout=generated,
             reward=_reward_metrics(groups, rewards), train=_train_metrics(stats),
-            eval=evaluation)
+            eval=evaluation,
+            data=self._data_metrics() if i == 0 and self.cfg.data.train else None)
         self.checkpoint(i, record)
         return record
 
+    def _data_metrics(self) -> DataMetrics:
+        p = self.problems
+        return DataMetrics(data_train_problems=sum(len(pool) for pool in p.train),
+                           data_heldout_problems=sum(len(pool) for pool in p.heldout),
+                           skipped=dict(p.skipped))
+
     # ------------------------------------------------------------------ phases
-    def sample(self, i: int) -> list[Task]:
+    def sample(self, i: int) -> list[Problem]:
         """This iteration's fresh prompts, as many as the replay buffer has room for."""
         return self.sampler.sample(self.rng, i)[: self.replay.room() // self.cfg.rollout.n]
 
-    def generate(self, tasks: list[Task], ref: RunRef) -> tuple[list[Group], RolloutMetrics]:
+    def generate(self, tasks: list[Problem], ref: RunRef) -> tuple[list[Group], RolloutMetrics]:
         """k samples of each fresh prompt and one more segment of each parked trajectory (one
         engine batch); returns the groups that are now complete, and rollout metrics."""
         i = ref.iteration
@@ -227,15 +230,15 @@ class Master:
         """Held-out accuracy of the policy in the engine: see :meth:`accuracy`. Needs the
         ROLLOUT phase."""
         if not self.heldout:
-            self.heldout = heldout_set(self.cfg)
+            self.heldout = self.problems.heldout_problems()
         return self.accuracy(self.heldout, ref, self.cfg.rl.eval_samples)
 
-    def accuracy(self, tasks: list[Task], ref: RunRef, samples: int) -> Accuracy:
+    def accuracy(self, tasks: list[Problem], ref: RunRef, samples: int) -> Accuracy:
         """Accuracy of the policy in the engine on ``tasks``: see
         :func:`k1rl.master.evaluation.accuracy`, which a checkpoint evaluated on its own
         goes through too. Needs the ROLLOUT phase."""
         return accuracy(self.cfg, self.clients.rollout, self.clients.reward, tasks, ref,
-                        samples)
+                        samples, self.renderer)
 
     def final_evaluation(self) -> IterationMetrics:
         """Evaluate the policy after the last iteration and append it as a metrics record
@@ -252,7 +255,7 @@ class Master:
                                "`with master.metric_sinks():` (run() does)")
         self.sinks.write(record)
 
-    def measure_in_rollout(self, tasks: list[Task], samples: int) -> Accuracy:
+    def measure_in_rollout(self, tasks: list[Problem], samples: int) -> Accuracy:
         """:meth:`accuracy` of the trainer's current weights, outside an iteration (e.g.
         between SFT steps): a round trip TRAIN -> ROLLOUT -> TRAIN."""
         i = self.state.iterations_done
@@ -275,7 +278,7 @@ class Master:
         """Iteration ``i``'s token budget per trajectory (rl.schedule, else rollout's)."""
         return self.cfg.rl.schedule.at(i).max_tokens or self.cfg.rollout.max_tokens
 
-    def rollout(self, tasks: list[Task], ref: RunRef,
+    def rollout(self, tasks: list[Problem], ref: RunRef,
                 continuations: list[Continuation] = ()) -> GenerateResult:
         r = self.cfg.rollout
         sampling = SamplingSpec(
@@ -283,8 +286,8 @@ class Master:
             max_tokens=self._budget(ref.iteration),
             seed=self.rng.randrange(2**31),
         )
-        req = GenerateRequest(ref=ref, prompts=[t.prompt for t in tasks], sampling=sampling,
-                              continuations=list(continuations))
+        req = GenerateRequest(ref=ref, sampling=sampling, continuations=list(continuations),
+                              **(self.renderer.request_fields(tasks) if tasks else {}))
         return self.clients.rollout.call("generate", req, GenerateResult)
 
     def checkpoint(self, i: int, record: IterationMetrics) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from k1rl.data.tasks import Task
+from k1rl.data.problem import Problem
 from k1rl.protocol import Completion, Continuation, FinishReason, TrainSample
 
 
@@ -58,7 +58,7 @@ class Group(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     key: str
-    task: Task
+    task: Problem
     prompt_token_ids: list[int]
     started: int
     trajectories: list[Trajectory]
@@ -117,7 +117,7 @@ class ReplayBuffer:
                 for g, t in self.parked()]
 
     # ------------------------------------------------------------- what came back
-    def start(self, key: str, task: Task, prompt_token_ids: list[int],
+    def start(self, key: str, task: Problem, prompt_token_ids: list[int],
               completions: list[Completion], iteration: int) -> Group:
         group = Group(key=key, task=task, prompt_token_ids=prompt_token_ids,
                       started=iteration, trajectories=[Trajectory() for _ in completions])

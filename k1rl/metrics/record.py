@@ -108,6 +108,17 @@ class TrainMetrics(Section):
     values: dict[str, float] = {}
 
 
+class DataMetrics(Section):
+    """The run's problems, recorded with its first iteration: pool sizes and the data
+    rows left out as bad (``data.on_bad_row: skip``), by reason."""
+
+    FLAT: ClassVar[dict[str, str]] = {"skipped": "data_skipped@{}"}
+
+    data_train_problems: int
+    data_heldout_problems: int
+    skipped: dict[str, int] = {}
+
+
 class Accuracy(BaseModel):
     """Accuracy of a policy on a task set: pass@1 of ``samples`` samples at the rollout
     temperature, greedy, each per level when the set spans several, and the seconds it
@@ -155,11 +166,12 @@ class IterationMetrics(BaseModel):
     reward: RewardMetrics | None = None
     train: TrainMetrics | None = None
     eval: Accuracy | None = None
+    data: DataMetrics | None = None
 
     # Timings before TrainMetrics: its train_s must not read as a trainer metric "s"
     SECTIONS: ClassVar[tuple[tuple[str, type[Section]], ...]] = (
         ("time", Timings), ("switch", SwitchMetrics), ("rollout", RolloutMetrics),
-        ("reward", RewardMetrics), ("train", TrainMetrics))
+        ("reward", RewardMetrics), ("train", TrainMetrics), ("data", DataMetrics))
 
     def row(self) -> Row:
         """The flat row the sinks store."""

@@ -1,10 +1,9 @@
 """Rule-based math verification (k1.5 "Rewards": rule-based where the answer form allows).
 
-The answer is what follows the *last* "The answer is" of the response (the closing line of the
-synthetic tasks, see :mod:`k1rl.data.tasks`), up to the end of that sentence or line. The last
-one counts, as in :func:`k1rl.data.tasks.extract_answer`: a response may revise an earlier
-guess, and listing several answers gains nothing because only the final one is read. A
-response without that line scores 0, as does an answer longer than ``MAX_ANSWER_CHARS``.
+The final answer is found as ``reward.answer_formats`` say (:mod:`reward_svc.answers`): by
+default the last ``\\boxed{...}``, else the sentence after the last "The answer is" (the
+closing line of the synthetic tasks, see :mod:`k1rl.data.tasks`). A response without one
+scores 0, as does an answer longer than ``MAX_ANSWER_CHARS``.
 
 Plain integers ("85", "085", "1,000", "-7") are compared exactly in this process, with no
 sympy: that is nearly every answer of a policy trained on the task format. Any other form
@@ -33,37 +32,16 @@ from multiprocessing.connection import Connection
 from k1rl.config import RewardConfig
 from k1rl.data.tasks import ANSWER_PREFIX, extract_answer
 
+from reward_svc.answers import MAX_ANSWER_CHARS, extract, final_answer  # noqa: F401
+
 from reward_svc.verifiers import Verifier, register
 
 log = logging.getLogger(__name__)
 
-# Longer than any real final answer, short enough that the integer path stays far below
-# Python's 4300-digit int() limit (extract_answer would raise past it).
-MAX_ANSWER_CHARS = 256
-# the answer sentence ends at a period followed by a space or the end, or at a line break;
-# a period inside a number ("85.5") does not end it
-_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 _INTEGER = re.compile(r"-?\d[\d,]*")
-_SPACES = re.compile(r"\s*")
 # a runaway sympy computation gets this much address space on top of what the imports use,
 # then fails with MemoryError (which math-verify turns into "not equal")
 _CHILD_EXTRA_MEMORY = 1 << 30
-
-
-def final_answer(response: str) -> str | None:
-    """The text after the last "The answer is", to the end of its sentence; None if absent,
-    empty or longer than MAX_ANSWER_CHARS."""
-    at = response.rfind(ANSWER_PREFIX)
-    if at < 0:
-        return None
-    start = _SPACES.match(response, at + len(ANSWER_PREFIX)).end()
-    # bounded window: a 10^5-digit "answer" costs no more than a short one
-    window = response[start : start + MAX_ANSWER_CHARS + 1]
-    end = _SENTENCE_END.search(window)
-    if end is None and len(window) > MAX_ANSWER_CHARS:
-        return None
-    answer = (window[: end.start()] if end else window).strip()
-    return answer or None
 
 
 def canonical_int(text: str) -> str | None:
@@ -90,18 +68,22 @@ class BadGoldAnswer(ValueError):
 class MathVerifier(Verifier):
     """Correct iff the final answer equals the gold answer as a number or expression."""
 
-    def __init__(self, timeout_s: float = 3.0) -> None:
+    def __init__(self, timeout_s: float = 3.0, formats: tuple[str, ...] = ("boxed", "answer_is"),
+                 pattern: str | None = None) -> None:
         self.worker = MathVerifyWorker(timeout_s)
+        self.formats = tuple(formats)
+        self.pattern = re.compile(pattern) if pattern else None
 
     @classmethod
     def from_config(cls, config: RewardConfig) -> MathVerifier:
-        return cls(timeout_s=config.verify_timeout_s)
+        return cls(timeout_s=config.verify_timeout_s, formats=tuple(config.answer_formats),
+                   pattern=config.answer_regex)
 
     def verify(self, response: str, answer: str) -> bool:
         gold = answer.strip()
         if not gold:
             raise BadGoldAnswer("the gold answer is empty")
-        given = final_answer(response)
+        given = extract(response, self.formats, self.pattern)
         if given is None:
             return False
         gold_int, given_int = canonical_int(gold), canonical_int(given)

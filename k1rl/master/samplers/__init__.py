@@ -17,30 +17,32 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from k1rl.config import RLConfig
-from k1rl.data.tasks import Task
+from k1rl.data.problem import ChainedPool, Problem
 from k1rl.registry import SAMPLERS
 
 register = SAMPLERS.register
 
 
 class PromptSampler(ABC):
-    """Draws an iteration's prompts from the rl.tasks levels' training problems.
+    """Draws an iteration's prompts from the training pools (k1rl/master/problems.py).
 
-    ``pools`` holds each level's problems, in rl.tasks order. ``sample`` takes all its
-    randomness from ``rng``; ``update`` hears how the drawn prompts went.
+    ``pools`` holds each pool's problems, in config order (rl.tasks levels or data.train
+    sources); a pool is any sequence, and one over a dataset builds only the problems
+    drawn. ``sample`` takes all its randomness from ``rng``; ``update`` hears how the
+    drawn prompts went.
     """
 
     name: str = ""
 
-    def __init__(self, cfg: RLConfig, pools: Sequence[Sequence[Task]]) -> None:
+    def __init__(self, cfg: RLConfig, pools: Sequence[Sequence[Problem]]) -> None:
         self.cfg = cfg
-        self.pools = [list(p) for p in pools]
+        self.pools = list(pools)
 
     @abstractmethod
-    def sample(self, rng: random.Random, iteration: int) -> list[Task]:
+    def sample(self, rng: random.Random, iteration: int) -> list[Problem]:
         """The prompts of ``iteration`` (at most rl.prompts_per_iteration)."""
 
-    def update(self, tasks: Sequence[Task], correct: Sequence[bool], n: int) -> None:
+    def update(self, tasks: Sequence[Problem], correct: Sequence[bool], n: int) -> None:
         """Record an iteration's outcomes: ``correct`` is task-major, ``n`` per task.
         Samplers that do not adapt ignore it."""
 
@@ -51,13 +53,13 @@ class PromptSampler(ABC):
         """Restore :meth:`state_dict`; run states of older versions hold ``stats`` for
         every sampler, which the ones without state ignore."""
 
-    def problems(self) -> list[Task]:
-        """Every level's problems together, in level order."""
-        return [t for pool in self.pools for t in pool]
+    def problems(self) -> Sequence[Problem]:
+        """Every pool's problems together, in pool order."""
+        return self.pools[0] if len(self.pools) == 1 else ChainedPool(self.pools)
 
-    def quotas(self) -> list[tuple[list[Task], int]]:
-        """(problems, prompts to draw from them): one entry per level when rl.task_weights
-        fixes each level's count, else one for all levels together."""
+    def quotas(self) -> list[tuple[Sequence[Problem], int]]:
+        """(problems, prompts to draw from them): one entry per pool when rl.task_weights
+        fixes each pool's count, else one for all pools together."""
         counts = self.cfg.prompt_counts()
         if counts is None:
             groups = [(self.problems(), self.cfg.prompts_per_iteration)]
@@ -70,6 +72,6 @@ def available() -> list[str]:
     return SAMPLERS.names()
 
 
-def create(cfg: RLConfig, pools: Sequence[Sequence[Task]]) -> PromptSampler:
+def create(cfg: RLConfig, pools: Sequence[Sequence[Problem]]) -> PromptSampler:
     """A new sampler of the kind ``cfg.sampler`` names, over ``pools`` (one per level)."""
     return SAMPLERS.get(cfg.sampler)(cfg, pools)

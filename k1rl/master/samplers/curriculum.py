@@ -13,22 +13,30 @@ import random
 from collections.abc import Sequence
 
 from k1rl.config import RLConfig
-from k1rl.data.tasks import Task
+from k1rl.data.problem import Problem, pool_values
 from k1rl.master.samplers import PromptSampler, register
 
 
 @register("curriculum")
 class Curriculum(PromptSampler):
-    def __init__(self, cfg: RLConfig, pools: Sequence[Sequence[Task]]) -> None:
+    def __init__(self, cfg: RLConfig, pools: Sequence[Sequence[Problem]]) -> None:
         super().__init__(cfg, pools)
-        self.difficulties = sorted({t.difficulty for t in self.problems()})
+        # one difficulty per problem, pool by pool, read without building the problems
+        self.labels = [pool_values(pool, "difficulty") for pool in self.pools]
+        unlabelled = sum(d is None for labels in self.labels for d in labels)
+        if unlabelled:
+            raise ValueError(f"rl.sampler curriculum needs a difficulty for every problem; "
+                             f"{unlabelled} have none (map one with fields.difficulty)")
+        self.difficulties = sorted({d for labels in self.labels for d in labels})
 
-    def sample(self, rng: random.Random, iteration: int) -> list[Task]:
+    def sample(self, rng: random.Random, iteration: int) -> list[Problem]:
         allowed = set(self.open_difficulties(iteration))
-        pool = [t for t in self.problems() if t.difficulty in allowed]
-        return rng.sample(pool, min(self.cfg.prompts_per_iteration, len(pool)))
+        open_ = [(k, i) for k, labels in enumerate(self.labels)
+                 for i, d in enumerate(labels) if d in allowed]
+        drawn = rng.sample(open_, min(self.cfg.prompts_per_iteration, len(open_)))
+        return [self.pools[k][i] for k, i in drawn]
 
-    def open_difficulties(self, iteration: int) -> list[int]:
+    def open_difficulties(self, iteration: int) -> list[float]:
         """The difficulties the curriculum samples from at ``iteration``."""
         levels, span = self.difficulties, self.cfg.curriculum_iterations
         if self.cfg.curriculum == "warmup_then_hard":

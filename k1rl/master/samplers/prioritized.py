@@ -12,33 +12,38 @@ import random
 from collections.abc import Sequence
 
 from k1rl.config import RLConfig
-from k1rl.data.tasks import Task
+from k1rl.data.problem import Problem, pool_values
 from k1rl.master.samplers import PromptSampler, register
 
 
 @register("prioritized")
 class Prioritized(PromptSampler):
-    def __init__(self, cfg: RLConfig, pools: Sequence[Sequence[Task]]) -> None:
+    def __init__(self, cfg: RLConfig, pools: Sequence[Sequence[Problem]]) -> None:
         super().__init__(cfg, pools)
         self.stats: dict[str, list[int]] = {}  # problem id -> [correct samples, samples]
 
-    def sample(self, rng: random.Random, iteration: int) -> list[Task]:
+    def sample(self, rng: random.Random, iteration: int) -> list[Problem]:
         return [t for pool, k in self.quotas() for t in self._draw(rng, pool, k)]
 
-    def weight(self, task: Task) -> float:
+    def weight(self, problem: Problem) -> float:
         """A problem's sampling weight: max(1 - success rate, floor)."""
-        correct, seen = self.stats.get(task.id, (0, 0))
+        return self._weight(problem.id)
+
+    def _weight(self, problem_id: str) -> float:
+        correct, seen = self.stats.get(problem_id, (0, 0))
         success = correct / seen if seen else 0.0
         return max(1.0 - success, self.cfg.priority_floor)
 
-    def _draw(self, rng: random.Random, pool: list[Task], k: int) -> list[Task]:
+    def _draw(self, rng: random.Random, pool: Sequence[Problem], k: int) -> list[Problem]:
         # Weighted sampling without replacement (Efraimidis-Spirakis): the k largest keys
         # u^(1/w), compared as log(u)/w.
-        keys = [(math.log(1.0 - rng.random()) / self.weight(t), i) for i, t in enumerate(pool)]
+        ids = pool_values(pool, "id")
+        keys = [(math.log(1.0 - rng.random()) / self._weight(pid), i)
+                for i, pid in enumerate(ids)]
         keys.sort(reverse=True)
         return [pool[i] for _, i in keys[:k]]
 
-    def update(self, tasks: Sequence[Task], correct: Sequence[bool], n: int) -> None:
+    def update(self, tasks: Sequence[Problem], correct: Sequence[bool], n: int) -> None:
         for i, ok in enumerate(correct):
             entry = self.stats.setdefault(tasks[i // n].id, [0, 0])
             entry[0] += bool(ok)

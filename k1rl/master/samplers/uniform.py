@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import random
 
-from k1rl.data.tasks import Task
+from k1rl.data.problem import Problem
 from k1rl.master.samplers import PromptSampler, register
 
 
 @register("uniform")
 class Uniform(PromptSampler):
-    def sample(self, rng: random.Random, iteration: int) -> list[Task]:
+    def sample(self, rng: random.Random, iteration: int) -> list[Problem]:
         return [t for pool, k in self.quotas() for t in rng.sample(pool, k)]
