@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
@@ -32,6 +33,9 @@ from k1rl.data.tasks import Task, generate_suite, generate_tasks
 from k1rl.launch import free_tcp_address
 from k1rl.metrics.record import Accuracy, IterationMetrics, SFTStepMetrics
 from k1rl.protocol import CheckpointRequest, CheckpointResult, SFTBatch, SFTExample, TrainStats
+
+if TYPE_CHECKING:  # the master package starts services; the demo imports it when it runs
+    from k1rl.master.problems import ProblemSet
 
 console = Console()
 DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
@@ -173,12 +177,10 @@ def run_config(cfg: DemoConfig, seed: int, run_dir: Path, model_dir: Path) -> Ru
     return RunConfig.model_validate(run.model_dump())  # re-validate the edited copy
 
 
-def validation_set(run: RunConfig, problems: int) -> list[Problem]:
+def validation_set(run: RunConfig, problems: int, training: ProblemSet) -> list[Problem]:
     """Train-split problems of the headline RL levels (``rl.headline_tasks``) outside the
-    RL prompt pool (see SFTStop)."""
-    from k1rl.master.problems import load_problems
-
-    pool = {t.id for level in load_problems(run).train for t in level}
+    RL prompt pools ``training.train`` (see SFTStop)."""
+    pool = {t.id for level in training.train for t in level}
     levels = parse_levels(run.rl.headline_tasks)
     per_level = math.ceil(problems / len(levels))
     return synthetic_problems(
@@ -252,8 +254,8 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
     from k1rl.master.loop import Clients, Master
     from k1rl.master.plots import plot_run
     from k1rl.master.problems import load_problems
-    from k1rl.metrics.jsonl import read_metrics
     from k1rl.master.state import RunState
+    from k1rl.metrics.jsonl import read_metrics
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -280,7 +282,7 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
             master = Master(run, run_dir, clients, RunState(run_id=run.run_id), problems)
             validate = None
             if cfg.sft.stop_when:
-                val_tasks = validation_set(run, cfg.sft.stop_when.problems)
+                val_tasks = validation_set(run, cfg.sft.stop_when.problems, problems)
 
                 def validate() -> Accuracy:
                     return master.measure_in_rollout(val_tasks, cfg.sft.stop_when.samples)

@@ -56,7 +56,7 @@ def test_sft_validation_problems_are_rl_levels_outside_the_prompt_pool_and_heldo
 
     run = load_demo_config(DEFAULT_CONFIG).run
     problems = load_problems(run)
-    val = validation_set(run, 100)
+    val = validation_set(run, 100, problems)
     assert len(val) == 100 and len({t.id for t in val}) == 100
     assert {t.level for t in val} == set(run.rl.headline_tasks)
     assert not {t.id for t in val} & {t.id for pool in problems.train for t in pool}

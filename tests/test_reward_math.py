@@ -9,13 +9,8 @@ import pytest
 from k1rl.config import RewardConfig
 from k1rl.data.tasks import generate_tasks
 from reward_svc import verifiers
-from reward_svc.verifiers.math import (
-    MAX_ANSWER_CHARS,
-    BadGoldAnswer,
-    MathVerifier,
-    canonical_int,
-    final_answer,
-)
+from reward_svc.answers import MAX_ANSWER_CHARS, final_answer
+from reward_svc.verifiers.math import BadGoldAnswer, MathVerifier, canonical_int
 
 
 @pytest.fixture(scope="module")

@@ -125,10 +125,10 @@ def synthetic_problems(tasks: Iterable[Task]) -> list[Problem]:
 
 
 def _synthetic_fields(task: Task) -> dict:
-    level = f"{task.family}:{task.difficulty}"
-    return {"id": task.id, "prompt": task.prompt, "answer": task.answer,
-            "verifier": task.verifier, "tags": [task.family, level],
-            "difficulty": task.difficulty, "response": task.target, "level": level}
+    # the row gen-tasks writes, with the gold answer as the loop keeps it (code: the
+    # CodeTask JSON, not the tests) and the task's level as its pool
+    row = {k: v for k, v in task.as_problem().items() if k != "tests"}
+    return {**row, "answer": task.answer, "level": f"{task.family}:{task.difficulty}"}
 
 
 def pool_values(pool: Sequence[Problem], name: str) -> list:

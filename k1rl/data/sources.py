@@ -48,7 +48,6 @@ class FieldMap(Section):
     """Where each part of a problem is in a row: a column name, or a dotted path into
     nested objects. A field set to null is not read."""
 
-
     prompt: str | None = Field("prompt", description="Raw prompt text, or a chat message "
                                "list (a list of {role, content} here is read as messages).")
     messages: str | None = Field("messages", description="Chat prompt: [{role, content}].")
@@ -65,7 +64,6 @@ class FieldMap(Section):
 
 class DataSource(Section):
     """One file, or a directory of .jsonl / .json / .parquet files, and its mapping."""
-
 
     path: str = Field(description="File, or directory read file by file in name order.")
     format: Literal["auto", "jsonl", "json", "parquet"] = Field(
@@ -154,9 +152,6 @@ class Loaded:
 
     problems: Any
     skipped: Counter = field(default_factory=Counter)
-
-    def __len__(self) -> int:
-        return len(self.problems)
 
 
 def load_sources(sources: list[DataSource], on_bad_row: OnBadRow = "error",

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from k1rl.config import RewardConfig
 from k1rl.data.tasks import ANSWER_PREFIX, extract_answer
 
-from reward_svc.answers import MAX_ANSWER_CHARS, extract, final_answer  # noqa: F401
+from reward_svc.answers import MAX_ANSWER_CHARS, extract
 
 from reward_svc.verifiers import Verifier, register
 
