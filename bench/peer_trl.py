@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trl_env  # noqa: E402
-import yaml  # noqa: E402
 
 from k1rl.config import RunConfig, parse_levels  # noqa: E402
 from k1rl.demo import load_demo_config, run_config  # noqa: E402
 from k1rl.master.evaluation import evaluate_checkpoint  # noqa: E402
 from k1rl.metrics.record import Accuracy  # noqa: E402
+from k1rl.yaml_config import with_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("trl_grpo_worker.py")
@@ -80,33 +80,6 @@ def parse_args() -> argparse.Namespace:
 # ------------------------------------------------------------------------ configs
 
 
-def apply_overrides(cfg: RunConfig, pairs: list[str]) -> RunConfig:
-    """``a.b=value`` pairs set on a copy, validated like a config file."""
-    data = cfg.model_dump()
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--k1rl-set wants KEY=VALUE, got {pair!r}")
-        *path, leaf = key.strip().split(".")
-        node = data
-        for part in path:
-            if not isinstance(node.get(part), dict):
-                raise SystemExit(f"--k1rl-set {key}: no section {part!r}")
-            node = node[part]
-        if leaf not in node:
-            raise SystemExit(f"--k1rl-set {key}: no field {leaf!r}")
-        node[leaf] = _value(raw)
-    return RunConfig.model_validate(data)
-
-
-def _value(raw: str):
-    """JSON first (YAML 1.1 reads ``2e-4`` as a string), then YAML (bare words, lists)."""
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return yaml.safe_load(raw)
-
-
 def configs(args: argparse.Namespace, sft: Path, out_dir: Path) -> tuple[RunConfig, RunConfig]:
     """(evaluation config: the demo's run, model = the SFT; k1rl training config: that
     plus the overrides, no in-run evaluation, no iteration limit)."""
@@ -114,7 +87,7 @@ def configs(args: argparse.Namespace, sft: Path, out_dir: Path) -> tuple[RunConf
     base = run_config(demo, args.seed, out_dir / "k1rl", sft)
     if args.eval_problems:
         base.rl.eval_problems = args.eval_problems
-    train = apply_overrides(base, args.k1rl_set)
+    train = with_overrides(base, args.k1rl_set, source="--k1rl-set")
     train.rl.eval_every = 0  # evaluated afterwards, by the same evaluator as the peer
     train.rl.iterations = 1_000_000  # the wall budget ends the run
     train.run_id = "peer-k1rl"

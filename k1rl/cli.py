@@ -18,6 +18,17 @@ app = typer.Typer(
 console = Console()
 
 
+def main() -> None:
+    """The `k1rl` script: a config a user got wrong is its message, not a traceback."""
+    from k1rl.yaml_config import ConfigError
+
+    try:
+        app(prog_name="k1rl")
+    except ConfigError as e:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        raise SystemExit(2) from None
+
+
 @app.command("init-model")
 def init_model_cmd(
     out_dir: Path = typer.Argument(..., help="Directory to write the HF model into."),
@@ -99,43 +110,107 @@ def demo_cmd(
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Option(..., help="HF checkpoint directory to evaluate."),
-    config: Path = typer.Option(..., help="RunConfig YAML: held-out levels, problems, "
-                                "samples, seed and rollout settings."),
+    data: list[Path] = typer.Option(
+        None, help="Problems: a .jsonl/.json/.parquet file or a directory of them, in the "
+        "data-source format with its default field names (what `k1rl gen-tasks` writes); "
+        "every row is evaluated. Repeatable. Default: --config's held-out set."),
+    config: Path = typer.Option(
+        None, help="RunConfig YAML: rollout (temperature, max_tokens), reward, data.prompt "
+        "and seed; without --data its held-out set (data.eval, the hash split, or "
+        "rl.eval_tasks). Default: RunConfig's defaults."),
+    samples: int = typer.Option(None, min=1, help="Samples per problem at the rollout "
+                                "temperature (default: rl.eval_samples)."),
+    k: int = typer.Option(None, min=1, help="pass@k's k (default: --samples)."),
+    limit: int = typer.Option(None, min=1, help="At most this many rows per --data path."),
     eval_problems: int = typer.Option(None, min=1, help="Held-out problems per level "
                                       "(default: the config's rl.eval_problems)."),
-    work_dir: Path = typer.Option(None, help="Service logs and config (default: a temp dir)."),
+    overrides: list[str] = typer.Option(
+        None, "--set", help="KEY=VALUE over the config (repeatable), e.g. "
+        "rollout.max_tokens=512."),
+    out: Path = typer.Option(None, help="Report JSON (default: WORK_DIR/report.json)."),
+    work_dir: Path = typer.Option(None, help="Service logs, loaded data and the report "
+                                  "(default: a temp dir)."),
 ) -> None:
-    """Held-out accuracy of a checkpoint, as the RL loop measures it; prints one JSON line."""
+    """pass@1, pass@k, greedy accuracy and response length of a checkpoint, overall, per
+    level and per tag: prints a table, writes the report JSON, and prints the loop's
+    eval_* metrics as the last line (one JSON object)."""
     import json
     import tempfile
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from k1rl.config import load_config
-    from k1rl.master.evaluation import evaluate_checkpoint
+    from k1rl.config import RunConfig, load_config
+    from k1rl.master.evaluation import evaluate_problems, report
+    from k1rl.master.problems import load_files, load_problems
+    from k1rl.yaml_config import with_overrides
 
     if not (model / "config.json").is_file():
         raise typer.BadParameter(f"{model} holds no HF checkpoint (config.json)")
-    cfg = load_config(config)
+    if not data and config is None:
+        raise typer.BadParameter("give --data FILE, or --config RUN.yaml for its held-out set")
+    cfg = with_overrides(load_config(config) if config else RunConfig(), overrides or [])
     if eval_problems is not None:
         cfg.rl.eval_problems = eval_problems
+    samples = samples or cfg.rl.eval_samples
+    k = k or samples
+    if k > samples:
+        raise typer.BadParameter(f"--k {k} needs at least {k} --samples, not {samples}")
     work_dir = work_dir or Path(tempfile.mkdtemp(prefix="k1rl-eval-"))
-    measured = evaluate_checkpoint(cfg, model, work_dir)
-    print(json.dumps({"model": str(model.resolve()), **measured.row("eval")}), flush=True)
+    try:
+        if data:
+            problems, skipped = load_files(data, cfg, work_dir / "data", limit)
+        else:
+            held = load_problems(cfg, work_dir / "data")
+            problems, skipped = held.heldout_problems(), held.skipped
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    if not problems:
+        raise typer.BadParameter("no problem to evaluate")
+    outcomes = evaluate_problems(cfg, model, work_dir, problems, samples)
+    r = cfg.rollout
+    result = report(outcomes, k, model=str(model.resolve()), samples=samples,
+                    data=[str(p) for p in data] if data else ["held-out"],
+                    temperature=r.temperature, max_tokens=r.max_tokens, seed=cfg.seed,
+                    skipped=dict(skipped))
+    out = out or work_dir / "report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(result.model_dump_json(indent=2) + "\n")
+    console.print(_report_table(result))
+    console.print(f"report: {out}")
+    summary = {"model": result.model, "report": str(out), **outcomes.accuracy().row("eval")}
+    print(json.dumps(summary), flush=True)
 
 
-@app.command("run")
-def run_cmd(
+def _report_table(result) -> Table:
+    table = Table(title=f"{result.model}: {result.samples} samples at T={result.temperature}")
+    for col in ("", "problems", "pass@1", f"pass@{result.k}", "greedy", "tokens"):
+        table.add_column(col, justify="left" if not col else "right")
+    rows = [("overall", result.overall),
+            *((f"level {name}", s) for name, s in result.by_level.items()),
+            *((f"tag {name}", s) for name, s in result.by_tag.items())]
+    for name, s in rows:
+        table.add_row(name, str(s.problems), f"{s.pass1:.3f}", f"{s.pass_k:.3f}",
+                      f"{s.greedy:.3f}", f"{s.response_tokens:.1f}")
+    return table
+
+
+@app.command("rl")
+def rl_cmd(
     config: Path = typer.Option(None, help="RunConfig YAML of a new run."),
     run_dir: Path = typer.Option(None, help="Run directory (default: the config's run_dir)."),
     resume: Path = typer.Option(None, help="Resume the run in this directory."),
     services: str = typer.Option(
         "local", help="local: start the services here; external: use the ones running at "
         "the config's addresses (a Kubernetes deployment)."),
+    overrides: list[str] = typer.Option(
+        None, "--set", help="KEY=VALUE over the config of a new run, dotted, value in "
+        "YAML (repeatable): --set rl.iterations=2 --set 'trainer.loss={name: grpo}'."),
 ) -> None:
-    """Run the k1.5 RL loop with local services, or resume a stopped run."""
+    """Run the k1.5 RL loop from the config's model and data with local services, or
+    resume a stopped run."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from k1rl import master
     from k1rl.config import load_config
+    from k1rl.yaml_config import with_overrides
 
     if services not in ("local", "external"):
         raise typer.BadParameter(f"--services must be local or external, not {services!r}")
@@ -143,11 +218,18 @@ def run_cmd(
     if (config is None) == (resume is None):
         raise typer.BadParameter("give exactly one of --config (new run) or --resume RUN_DIR")
     if resume is not None:
+        if overrides:
+            raise typer.BadParameter("--set changes a new run's config, not a resumed one")
         state = master.run(None, resume, resume=True, local_services=local)
     else:
-        cfg = load_config(config)
-        state = master.run(cfg, run_dir or Path(cfg.run_dir), local_services=local)
+        cfg = with_overrides(load_config(config), overrides or [])
+        state = master.run(cfg, run_dir or Path(cfg.run_dir), local_services=local,
+                           source=str(config))
     console.print(f"run done: {state.iterations_done} iterations, policy v{state.policy_version}")
+
+
+# `run` was the command's name before `rl`: scripts and run directories' notes still use it
+app.command("run", help="The same as `k1rl rl`.")(rl_cmd)
 
 
 k8s_app = typer.Typer(help="Kubernetes manifests from a run config.", no_args_is_help=True)

@@ -9,7 +9,7 @@
 Everything the demo does is set by one YAML file (``k1rl/demo.yaml`` by default): the
 model shape, the SFT schedule and a complete RunConfig for the RL part. The run
 directory holds a normal run (config.yaml, state.json, checkpoints), so an interrupted
-demo's RL part continues with ``k1rl run --resume RUN_DIR``.
+demo's RL part continues with ``k1rl rl --resume RUN_DIR``.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
     runs, e.g. bench/peer_trl.py) and returns where it is."""
     from k1rl.data.tokenizer import load_tokenizer
     from k1rl.master import CONFIG_FILE, start_local_services
-    from k1rl.master.loop import Clients, Master
+    from k1rl.master.loop import FINAL_HF, Clients, Master
     from k1rl.master.plots import plot_run
     from k1rl.master.problems import load_problems
     from k1rl.master.state import RunState
@@ -261,7 +261,7 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
     run_dir = Path(run_dir)
     if (run_dir / "state.json").exists():
         raise FileExistsError(f"{run_dir} holds a run already: pick another --run-dir, or "
-                              f"continue its RL part with `k1rl run --resume {run_dir}`")
+                              f"continue its RL part with `k1rl rl --resume {run_dir}`")
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = run_dir / "base-model"
     build_model(model_dir, cfg.model, seed)
@@ -301,12 +301,7 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
             sft_hf = export_sft(clients.trainer, run_dir)
             if sft_only:
                 return finish_sft_only(run_dir, history, sft_ckpt, sft_hf, started)
-            rl(master, run.rl.iterations)
-            final = (run_dir / "final").resolve()
-            clients.trainer.call(
-                "checkpoint", CheckpointRequest(action="export_hf", path=str(final)),
-                CheckpointResult,
-            )
+            rl(master, run.rl.iterations)  # ends with the HF export to final/
         finally:
             clients.close()
 
@@ -315,7 +310,7 @@ def run_demo(cfg: DemoConfig, *, seed: int = 0, run_dir: Path = Path("runs/demo"
     rows = read_metrics(run_dir)
     plot_run(run_dir)
     summary = summarize(rows, history, cfg, run, time.perf_counter() - started)
-    summary["final_checkpoint"] = str(final)
+    summary["final_checkpoint"] = str((run_dir / FINAL_HF).resolve())
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary)
     return summary

@@ -17,7 +17,7 @@ Topology (see k8s/README.md for the reasons):
   share the GPUs through one DRA ResourceClaim (gpu overlay), a memory-backed /dev/shm for
   weight staging, and the run volume. Pod ordinal = node rank for torch.distributed
   rendezvous at ``k1rl-rl-0.k1rl-rl``.
-- reward_svc: Deployment + Service. The master: a Job running ``k1rl run --services
+- reward_svc: Deployment + Service. The master: a Job running ``k1rl rl --services
   external``. The sandbox: Deployment + Service + HPA, all its egress denied.
 - The run config: a ConfigMap generated from ``run.yaml``, which is the input RunConfig
   with the cluster's addresses, paths and the ``external`` engine lifecycle.
@@ -333,8 +333,8 @@ def reward_objects(cfg: RunConfig) -> list[dict[str, Any]]:
 
 def master_objects() -> list[dict[str, Any]]:
     # a new run, or the run on the volume resumed when the Job's pod is retried
-    script = (f'if [ -f {RUN_DIR}/state.json ]; then exec k1rl run --resume {RUN_DIR} '
-              f'--services external; else exec k1rl run --config {CONFIG_PATH} '
+    script = (f'if [ -f {RUN_DIR}/state.json ]; then exec k1rl rl --resume {RUN_DIR} '
+              f'--services external; else exec k1rl rl --config {CONFIG_PATH} '
               f'--run-dir {RUN_DIR} --services external; fi')
     master = _container("master", _image("master"), ["sh", "-c", script], port=None,
                         resources=_resources("500m", "2Gi", "2", "4Gi"),

@@ -1,9 +1,10 @@
 """Registries: the names a run config picks implementations by.
 
 RL losses (``trainer.loss``), prompt samplers (``rl.sampler``), sandbox runners
-(``sandbox.runner``) and metric sinks (``rl.metrics``) are each chosen by name. An entry
+(``sandbox.runner``), metric sinks (``rl.metrics``) and reward_svc's verifiers (a
+problem's ``verifier``) are each chosen by name. An entry
 lives in a module of its own and registers its class with ``@REGISTRY.register(name)``,
-as reward_svc's verifiers do; an entry with parameters carries them as a pydantic
+the way reward_svc's verifiers do; an entry with parameters carries them as a pydantic
 ``Config`` class (with a ``name`` field), which :meth:`Registry.config` validates.
 
 The built-in entries are listed here by name and module, so a config names a known entry
@@ -130,4 +131,7 @@ SANDBOX_RUNNERS: Registry = Registry("sandbox runner", {
 })
 METRIC_SINKS: Registry = Registry("metric sink", {
     name: f"k1rl.metrics.{name}" for name in ("jsonl", "tensorboard", "wandb")
+})
+VERIFIERS: Registry = Registry("verifier", {
+    name: f"reward_svc.verifiers.{name}" for name in ("math", "code")
 })

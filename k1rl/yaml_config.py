@@ -46,6 +46,31 @@ def parse_yaml_model(model: type[M], text: str, source: str = "<text>") -> M:
         raise ConfigError(source, _problems(e, model)) from e
 
 
+def with_overrides(config: M, pairs: list[str], source: str = "--set") -> M:
+    """A copy of ``config`` with ``dotted.key=value`` pairs set (values read as YAML, so
+    ``2e-4``, ``[a, b]`` and ``{name: grpo}`` work), validated like a config file; a bad
+    pair or value is a ConfigError naming it."""
+    data = config.model_dump()
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(source, [f"{pair!r}: want KEY=VALUE (e.g. rl.iterations=2)"])
+        *path, leaf = key.strip().split(".")
+        node = data
+        for part in path:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise ConfigError(source, [f"{key}: {part} is a value, not a section"])
+            node = node[part]
+        try:
+            node[leaf] = yaml.load(raw, Loader=_StrictLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(source, [f"{key}: {_yaml_problem(e)}"]) from e
+    try:
+        return type(config).model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, _problems(e, type(config))) from e
+
+
 # ------------------------------------------------------------------ YAML parsing
 
 

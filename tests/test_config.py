@@ -179,3 +179,29 @@ def test_the_partial_rollout_example_turns_every_part_on():
     assert cfg.rollout.repetition.enabled and cfg.reward.repetition_penalty > 0
     assert (cfg.trainer.segments, cfg.rl.sampler) == ("recent", "prioritized")
     assert all(t.startswith("count:") for t in cfg.rl.tasks)
+
+
+def test_overrides_set_dotted_keys_with_yaml_values():
+    from k1rl.yaml_config import with_overrides
+
+    cfg = with_overrides(RunConfig(), ["rl.iterations=3", "trainer.lr=2e-4",
+                                       "trainer.loss={name: grpo}", "rl.tasks=[add:1, sub:1]"])
+    assert cfg.rl.iterations == 3
+    assert cfg.trainer.lr == 2e-4
+    assert cfg.trainer.loss.name == "grpo"
+    assert cfg.rl.tasks == ["add:1", "sub:1"]
+
+
+@pytest.mark.parametrize(("pair", "message"), [
+    ("rl.iterations", "want KEY=VALUE"),
+    ("rl.iterations=0", "rl.iterations: 0 — input should be greater than or equal to 1"),
+    ("rl.nope=1", "rl.nope: unknown key (allowed: "),
+    ("rl.iterations.x=1", "rl.iterations.x: iterations is a value, not a section"),
+    ("trainer.lr=[1", "trainer.lr: YAML syntax error"),
+])
+def test_a_bad_override_is_a_config_error_naming_it(pair, message):
+    from k1rl.yaml_config import with_overrides
+
+    with pytest.raises(ConfigError, match="--set") as err:
+        with_overrides(RunConfig(), [pair])
+    assert any(p.startswith(message) or message in p for p in err.value.problems), err.value

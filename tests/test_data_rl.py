@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +74,15 @@ def test_rl_on_chat_math_and_apps_code_files(tmp_path, trainer_model_dir):
         assert record.train.train_steps >= 1
     assert set(records[-1].eval.accuracy_by_level) == {"gsm", "apps"}
     assert "sandbox ready" in (run_dir / "logs" / "sandbox.log").read_text()
+
+    # the run's policy, exported as HF, scored on the same held-out rows by `k1rl eval`
+    report = tmp_path / "report.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "k1rl", "eval", "--model", str(run_dir / "final"), "--config",
+         str(run_dir / "config.yaml"), "--k", "1", "--out", str(report), "--work-dir",
+         str(tmp_path / "eval")], capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(report.read_text())
+    assert set(result["by_level"]) == {"gsm", "apps"}
+    assert result["overall"]["problems"] == 4
+    assert result["skipped"] == {"json": 1}

@@ -159,6 +159,8 @@ BAD_ROWS = [
     ({"prompt": "p", "verifier": "code"}, "tests", "needs tests"),
     ({"prompt": "p", "answer": "1", "difficulty": "hard"}, "difficulty", "must be a number"),
     ({"prompt": "p", "answer": "1", "tags": [1]}, "tags", "list of strings"),
+    ({"prompt": "p", "answer": "1", "verifier": "chess"}, "verifier",
+     "unknown verifier 'chess' \\(registered: code, math\\)"),
 ]
 
 
@@ -178,6 +180,14 @@ def test_bad_rows_are_skipped_and_counted_by_reason_when_configured(tmp_path):
     assert loaded.problems["prompt"] == ["fine", "also fine"]
     assert sum(loaded.skipped.values()) == len(BAD_ROWS)
     assert loaded.skipped["tests"] == 5 and loaded.skipped["json"] == 1
+    assert loaded.skipped["verifier"] == 1
+
+
+def test_a_source_naming_an_unknown_verifier_fails_at_config_load():
+    from k1rl.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match=r"data.train.0.verifier: 'chess' — unknown verifier"):
+        RunConfig.from_yaml_text("data: {train: [{path: x.jsonl, verifier: chess}]}")
 
 
 def test_a_missing_or_unreadable_source_is_reported_before_anything_is_read(tmp_path):

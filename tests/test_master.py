@@ -73,7 +73,7 @@ def test_killed_master_resumes_without_losing_an_iteration(tmp_path, trainer_mod
     config = tmp_path / "run.yaml"
     config.write_text(cfg.dump_yaml())
 
-    first = _k1rl("run", "--config", str(config), "--run-dir", str(run_dir))
+    first = _k1rl("rl", "--config", str(config), "--run-dir", str(run_dir))
     deadline = time.monotonic() + 600
     while not (run_dir / "state.json").exists():
         assert first.poll() is None, first.stdout.read()
@@ -84,9 +84,10 @@ def test_killed_master_resumes_without_losing_an_iteration(tmp_path, trainer_mod
     assert RunState.load(run_dir).iterations_done == 1
     time.sleep(3)  # its services get SIGTERM from the kernel when it dies; let them exit
 
-    second = _k1rl("run", "--resume", str(run_dir))
+    second = _k1rl("run", "--resume", str(run_dir))  # `run`: the older name of `rl`
     out, _ = second.communicate(timeout=900)
     assert second.returncode == 0, out
+    assert (run_dir / "final" / "config.json").is_file()  # the policy, exported as HF
 
     rows = _metrics(run_dir)
     assert [r["iteration"] for r in rows] == [0, 1]

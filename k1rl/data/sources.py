@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from k1rl.data.prompts import PromptConfig
 from k1rl.protocol import CodeTask, TestCase
+from k1rl.registry import VERIFIERS
 from k1rl.yaml_config import Section
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -75,6 +76,11 @@ class DataSource(Section):
     name: str | None = Field(None, description="Prefix of generated ids (default: the "
                              "file or directory name without suffix).")
     on_bad_row: OnBadRow | None = Field(None, description="Default: data.on_bad_row.")
+
+    @field_validator("verifier")
+    @classmethod
+    def _known_verifier(cls, name: str | None) -> str | None:
+        return name if name is None else VERIFIERS.check(name)
 
     def files(self) -> list[Path]:
         root = Path(self.path)
@@ -244,6 +250,9 @@ def problem(row: dict | BadRow, source: DataSource, origin: str, default_id: str
     tests = _get(row, m.tests)
     verifier = _text(row, m.verifier, origin) or source.verifier or (
         "code" if tests is not None else "math")
+    if verifier not in VERIFIERS:
+        raise BadRow(origin, m.verifier or "verifier", f"unknown verifier {verifier!r} "
+                     f"(registered: {', '.join(VERIFIERS.names())})")
     if verifier == "code":
         if tests is None:
             raise BadRow(origin, m.tests or "tests", "a code problem needs tests")

@@ -12,6 +12,7 @@ from k1rl.master.loop import Clients, Master
 from k1rl.master.problems import ProblemSet, load_problems
 from k1rl.master.plots import plot_run
 from k1rl.master.state import RunState
+from k1rl.preflight import check_paths
 from k1rl.rpc import wait_until_ready
 
 CONFIG_FILE = "config.yaml"
@@ -46,19 +47,23 @@ def wait_for_external_services(cfg: RunConfig, timeout_s: float = 900.0) -> cont
 
 
 def run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False,
-        local_services: bool = True) -> RunState:
+        local_services: bool = True, source: str = "run config") -> RunState:
     """Start a run in ``run_dir`` (or resume the one there), starting its services here
-    (``local_services``) or using the ones already running at the config's addresses."""
+    (``local_services``) or using the ones already running at the config's addresses.
+    What the config names is checked first (ConfigError naming ``source``, the config's
+    file, for a new run): the model directory when the services run here, data files."""
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
     if resume:
         cfg = load_config(config_path)
+        check_paths(cfg, str(config_path), model=local_services)
         state = RunState.load(run_dir)
     else:
         if cfg is None:
             raise ValueError("a new run needs a config")
         if (run_dir / "state.json").exists():
             raise FileExistsError(f"{run_dir} already holds a run: resume it or pick another dir")
+        check_paths(cfg, source, model=local_services)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
         config_path.write_text(cfg.dump_yaml())

@@ -10,14 +10,18 @@ no trainer and no weight push are involved.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from k1rl.config import RunConfig
 from k1rl.data.problem import Problem
 from k1rl.data.prompts import PromptRenderer
 from k1rl.master.problems import ProblemSet, load_problems
-from k1rl.metrics.record import Accuracy
+from k1rl.metrics.record import Accuracy, EvalReport, EvalScores
 from k1rl.protocol import (
     GenerateRequest,
     GenerateResult,
@@ -34,25 +38,92 @@ from k1rl.rpc import RPCClient
 EVAL_SEED_OFFSET = 7919
 
 
-def accuracy(cfg: RunConfig, rollout: RPCClient, reward: RPCClient, tasks: list[Problem],
-             ref: RunRef, samples: int, renderer: PromptRenderer | None = None) -> Accuracy:
-    """Accuracy of the policy in the engine on ``tasks``: pass@1 of ``samples`` samples at
-    the rollout temperature and greedy, each per level when ``tasks`` span several, and
-    the seconds it took. ``renderer``: how prompts reach the engine (default: data.prompt)."""
+@dataclass
+class Outcomes:
+    """What a policy did on each problem: per sample, whether it was right and how many
+    tokens it took; whether the greedy response was right; the seconds it took."""
+
+    problems: list[Problem]
+    correct: list[list[bool]]
+    tokens: list[list[int]]
+    greedy: list[bool]
+    seconds: float
+
+    def accuracy(self) -> Accuracy:
+        n = len(self.correct[0]) if self.correct else 1
+        flat = [ok for oks in self.correct for ok in oks]
+        return Accuracy(accuracy=sum(flat) / len(flat), greedy=sum(self.greedy) / len(self.greedy),
+                        accuracy_by_level=by_level(self.problems, flat, n),
+                        greedy_by_level=by_level(self.problems, self.greedy, 1),
+                        seconds=self.seconds)
+
+
+def sample_outcomes(cfg: RunConfig, rollout: RPCClient, reward: RPCClient,
+                    tasks: list[Problem], ref: RunRef, samples: int,
+                    renderer: PromptRenderer | None = None) -> Outcomes:
+    """``samples`` samples per problem at the rollout temperature and one greedy response,
+    scored by reward_svc. ``renderer``: how prompts reach the engine (default: data.prompt)."""
     r = cfg.rollout
     renderer = renderer or PromptRenderer(cfg.data.prompt, cfg.model.path)
     prompts = renderer.request_fields(tasks)
     started = time.perf_counter()
-    result = {}
-    for kind, n, temperature in (("accuracy", samples, r.temperature), ("greedy", 1, 0.0)):
+    scored = {}
+    for kind, n, temperature in (("sampled", samples, r.temperature), ("greedy", 1, 0.0)):
         sampling = SamplingSpec(n=n, temperature=temperature, top_p=r.top_p,
                                 max_tokens=r.max_tokens, seed=cfg.seed + EVAL_SEED_OFFSET)
         req = GenerateRequest(ref=ref, sampling=sampling, **prompts)
         generated = rollout.call("generate", req, GenerateResult)
         correct = score_completions(reward, tasks, generated, ref).correct
-        result[kind] = sum(correct) / len(correct)
-        result[f"{kind}_by_level"] = by_level(tasks, correct, n)
-    return Accuracy(**result, seconds=time.perf_counter() - started)
+        tokens = [len(c.token_ids) for res in generated.results for c in res.completions]
+        scored[kind] = ([correct[i:i + n] for i in range(0, len(correct), n)],
+                        [tokens[i:i + n] for i in range(0, len(tokens), n)])
+    (correct, tokens), (greedy, _) = scored["sampled"], scored["greedy"]
+    return Outcomes(list(tasks), correct, tokens, [oks[0] for oks in greedy],
+                    time.perf_counter() - started)
+
+
+def accuracy(cfg: RunConfig, rollout: RPCClient, reward: RPCClient, tasks: list[Problem],
+             ref: RunRef, samples: int, renderer: PromptRenderer | None = None) -> Accuracy:
+    """Accuracy of the policy in the engine on ``tasks``: pass@1 of ``samples`` samples at
+    the rollout temperature and greedy, each per level when ``tasks`` span several, and
+    the seconds it took."""
+    return sample_outcomes(cfg, rollout, reward, tasks, ref, samples, renderer).accuracy()
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that at least one of ``k`` samples drawn without replacement from ``n``
+    (``c`` of them right) is right: the unbiased pass@k estimate from ``n`` >= ``k``
+    samples (Chen et al. 2021)."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n samples (n = {n})")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def scores(outcomes: Outcomes, indices: list[int], k: int) -> EvalScores:
+    """The scores of the problems at ``indices`` of ``outcomes``."""
+    correct = [outcomes.correct[i] for i in indices]
+    tokens = [t for i in indices for t in outcomes.tokens[i]]
+    return EvalScores(
+        problems=len(indices),
+        pass1=sum(map(sum, correct)) / sum(map(len, correct)),
+        pass_k=sum(pass_at_k(len(oks), sum(oks), k) for oks in correct) / len(correct),
+        greedy=sum(outcomes.greedy[i] for i in indices) / len(indices),
+        response_tokens=sum(tokens) / len(tokens))
+
+
+def report(outcomes: Outcomes, k: int, **about) -> EvalReport:
+    """Overall, per level (pool or source) and per tag (a problem counts under each of
+    its tags) scores of ``outcomes``; ``about``: the report's model, data and sampling."""
+    groups: dict[str, dict[str, list[int]]] = {"level": {}, "tag": {}}
+    for i, p in enumerate(outcomes.problems):
+        groups["level"].setdefault(p.level, []).append(i)
+        for tag in dict.fromkeys(p.tags):
+            groups["tag"].setdefault(tag, []).append(i)
+    return EvalReport(
+        **about, k=k, seconds=outcomes.seconds,
+        overall=scores(outcomes, list(range(len(outcomes.problems))), k),
+        by_level={name: scores(outcomes, ix, k) for name, ix in sorted(groups["level"].items())},
+        by_tag={name: scores(outcomes, ix, k) for name, ix in sorted(groups["tag"].items())})
 
 
 def score_completions(reward: RPCClient, tasks: list[Problem], generated: GenerateResult,
@@ -94,10 +165,14 @@ def by_level(tasks: list[Problem], correct: list[bool], n: int) -> dict[str, flo
 
 
 def needs_local_sandbox(cfg: RunConfig, problems: ProblemSet, heldout_only: bool) -> bool:
-    """Some of the problems are code and reward_svc is to call this config's own sandbox
-    (any other address is a sandbox service running elsewhere)."""
-    code = "code" in problems.verifiers(heldout_only)
-    return code and cfg.reward.sandbox_address == cfg.sandbox.address
+    """Some of the problems are code and reward_svc is to call this config's own sandbox."""
+    return own_sandbox(cfg, problems.verifiers(heldout_only))
+
+
+def own_sandbox(cfg: RunConfig, verifiers: set[str]) -> bool:
+    """Problems judged by ``verifiers`` need the sandbox of ``cfg`` (any other address in
+    reward.sandbox_address is a sandbox service running elsewhere)."""
+    return "code" in verifiers and cfg.reward.sandbox_address == cfg.sandbox.address
 
 
 def evaluation_config(cfg: RunConfig, model_dir: Path, sandbox: bool) -> RunConfig:
@@ -119,16 +194,35 @@ def evaluation_config(cfg: RunConfig, model_dir: Path, sandbox: bool) -> RunConf
 def evaluate_checkpoint(cfg: RunConfig, model_dir: Path, work_dir: Path, *,
                         ready_timeout_s: float = 900.0) -> Accuracy:
     """``Master.evaluate``'s accuracy of the HF checkpoint in ``model_dir`` on the run's
-    held-out problems, with the run's rollout settings and seed. Starts rollout_svc (vLLM
-    reads the checkpoint itself), reward_svc and, for code problems, the sandbox as local
-    processes (logs, the config they read and the loaded data in ``work_dir``), and stops
-    them before returning."""
+    held-out problems, with the run's rollout settings and seed."""
+    problems = load_problems(cfg, Path(work_dir) / "data").heldout_problems()
+    return evaluate_problems(cfg, model_dir, work_dir, problems, cfg.rl.eval_samples,
+                             ready_timeout_s=ready_timeout_s).accuracy()
+
+
+def evaluate_problems(cfg: RunConfig, model_dir: Path, work_dir: Path,
+                      problems: list[Problem], samples: int, *,
+                      ready_timeout_s: float = 900.0) -> Outcomes:
+    """The outcomes of the HF checkpoint in ``model_dir`` on ``problems``, with ``cfg``'s
+    rollout, reward and prompt settings and seed (see :func:`serving`)."""
+    sandbox = own_sandbox(cfg, {p.verifier for p in problems})
+    with serving(cfg, model_dir, work_dir, sandbox, ready_timeout_s) as (cfg, rollout, reward):
+        return sample_outcomes(cfg, rollout, reward, problems, RunRef(run_id=cfg.run_id),
+                               samples)
+
+
+@contextmanager
+def serving(cfg: RunConfig, model_dir: Path, work_dir: Path, sandbox: bool,
+            ready_timeout_s: float) -> Iterator[tuple[RunConfig, RPCClient, RPCClient]]:
+    """rollout_svc serving the checkpoint in ``model_dir`` (vLLM reads it itself, as
+    policy 0: no trainer, no weight push), reward_svc and, when ``sandbox``, the sandbox,
+    as local processes on fresh ports (logs and the config they read in ``work_dir``);
+    yields the config they run with and clients of the engine and the reward service,
+    and stops them after."""
     from k1rl.launch import LocalCluster
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    problems = load_problems(cfg, work_dir / "data")
-    sandbox = needs_local_sandbox(cfg, problems, heldout_only=True)
     cfg = evaluation_config(cfg, model_dir, sandbox)
     config_path = (work_dir / "eval.yaml").resolve()
     config_path.write_text(cfg.dump_yaml())
@@ -142,6 +236,4 @@ def evaluate_checkpoint(cfg: RunConfig, model_dir: Path, work_dir: Path, *,
         cluster.wait_ready(ready_timeout_s)
         with RPCClient(cfg.rollout.address, timeout_s=ready_timeout_s) as rollout, \
                 RPCClient(cfg.reward.address, timeout_s=ready_timeout_s) as reward:
-            ref = RunRef(run_id=cfg.run_id, iteration=0)
-            return accuracy(cfg, rollout, reward, problems.heldout_problems(), ref,
-                            cfg.rl.eval_samples)
+            yield cfg, rollout, reward

@@ -52,6 +52,8 @@ from k1rl.protocol import (
 )
 from k1rl.rpc import RPCClient
 
+FINAL_HF = "final"  # the run's policy after its last iteration, as an HF checkpoint
+
 
 @dataclass
 class Clients:
@@ -110,6 +112,7 @@ class Master:
                     on_iteration(record)
             if self.cfg.rl.eval_every:
                 self.final_evaluation()
+        self.export_final()
         return self.state
 
     @contextmanager
@@ -310,6 +313,14 @@ class Master:
         for old in (self.run_dir / "replay").glob("iter_*.json"):
             if old.resolve() != replay.resolve():
                 old.unlink()
+
+    def export_final(self) -> Path:
+        """The trainer's policy as an HF checkpoint in ``final/``: what `k1rl eval`, vLLM or
+        transformers load, and what the next stage (another RL run, long2short) starts from."""
+        path = (self.run_dir / FINAL_HF).resolve()
+        req = CheckpointRequest(action="export_hf", path=str(path))
+        self.clients.trainer.call("checkpoint", req, CheckpointResult)
+        return path
 
     def restore_trainer(self) -> None:
         """On resume: the trainer goes back to the last completed iteration's weights."""

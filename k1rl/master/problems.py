@@ -79,3 +79,23 @@ def load_problems(cfg: RunConfig, cache_dir: Path | None = None) -> ProblemSet:
                                                    seed=cfg.seed + HELDOUT_SEED_OFFSET,
                                                    split="heldout"))
                  for family, level in parse_levels(cfg.rl.headline_tasks)])
+
+
+def load_files(paths: list[Path], cfg: RunConfig, cache_dir: Path,
+               limit: int | None = None) -> tuple[list[Problem], Counter]:
+    """Every row (at most ``limit`` per path) of data files in the default field names
+    (the format `k1rl gen-tasks` writes), each path one level named after it, read with
+    ``cfg.data.on_bad_row``; and the rows left out, by reason."""
+    from k1rl.data.sources import DataSource, load_sources
+
+    problems: list[Problem] = []
+    skipped: Counter = Counter()
+    for k, path in enumerate(paths):
+        source = DataSource(path=str(path))
+        loaded = load_sources([source], cfg.data.on_bad_row, Path(cache_dir) / f"eval-{k}")
+        ds = loaded.problems
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        problems.extend(DatasetPool(ds, source.label()))
+        skipped.update(loaded.skipped)
+    return problems, skipped

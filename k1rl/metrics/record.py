@@ -150,6 +150,40 @@ class Accuracy(BaseModel):
                    seconds=row.pop(f"{prefix}_s", 0.0))
 
 
+class EvalScores(BaseModel):
+    """Scores of a policy on a set of problems (``k1rl eval``): pass@1 (the share of right
+    samples), pass@k (the unbiased estimate from the samples), greedy accuracy and the mean
+    response length of the samples."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    problems: int
+    pass1: float
+    pass_k: float
+    greedy: float
+    response_tokens: float
+
+
+class EvalReport(BaseModel):
+    """``k1rl eval``'s report: the scores overall, per level (pool or data source) and per
+    tag, and what was evaluated how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    data: list[str]
+    samples: int
+    k: int
+    temperature: float
+    max_tokens: int
+    seed: int
+    seconds: float
+    overall: EvalScores
+    by_level: dict[str, EvalScores] = {}
+    by_tag: dict[str, EvalScores] = {}
+    skipped: dict[str, int] = {}
+
+
 class IterationMetrics(BaseModel):
     """One iteration's record. A section is None when its phase did nothing (no group
     completed, so nothing was scored or trained) or did not run (the final evaluation's

@@ -1,17 +1,18 @@
 """Verifiers, registered by name: each decides whether a response's final answer is correct.
 
 A verifier lives in its own module, named after what it checks, and registers itself with
-:func:`register`. A :class:`k1rl.protocol.RewardItem` names the verifier that scores it
+:func:`register` (``k1rl.registry.VERIFIERS``, which imports a built-in's module when it
+is first asked for). A :class:`k1rl.protocol.RewardItem` names the verifier that scores it
 (``verifier="math"`` by default).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from k1rl.config import RewardConfig
+from k1rl.registry import VERIFIERS
 
 
 class UnknownVerifierError(ValueError):
@@ -62,37 +63,18 @@ class Verifier(ABC):
         """Release what the verifier holds (processes, models)."""
 
 
-_REGISTRY: dict[str, type[Verifier]] = {}
-
-
-def register(name: str) -> Callable[[type[Verifier]], type[Verifier]]:
-    """Class decorator: make a Verifier subclass available under ``name``."""
-
-    def add(cls: type[Verifier]) -> type[Verifier]:
-        if name in _REGISTRY:
-            raise ValueError(f"verifier {name!r} is already registered ({_REGISTRY[name]})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return add
+# One registry of names for the whole system (k1rl/registry.py): a config or a data row
+# naming an unknown verifier fails where it is loaded, not when reward_svc first scores it.
+register = VERIFIERS.register
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return VERIFIERS.names()
 
 
 def create(name: str, config: RewardConfig) -> Verifier:
     """A new verifier of the registered kind ``name``, configured from ``config``."""
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
+    if name not in VERIFIERS:
         raise UnknownVerifierError(
-            f"unknown verifier {name!r} (registered: {', '.join(available())})"
-        ) from None
-    return cls.from_config(config)
-
-
-# Imported for their registration side effect; they need the names above, so they come last.
-from reward_svc.verifiers import code as _code  # noqa: E402, F401
-from reward_svc.verifiers import math as _math  # noqa: E402, F401
+            f"unknown verifier {name!r} (registered: {', '.join(available())})")
+    return VERIFIERS.get(name).from_config(config)
