@@ -193,6 +193,29 @@ def _report_table(result) -> Table:
     return table
 
 
+@app.command("sft")
+def sft_cmd(
+    config: Path = typer.Option(..., help="RunConfig YAML: model.path, trainer, sft "
+                                "(data, loss_on, batch, stages)."),
+    run_dir: Path = typer.Option(None, help="Run directory (default: RUN_DIR/sft, RUN_DIR "
+                                 "the config's run_dir)."),
+    overrides: list[str] = typer.Option(
+        None, "--set", help="KEY=VALUE over the config, dotted, value in YAML (repeatable)."),
+) -> None:
+    """Supervised fine-tuning of model.path on sft.data, stage by stage; the result is an
+    HF checkpoint in RUN_DIR/final."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from k1rl.config import load_config
+    from k1rl.sft.run import run_sft
+    from k1rl.yaml_config import with_overrides
+
+    cfg = with_overrides(load_config(config), overrides or [])
+    result = run_sft(cfg, run_dir or Path(cfg.run_dir) / "sft", source=str(config))
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    console.print(f"sft done: {result.steps} steps in {result.seconds:.0f} s, loss "
+                  f"{result.final_loss:.4f}{val}; HF checkpoint {result.checkpoint}")
+
+
 @app.command("rl")
 def rl_cmd(
     config: Path = typer.Option(None, help="RunConfig YAML of a new run."),

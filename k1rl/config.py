@@ -20,6 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from k1rl.data.sources import DataConfig
 from k1rl.registry import LOSSES, METRIC_SINKS, SAMPLERS, SANDBOX_RUNNERS, import_plugins
 from k1rl.schedule import BudgetSchedule
+from k1rl.sft.config import SFTConfig
 from k1rl.yaml_config import ConfigError, Section, parse_yaml_model
 
 
@@ -575,6 +576,8 @@ class RunConfig(Section):
     rl: RLConfig = Field(default_factory=RLConfig, description="The master's RL loop.")
     data: DataConfig = Field(default_factory=DataConfig,
                              description="Your datasets (k1rl/data/sources.py).")
+    sft: SFTConfig = Field(default_factory=SFTConfig,
+                           description="`k1rl sft`: its rows and schedule (k1rl/sft/).")
 
     @model_validator(mode="before")
     @classmethod

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from k1rl.config import ConfigError, RunConfig, parse_levels, parse_yaml_model
@@ -32,6 +31,7 @@ from k1rl.data.problem import Problem, synthetic_problems
 from k1rl.data.tasks import Task, generate_suite, generate_tasks
 from k1rl.launch import free_tcp_address
 from k1rl.metrics.record import Accuracy, IterationMetrics, SFTStepMetrics
+from k1rl.progress import progress_bar
 from k1rl.protocol import CheckpointRequest, CheckpointResult, SFTBatch, SFTExample, TrainStats
 
 if TYPE_CHECKING:  # the master package starts services; the demo imports it when it runs
@@ -138,18 +138,6 @@ def load_demo_config(path: Path = DEFAULT_CONFIG) -> DemoConfig:
     return parse_yaml_model(DemoConfig, text, str(path))
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
 # ---------------------------------------------------------------------------- steps
 
 
@@ -203,7 +191,7 @@ def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int,
     rng = random.Random(seed)
     stop = settings.stop_when
     history: list[SFTStepMetrics] = []
-    with _progress() as progress:
+    with progress_bar(console) as progress:
         bar = progress.add_task("SFT (megatron-core)", total=settings.steps, info="")
         val = ""
         for step in range(settings.steps):
@@ -229,7 +217,7 @@ def sft(trainer, tokenizer, tasks: list[Task], settings: SFTSettings, seed: int,
 
 
 def rl(master, iterations: int) -> None:
-    with _progress() as progress:
+    with progress_bar(console) as progress:
         bar = progress.add_task(f"RL ({master.cfg.trainer.loss.name})", total=iterations,
                                 completed=master.state.iterations_done, info="")
 

@@ -42,10 +42,12 @@ def model_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"model.path: {path} has no weights (*.safetensors)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         problems.append(f"model.path: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
-    elif cfg.data.prompt.template == "chat" and not has_chat_template(path):
-        problems.append(f"data.prompt.template: chat, but the tokenizer in {path} has no "
-                        "chat template: add chat_template.jinja there, or set "
-                        "data.prompt.template: raw")
+    else:
+        for section, data in (("data", cfg.data), ("sft.data", cfg.sft.data)):
+            if data.prompt.template == "chat" and not has_chat_template(path):
+                problems.append(f"{section}.prompt.template: chat, but the tokenizer in {path} "
+                                "has no chat template: add chat_template.jinja there, or set "
+                                f"{section}.prompt.template: raw")
     return problems
 
 
@@ -63,10 +65,11 @@ def has_chat_template(path: Path) -> bool:
 
 def data_problems(cfg: RunConfig) -> list[str]:
     problems = []
-    for kind, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
-        for k, source in enumerate(sources):
-            try:
-                source.files()
-            except (OSError, ValueError) as e:
-                problems.append(f"data.{kind}[{k}].path: {e}")
+    for section, data in (("data", cfg.data), ("sft.data", cfg.sft.data)):
+        for kind, sources in (("train", data.train), ("eval", data.eval)):
+            for k, source in enumerate(sources):
+                try:
+                    source.files()
+                except (OSError, ValueError) as e:
+                    problems.append(f"{section}.{kind}[{k}].path: {e}")
     return problems

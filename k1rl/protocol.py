@@ -204,8 +204,24 @@ class WeightUpdateResult(Message):
 
 
 class SFTExample(Message):
-    prompt_token_ids: list[int]
+    """A token sequence split into context (no loss) and the part learned from; in a
+    multi-turn conversation ``response_mask`` keeps the loss on the assistant's tokens."""
+
+    prompt_token_ids: list[int] = Field(min_length=1)
     response_token_ids: list[int] = Field(min_length=1)
+    response_mask: list[bool] | None = Field(
+        None, description="Per response token: learned from (True) or context (False); "
+        "None: every response token.")
+
+    @model_validator(mode="after")
+    def _mask_fits(self) -> SFTExample:
+        if self.response_mask is not None:
+            if len(self.response_mask) != len(self.response_token_ids):
+                raise ValueError(f"response_mask has {len(self.response_mask)} entries for "
+                                 f"{len(self.response_token_ids)} response tokens")
+            if not any(self.response_mask):
+                raise ValueError("response_mask leaves no token to learn from")
+        return self
 
 
 class SFTBatch(Message):
@@ -215,6 +231,9 @@ class SFTBatch(Message):
     lr: float | None = Field(
         None, gt=0, description="Learning rate for this step (an SFT schedule); None keeps it."
     )
+    seq_length: int | None = Field(
+        None, ge=2, description="Packed row length for this step (a stage of a staged "
+        "schedule); None: trainer.seq_length.")
 
 
 class TrainSample(Message):

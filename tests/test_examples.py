@@ -1,8 +1,9 @@
 """Every example config runs from a fresh clone as its header says: the header's commands,
 run in order from a directory holding only examples/, succeed.
 
-Runs are shortened with --set (one iteration of 4 prompts, no in-run evaluation) and moved
-to free ports; the commands and the configs are the header's."""
+Runs are shortened (RL: one iteration of 4 prompts, no in-run evaluation; SFT: two steps;
+eval: 8 rows, 2 samples) and moved to free ports, with options added to the header's
+commands; the commands and the configs are the header's."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ from k1rl.config import load_config
 from k1rl.launch import free_tcp_address
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
-SHORTEN = ["rl.iterations=1", "rl.prompts_per_iteration=4", "rl.eval_every=0"]
+SHORTEN = {
+    "rl": ["--set=rl.iterations=1", "--set=rl.prompts_per_iteration=4", "--set=rl.eval_every=0"],
+    "sft": ["--set=sft.stages=[{steps: 2, lr: 1.0e-3}]", "--set=sft.eval_every=0"],
+    "eval": ["--limit=8", "--samples=2"],
+}
 
 
 def header_commands(path: Path) -> list[list[str]]:
@@ -52,8 +57,9 @@ def test_example_runs_as_its_header_says(example, tmp_path):
              f"sandbox.address={sandbox}", f"reward.sandbox_address={sandbox}",
              "sandbox.http_port=null"]
     for argv in header_commands(example):
-        if argv[1] == "rl":
-            argv += [f"--set={pair}" for pair in [*SHORTEN, *moved]]
+        argv += SHORTEN.get(argv[1], [])
+        if argv[1] in ("rl", "sft"):
+            argv += [f"--set={pair}" for pair in moved]
         out = subprocess.run([sys.executable, "-m", "k1rl", *argv[1:]], cwd=tmp_path,
                              capture_output=True, text=True, timeout=900, check=False)
         assert out.returncode == 0, f"{shlex.join(argv)}:\n{out.stdout[-3000:]}{out.stderr[-3000:]}"

@@ -69,7 +69,8 @@ class TrainerService:
         examples = [(e.prompt_token_ids, e.response_token_ids) for e in batch.examples]
         # SFT is plain supervised learning: always AdamW, whatever RL iterations use
         self.trainer.configure_optimizer("adam", batch.lr or self.trainer.optim.lr)
-        stats = self.trainer.sft_step(examples)
+        stats = self.trainer.sft_step(examples, [e.response_mask for e in batch.examples],
+                                      batch.seq_length)
         self._after_sft = True
         return TrainStats(
             ref=batch.ref,

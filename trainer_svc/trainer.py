@@ -267,12 +267,13 @@ class MegatronTrainer:
 
     def micro_batches(
         self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pack: bool,
-        masks: Sequence[Sequence[bool] | None] | None = None,
+        masks: Sequence[Sequence[bool] | None] | None = None, seq_length: int | None = None,
     ) -> list[TokenBatch]:
         """Examples laid out in rows and grouped into micro-batches of ``micro_batch_tokens``.
 
         ``pack=False``: one example per row, right-padded (similar lengths grouped);
-        ``pack=True``: several examples per row of up to ``seq_length`` tokens. In every
+        ``pack=True``: several examples per row of up to ``seq_length`` tokens (default:
+        the trainer's). In every
         batch ``sample_index`` refers to positions in ``prompts``: this is how a loss
         given to :meth:`train_step` finds each token's sample; ``masks`` (per example,
         None = all) leave response tokens out of ``sample_index``.
@@ -280,7 +281,7 @@ class MegatronTrainer:
         check_examples(prompts, responses, self.spec.vocab_size, self.spec.max_position_embeddings)
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
         if pack:
-            rows = pack_rows(lengths, self.seq_length)
+            rows = pack_rows(lengths, seq_length or self.seq_length)
         else:
             # Similar lengths side by side keep the padding small.
             rows = [[i] for i in sorted(range(len(lengths)), key=lambda i: lengths[i])]
@@ -349,18 +350,21 @@ class MegatronTrainer:
             "policy_version": self.policy_version,
         }
 
-    def sft_step(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, float]:
-        """One optimizer step of SFT: mean NLL over response tokens of packed examples.
+    def sft_step(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+                 masks: Sequence[Sequence[bool] | None] | None = None,
+                 seq_length: int | None = None) -> dict[str, float]:
+        """One optimizer step of SFT: mean NLL over the learned tokens of packed examples.
 
-        Examples are packed several per row (up to ``seq_length`` tokens) with a
-        block-diagonal causal mask and per-document positions; prompt tokens carry no
-        loss.
+        Examples are packed several per row (up to ``seq_length`` tokens, default the
+        trainer's) with a block-diagonal causal mask and per-document positions; prompt
+        tokens, and response tokens whose ``masks`` entry is False, carry no loss.
         """
         if not examples:
             raise ValueError("sft_step needs at least one example")
         prompts = [list(p) for p, _ in examples]
         responses = [list(r) for _, r in examples]
-        batches = self.micro_batches(prompts, responses, pack=True)
+        batches = self.micro_batches(prompts, responses, pack=True, masks=masks,
+                                     seq_length=seq_length)
         n_tokens = sum(b.num_response_tokens for b in batches)
 
         def mean_nll(logprobs: Tensor, batch: TokenBatch) -> Tensor:

@@ -48,11 +48,7 @@ class PromptRenderer:
                                  "(chat_template.jinja) or set data.prompt.template: raw")
 
     def messages(self, problem: Problem) -> list[dict]:
-        turns = [m.model_dump() for m in problem.messages] or [
-            {"role": "user", "content": problem.prompt}]
-        if self.cfg.system_prompt is not None and turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": self.cfg.system_prompt})
-        return turns
+        return conversation(self.cfg, problem)
 
     def token_ids(self, problem: Problem) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
@@ -69,3 +65,13 @@ class PromptRenderer:
             raise ValueError(f"problem {chat[0]} has chat messages but data.prompt.template "
                              "is raw: set data.prompt.template: chat")
         return {"prompts": [p.prompt for p in problems]}
+
+
+def conversation(cfg: PromptConfig, problem: Problem) -> list[dict]:
+    """The problem's chat turns as the template gets them: its messages (a raw prompt is
+    one user turn), after ``cfg.system_prompt`` when it has no system turn of its own."""
+    turns = [m.model_dump() for m in problem.messages] or [
+        {"role": "user", "content": problem.prompt}]
+    if cfg.system_prompt is not None and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return turns

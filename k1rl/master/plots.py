@@ -18,12 +18,6 @@ PLOTS = (
 
 def plot_run(run_dir: Path) -> list[Path]:
     """Write one PNG per plot whose metrics the run has; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     run_dir = Path(run_dir)
     # the records' rows: the names every sink shows, so a plot reads as TensorBoard does
     rows = [record.row() for record in read_metrics(run_dir)]
@@ -31,19 +25,30 @@ def plot_run(run_dir: Path) -> list[Path]:
     for name, title, ylabel, keys in PLOTS:
         present = [k for k in keys if any(k in r for r in rows)]
         present += sorted({k for r in rows for k in r if k.split("@")[0] in keys and "@" in k})
-        if not present:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key in present:
-            points = [(r["iteration"], r[key]) for r in rows if key in r]
-            ax.plot(*zip(*points), marker="o", label=key)
-        ax.set(title=title, xlabel="iteration", ylabel=ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        out = run_dir / name
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-        written.append(out)
+        if present:
+            series = {key: [(r["iteration"], r[key]) for r in rows if key in r]
+                      for key in present}
+            written.append(line_plot(run_dir / name, title, "iteration", ylabel, series))
     return written
+
+
+def line_plot(out: Path, title: str, xlabel: str, ylabel: str,
+              series: dict[str, list[tuple[float, float]]]) -> Path:
+    """One PNG of named (x, y) series on shared axes (integer x ticks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, points in series.items():
+        ax.plot(*zip(*points), marker="o" if len(points) < 100 else None, label=key)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

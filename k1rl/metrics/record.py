@@ -256,16 +256,22 @@ class IterationMetrics(BaseModel):
 
 
 class SFTStepMetrics(BaseModel):
-    """One SFT step: its loss, the trainer's step metrics and, when it was due, the
-    validation accuracy after it (stored with the prefix ``val``)."""
+    """One SFT step: its loss, the trainer's step metrics, its stage and learning rate,
+    and, when one was due, the validation loss or accuracy after it (accuracy stored with
+    the prefix ``val``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     step: int
     loss: float
     values: dict[str, float] = {}
+    stage: int | None = None
+    lr: float | None = None
+    val_loss: float | None = None
     val: Accuracy | None = None
 
     def row(self) -> Row:
-        return {"step": self.step, "loss": self.loss, **self.values,
+        optional = {k: v for k in ("stage", "lr", "val_loss")
+                    if (v := getattr(self, k)) is not None}
+        return {"step": self.step, "loss": self.loss, **self.values, **optional,
                 **(self.val.row("val") if self.val else {})}

@@ -1,0 +1,199 @@
+"""`k1rl sft`: supervised fine-tuning of ``model.path`` on ``sft.data`` through trainer_svc.
+
+The rows are loaded as any data source (k1rl/data/sources.py) and tokenized once into
+Arrow columns (``RUN_DIR/data``), so every row is checked before the first step and a large
+set is not held as Python objects. Each step draws ``sft.batch`` rows from a shuffled pass
+over the training rows (a new order every pass), packs them, and takes one AdamW step at
+the stage's learning rate. The run directory gets ``config.yaml``, ``sft_metrics.jsonl``
+(one record per step), ``sft_loss.png``, the services' logs and the result as an HF
+checkpoint in ``final/``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from k1rl.config import RunConfig
+from k1rl.metrics.record import SFTStepMetrics
+from k1rl.progress import progress_bar
+from k1rl.protocol import (
+    CheckpointRequest,
+    CheckpointResult,
+    LogprobRequest,
+    LogprobResult,
+    SFTBatch,
+    SFTExample,
+    TrainStats,
+)
+from k1rl.yaml_config import ConfigError
+
+console = Console()
+METRICS_FILE = "sft_metrics.jsonl"
+FINAL_HF = "final"
+COLUMNS = ("prompt_token_ids", "response_token_ids", "response_mask")
+
+
+@dataclass
+class SFTResult:
+    steps: int
+    final_loss: float
+    val_loss: float | None
+    checkpoint: Path
+    seconds: float
+
+
+def run_sft(cfg: RunConfig, run_dir: Path, source: str = "run config") -> SFTResult:
+    """SFT ``cfg.model.path`` on ``cfg.sft`` into ``run_dir`` (see the module docstring)."""
+    from k1rl.preflight import check_paths
+
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    if not cfg.sft.stages or not cfg.sft.data.train:
+        raise ConfigError(source, ["sft: `k1rl sft` needs sft.data.train and sft.stages"])
+    if (run_dir / METRICS_FILE).exists():
+        raise FileExistsError(f"{run_dir} holds an SFT run already: pick another --run-dir")
+    check_paths(cfg, source)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = (run_dir / "config.yaml").resolve()
+    config_path.write_text(cfg.dump_yaml())
+    with console.status("tokenizing the SFT rows"):
+        train, heldout = encoded_rows(cfg, run_dir / "data")
+    console.print(f"sft: {len(train)} training rows, {len(heldout)} validation rows")
+    with _trainer(cfg, config_path, run_dir / "logs") as trainer:
+        history = train_stages(cfg, trainer, train, heldout, run_dir / METRICS_FILE)
+        final = (run_dir / FINAL_HF).resolve()
+        trainer.call("checkpoint", CheckpointRequest(action="export_hf", path=str(final)),
+                     CheckpointResult)
+    plot_sft(run_dir, history)
+    val = [r.val_loss for r in history if r.val_loss is not None]
+    return SFTResult(len(history), history[-1].loss, val[-1] if val else None, final,
+                     time.perf_counter() - started)
+
+
+def encoded_rows(cfg: RunConfig, cache_dir: Path) -> tuple[Any, Any]:
+    """(training rows, at most sft.eval_examples validation rows) as Arrow datasets of
+    token ids and loss masks, every source in order."""
+    from datasets import concatenate_datasets
+    from transformers import AutoTokenizer
+
+    from k1rl.data.problem import Problem
+    from k1rl.data.sources import load_data
+    from k1rl.sft.examples import SFTEncoder
+
+    data = load_data(cfg.sft.data, cache_dir)
+    encoder = SFTEncoder(cfg.sft.data.prompt, AutoTokenizer.from_pretrained(cfg.model.path),
+                         cfg.sft.loss_on)
+
+    def encode(row: dict, label: str) -> dict:
+        example = encoder.encode(Problem.from_row(row, label))
+        return {"prompt_token_ids": example.prompt_token_ids,
+                "response_token_ids": example.response_token_ids,
+                "response_mask": example.response_mask or []}
+
+    def encoded(pools: list[tuple[str, Any]], kind: str) -> Any:
+        parts = [ds.map(encode, fn_kwargs={"label": label}, remove_columns=ds.column_names,
+                        new_fingerprint=f"sft-{kind}-{k}", load_from_cache_file=False)
+                 for k, (label, ds) in enumerate(pools) if len(ds)]
+        return concatenate_datasets(parts) if parts else None
+
+    train = encoded(data.train, "train")
+    if train is None:
+        raise ValueError("sft.data.train holds no rows")
+    heldout = encoded(data.heldout, "heldout")
+    if heldout is not None:
+        heldout = heldout.select(range(min(cfg.sft.eval_examples, len(heldout))))
+    return train, heldout if heldout is not None else []
+
+
+def train_stages(cfg: RunConfig, trainer: Any, train: Any, heldout: Any,
+                 metrics_path: Path) -> list[SFTStepMetrics]:
+    """Every stage's steps in order; a record per step, appended to ``metrics_path`` as
+    it is taken (validation loss every sft.eval_every steps and after the last)."""
+    sft = cfg.sft
+    order = _shuffled_passes(len(train), cfg.seed)
+    totals = [stage.total_steps(len(train), sft.batch) for stage in sft.stages]
+    history: list[SFTStepMetrics] = []
+    with progress_bar(console) as progress, open(metrics_path, "w") as out:
+        bar = progress.add_task("SFT (megatron-core)", total=sum(totals), info="")
+        for k, (stage, total) in enumerate(zip(sft.stages, totals)):
+            for s in range(total):
+                rows = train[[next(order) for _ in range(min(sft.batch, len(train)))]]
+                batch = SFTBatch(examples=_examples(rows), lr=stage.lr_at(s, total),
+                                 seq_length=stage.seq_length)
+                stats = trainer.call("sft_step", batch, TrainStats, timeout_s=600)
+                record = SFTStepMetrics(step=len(history), loss=stats.loss,
+                                        values=stats.metrics, stage=k, lr=batch.lr)
+                last = k == len(sft.stages) - 1 and s == total - 1
+                if len(heldout) and (last or (sft.eval_every and
+                                              (record.step + 1) % sft.eval_every == 0)):
+                    record.val_loss = validation_loss(trainer, heldout)
+                history.append(record)
+                out.write(json.dumps(record.row()) + "\n")
+                out.flush()
+                info = f"stage {k}  loss {record.loss:.3f}"
+                if record.val_loss is not None:
+                    info += f"  val {record.val_loss:.3f}"
+                progress.update(bar, advance=1, info=info)
+    return history
+
+
+def validation_loss(trainer: Any, heldout: Any, chunk: int = 64) -> float:
+    """Mean NLL per learned token of the validation rows under the trainer's weights."""
+    total, count = 0.0, 0
+    for start in range(0, len(heldout), chunk):
+        examples = _examples(heldout[start:start + chunk])
+        req = LogprobRequest(prompt_token_ids=[e.prompt_token_ids for e in examples],
+                             response_token_ids=[e.response_token_ids for e in examples])
+        result = trainer.call("logprobs", req, LogprobResult, timeout_s=600)
+        for e, values in zip(examples, result.logprobs, strict=True):
+            mask = e.response_mask or [True] * len(values)
+            total -= sum(v for v, keep in zip(values, mask, strict=True) if keep)
+            count += sum(mask)
+    return total / count
+
+
+def _examples(rows: dict[str, list]) -> list[SFTExample]:
+    return [SFTExample(prompt_token_ids=p, response_token_ids=r, response_mask=m or None)
+            for p, r, m in zip(*(rows[c] for c in COLUMNS), strict=True)]
+
+
+def _shuffled_passes(n: int, seed: int) -> Iterator[int]:
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order
+
+
+@contextmanager
+def _trainer(cfg: RunConfig, config_path: Path, log_dir: Path) -> Iterator[Any]:
+    """trainer_svc started on ``config_path`` as a local process; yields its client."""
+    from k1rl.launch import LocalCluster
+    from k1rl.rpc import RPCClient
+
+    with LocalCluster(log_dir) as cluster:
+        with console.status("starting trainer_svc (megatron-core)"):
+            cluster.start("trainer", "trainer_svc", ["--config", str(config_path)],
+                          cfg.trainer.address)
+            cluster.wait_ready(900)
+        with RPCClient(cfg.trainer.address, timeout_s=900) as client:
+            yield client
+
+
+def plot_sft(run_dir: Path, history: list[SFTStepMetrics]) -> Path:
+    """``sft_loss.png``: training loss per step and validation loss where measured."""
+    from k1rl.master.plots import line_plot
+
+    series = {"loss": [(r.step, r.loss) for r in history],
+              "val_loss": [(r.step, r.val_loss) for r in history if r.val_loss is not None]}
+    return line_plot(run_dir / "sft_loss.png", "SFT loss", "step", "NLL per token",
+                     {k: v for k, v in series.items() if v})

@@ -1,0 +1,162 @@
+"""`k1rl sft` (k1rl/sft/): staged learning-rate schedules, problems turned into SFT examples
+(raw or through the chat template, loss on assistant turns only or on every token), and
+the command end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from k1rl.config import ConfigError, RunConfig
+from k1rl.data.problem import Problem
+from k1rl.data.prompts import PromptConfig
+from k1rl.sft.config import SFTStage
+from k1rl.sft.examples import SFTEncoder
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+# ------------------------------------------------------------------ schedules
+
+
+def test_a_stage_warms_up_then_decays_to_its_floor_at_its_last_step():
+    stage = SFTStage(steps=12, lr=1.0, warmup_steps=2, min_lr_fraction=0.1)
+    lrs = [stage.lr_at(s, 12) for s in range(12)]
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # cosine: never rises after warm-up
+    linear = SFTStage(steps=5, lr=1.0, decay="linear", min_lr_fraction=0.0)
+    assert [linear.lr_at(s, 5) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    constant = SFTStage(steps=3, lr=0.2, decay="constant")
+    assert {constant.lr_at(s, 3) for s in range(3)} == {0.2}
+
+
+def test_a_stage_is_steps_or_epochs_long():
+    assert SFTStage(epochs=1.5, lr=1e-3).total_steps(rows=100, batch=16) == 10  # ceil(9.4)
+    assert SFTStage(steps=7, lr=1e-3).total_steps(rows=100, batch=16) == 7
+    with pytest.raises(ConfigError, match="exactly one of steps or epochs"):
+        RunConfig.from_yaml_text("sft: {stages: [{lr: 1.0e-3}]}")
+    with pytest.raises(ConfigError, match="exactly one of steps or epochs"):
+        RunConfig.from_yaml_text("sft: {stages: [{lr: 1.0e-3, steps: 2, epochs: 1}]}")
+
+
+# ------------------------------------------------------------------ examples
+
+
+@pytest.fixture(scope="module")
+def tokenizer(trainer_model_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("chat-model")
+    shutil.copytree(trainer_model_dir, out, dirs_exist_ok=True)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return AutoTokenizer.from_pretrained(str(out))
+
+
+def test_a_raw_example_learns_the_response_and_its_eos(tokenizer):
+    enc = SFTEncoder(PromptConfig(), tokenizer)
+    ex = enc.encode(Problem(id="a", prompt="Q: 2+3 A:", answer="5", response=" 5"))
+    assert ex.prompt_token_ids == tokenizer.encode("Q: 2+3 A:")
+    assert ex.response_token_ids == [*tokenizer.encode(" 5"), tokenizer.eos_token_id]
+    assert ex.response_mask is None
+    every = SFTEncoder(PromptConfig(), tokenizer, loss_on="all").encode(
+        Problem(id="a", prompt="Q: 2+3 A:", answer="5", response=" 5"))
+    assert every.prompt_token_ids + every.response_token_ids == (
+        ex.prompt_token_ids + ex.response_token_ids)
+    assert len(every.prompt_token_ids) == 1  # the first token has nothing to predict it
+
+
+def test_a_multi_turn_chat_learns_only_the_assistant_turns(tokenizer):
+    enc = SFTEncoder(PromptConfig(template="chat", system_prompt="Be brief."), tokenizer)
+    turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+             {"role": "user", "content": "times 3?"}]
+    ex = enc.encode(Problem(id="c", messages=turns, answer="12", response="12"))
+    full = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, *turns,
+         {"role": "assistant", "content": "12"}], tokenize=True, return_dict=False)
+    assert ex.prompt_token_ids + ex.response_token_ids == list(full)
+    learned = [t for t, keep in zip(ex.response_token_ids, ex.response_mask) if keep]
+    # each assistant turn's content and the newline that ends it; never the user's turn
+    assert tokenizer.decode(learned) == "4\n12\n"
+    assert tokenizer.decode(ex.prompt_token_ids).endswith("<|assistant|>")
+
+
+def test_a_row_with_nothing_to_learn_or_an_unmaskable_template_is_refused(tokenizer):
+    enc = SFTEncoder(PromptConfig(template="chat"), tokenizer)
+    with pytest.raises(ValueError, match="q: no response to learn from"):
+        enc.encode(Problem(id="q", messages=[{"role": "user", "content": "hi"}], answer="1"))
+    with pytest.raises(ValueError, match="r: no response to learn from"):
+        SFTEncoder(PromptConfig(), tokenizer).encode(Problem(id="r", prompt="hi", answer="1"))
+    # a template that drops past assistant turns' content once a later turn follows
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+        "<|assistant|>\n{% else %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    with pytest.raises(ValueError, match="renders turn 1 differently.*loss_on: all"):
+        SFTEncoder(PromptConfig(template="chat"), tokenizer).encode(
+            Problem(id="s", messages=turns, answer="d"))
+    assert SFTEncoder(PromptConfig(template="chat"), tokenizer, loss_on="all").encode(
+        Problem(id="s", messages=turns, answer="d")).response_mask is None
+
+
+def test_k1rl_sft_needs_rows_and_stages(tmp_path):
+    from k1rl.sft.run import run_sft
+
+    with pytest.raises(ConfigError, match="needs sft.data.train and sft.stages"):
+        run_sft(RunConfig(), tmp_path / "run")
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def _rows(tmp_path, family, split, count):
+    path = tmp_path / f"{family}-{split}.jsonl"
+    subprocess.run([sys.executable, "-m", "k1rl", "gen-tasks", str(path), "--family", family,
+                    "--difficulty", "2", "--count", str(count), "--split", split], check=True,
+                   capture_output=True, timeout=120)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_k1rl_sft_trains_in_stages_and_writes_an_hf_checkpoint(tmp_path, trainer_model_dir):
+    from k1rl.launch import free_tcp_address
+
+    train = [_rows(tmp_path, "add", "train", 200), _rows(tmp_path, "sub", "train", 200)]
+    rows = sum(len(open(path).readlines()) for path in train)
+    cfg = RunConfig.model_validate({
+        "run_id": "sft", "seed": 0, "model": {"path": str(trainer_model_dir)},
+        "trainer": {"address": free_tcp_address(), "seq_length": 128},
+        "sft": {"data": {"train": [{"path": path} for path in train],
+                         "eval": [{"path": _rows(tmp_path, "add", "heldout", 40)}]},
+                "batch": 16, "eval_every": 4, "eval_examples": 24,
+                "stages": [{"steps": 8, "lr": 5.0e-3, "warmup_steps": 2},
+                           {"epochs": 0.25, "lr": 1.0e-3, "decay": "linear",
+                            "seq_length": 256}]}})
+    config = tmp_path / "sft.yaml"
+    config.write_text(cfg.dump_yaml())
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "k1rl", "sft", "--config", str(config),
+                          "--run-dir", str(run_dir)], capture_output=True, text=True,
+                         timeout=900, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "sft_metrics.jsonl").open()]
+    second = math.ceil(0.25 * rows / 16)  # a quarter pass in batches of 16
+    assert [r["stage"] for r in records] == [0] * 8 + [1] * second
+    assert records[0]["lr"] == pytest.approx(2.5e-3)  # warm-up: (0 + 1) / 2 of the peak
+    assert records[8]["lr"] == pytest.approx(1.0e-3)  # the second stage starts at its peak
+    assert records[-1]["lr"] == pytest.approx(1.0e-4)  # ... and ends at its floor
+    validated = [r["step"] for r in records if "val_loss" in r]
+    assert validated == [*range(3, 8 + second, 4), *([7 + second] if (8 + second) % 4 else [])]
+    assert records[-1]["val_loss"] < records[3]["val_loss"]  # it learns the held-out rows
+    assert (run_dir / "final" / "config.json").is_file()
+    assert (run_dir / "sft_loss.png").is_file()
+    assert f"sft done: {8 + second} steps" in out.stdout
