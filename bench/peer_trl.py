@@ -39,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trl_env  # noqa: E402
 
-from k1rl.config import RunConfig, parse_levels  # noqa: E402
+from k1rl.config import RunConfig  # noqa: E402
 from k1rl.demo import load_demo_config, run_config  # noqa: E402
 from k1rl.master.evaluation import evaluate_checkpoint  # noqa: E402
 from k1rl.metrics.record import Accuracy  # noqa: E402
+from k1rl.rl_config import parse_levels  # noqa: E402
 from k1rl.yaml_config import with_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,8 +126,8 @@ def run_k1rl(cfg: RunConfig, budget_s: float, run_dir: Path) -> dict:
     """k1.5 iterations from the SFT until the training wall time reaches ``budget_s``; the
     final policy exported as HF to ``run_dir/final-hf``."""
     from k1rl.master import CONFIG_FILE, start_local_services
-    from k1rl.master.problems import load_problems
     from k1rl.master.loop import Clients, Master
+    from k1rl.master.problems import load_problems
     from k1rl.master.state import RunState
     from k1rl.protocol import CheckpointRequest, CheckpointResult
 

@@ -26,13 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from rich.console import Console
 from rich.table import Table
 
-from k1rl.config import ConfigError, RunConfig, parse_levels, parse_yaml_model
+from k1rl.config import ConfigError, RunConfig, parse_yaml_model
 from k1rl.data.problem import Problem, synthetic_problems
 from k1rl.data.tasks import Task, generate_suite, generate_tasks
 from k1rl.launch import free_tcp_address
 from k1rl.metrics.record import Accuracy, IterationMetrics, SFTStepMetrics
 from k1rl.progress import progress_bar
 from k1rl.protocol import CheckpointRequest, CheckpointResult, SFTBatch, SFTExample, TrainStats
+from k1rl.rl_config import parse_levels
 
 if TYPE_CHECKING:  # the master package starts services; the demo imports it when it runs
     from k1rl.master.problems import ProblemSet

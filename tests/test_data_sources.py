@@ -11,8 +11,8 @@ from k1rl.data.sources import (
     BadRow,
     DataConfig,
     DataSource,
-    load_sources,
     load_data,
+    load_sources,
 )
 from k1rl.protocol import CodeTask
 

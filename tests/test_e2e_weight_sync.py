@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from k1rl.data.tasks import generate_tasks
+from k1rl.launch import LocalStack
 from k1rl.protocol import (
     GenerateRequest,
     GenerateResult,
@@ -26,8 +27,6 @@ from k1rl.protocol import (
     WeightUpdateResult,
 )
 from k1rl.rpc import RemoteError
-
-from k1rl.launch import LocalStack
 
 pytestmark = pytest.mark.slow
 

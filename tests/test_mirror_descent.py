@@ -22,8 +22,8 @@ from k1rl.protocol import TrainBatch, TrainSample
 from trainer_svc import MegatronTrainer, run_distributed
 from trainer_svc.groups import as_train_samples, mixed_groups, split_groups, uniform_group_fraction
 from trainer_svc.losses import MirrorDescentConfig, create, mirror_descent_loss
-from trainer_svc.rl_step import StepSettings, rl_iteration
 from trainer_svc.model import unwrap
+from trainer_svc.rl_step import StepSettings, rl_iteration
 
 VOCAB = 4
 

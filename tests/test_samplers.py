@@ -8,13 +8,14 @@ import random
 
 import pytest
 
-from k1rl.config import ConfigError, RLConfig, RunConfig
+from k1rl.config import ConfigError, RunConfig
 from k1rl.data.tasks import generate_tasks
 from k1rl.master import samplers
 from k1rl.master.samplers import PromptSampler, register
 from k1rl.master.samplers.curriculum import Curriculum
 from k1rl.master.samplers.prioritized import Prioritized
 from k1rl.master.samplers.uniform import Uniform
+from k1rl.rl_config import RLConfig
 
 POOLS = [generate_tasks("add", 1, 20, seed=0), generate_tasks("add", 2, 20, seed=0)]
 TASKS = ["add:1", "add:2"]

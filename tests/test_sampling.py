@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from k1rl.config import RLConfig
 from k1rl.data.tasks import generate_tasks
 from k1rl.master.samplers import PromptSampler, create
+from k1rl.rl_config import RLConfig
 
 POOLS = [generate_tasks("add", 1, 40, seed=0), generate_tasks("add", 2, 40, seed=0),
          generate_tasks("add", 3, 40, seed=0)]

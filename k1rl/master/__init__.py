@@ -9,8 +9,8 @@ from k1rl.config import RunConfig, load_config
 from k1rl.launch import LocalCluster
 from k1rl.master.evaluation import needs_local_sandbox
 from k1rl.master.loop import Clients, Master
-from k1rl.master.problems import ProblemSet, load_problems
 from k1rl.master.plots import plot_run
+from k1rl.master.problems import ProblemSet, load_problems
 from k1rl.master.state import RunState
 from k1rl.preflight import check_paths
 from k1rl.rpc import wait_until_ready

@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 
-from k1rl.config import RunConfig, parse_levels
+from k1rl.config import RunConfig
 from k1rl.data.problem import DatasetPool, Problem, synthetic_problems
 from k1rl.data.tasks import generate_tasks
+from k1rl.rl_config import parse_levels
 
 # Evaluation problems are generated with the run seed plus this, training ones with the
 # run seed: the held-out split keeps them apart, the seeds keep the draws independent.

@@ -26,7 +26,6 @@ from k1rl.data.problem import Problem
 from k1rl.protocol import Completion, Continuation, FinishReason, TrainSample
 
 
-
 class Segment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -16,9 +16,9 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from k1rl.config import RLConfig
 from k1rl.data.problem import ChainedPool, Problem
 from k1rl.registry import SAMPLERS
+from k1rl.rl_config import RLConfig
 
 register = SAMPLERS.register
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from k1rl.config import RLConfig
 from k1rl.data.problem import Problem, pool_values
 from k1rl.master.samplers import PromptSampler, register
+from k1rl.rl_config import RLConfig
 
 
 @register("curriculum")

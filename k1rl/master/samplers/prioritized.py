@@ -11,9 +11,9 @@ import math
 import random
 from collections.abc import Sequence
 
-from k1rl.config import RLConfig
 from k1rl.data.problem import Problem, pool_values
 from k1rl.master.samplers import PromptSampler, register
+from k1rl.rl_config import RLConfig
 
 
 @register("prioritized")
