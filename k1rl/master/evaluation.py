@@ -1,11 +1,13 @@
-"""Held-out evaluation: pass@1 at the rollout temperature and greedy accuracy of a policy
-in a rollout engine, judged by reward_svc.
+"""Evaluation: pass@1 at the rollout temperature and greedy accuracy of a policy in a
+rollout engine, judged by reward_svc; for `k1rl eval` also pass@k, response length and
+the scores per level and per tag (:func:`report`).
 
 One implementation serves the loop (``Master.evaluate``, the demo's SFT stop) and any HF
-checkpoint on its own (:func:`evaluate_checkpoint`, ``k1rl eval``), so numbers from both
-are comparable: the same problems (the run's held-out set, k1rl/master/problems.py), the
-same sampling seed, the same verifiers. A checkpoint evaluated alone is loaded by vLLM from disk (policy version 0);
-no trainer and no weight push are involved.
+checkpoint on its own (:func:`evaluate_checkpoint`, :func:`evaluate_problems`, ``k1rl
+eval``), so numbers from both are comparable: the same problems (the run's held-out set,
+k1rl/master/problems.py), the same sampling seed, the same verifiers. A checkpoint
+evaluated alone is loaded by vLLM from disk (policy version 0); no trainer and no weight
+push are involved.
 """
 
 from __future__ import annotations
