@@ -24,7 +24,7 @@ def main() -> None:
 
     try:
         app(prog_name="k1rl")
-    except ConfigError as e:
+    except (ConfigError, FileExistsError) as e:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {e}", highlight=False)
         raise SystemExit(2) from None
 
@@ -140,14 +140,13 @@ def eval_cmd(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from k1rl.config import RunConfig, load_config
     from k1rl.master.evaluation import evaluate_problems, report
-    from k1rl.master.problems import load_files, load_problems
-    from k1rl.yaml_config import with_overrides
 
     if not (model / "config.json").is_file():
         raise typer.BadParameter(f"{model} holds no HF checkpoint (config.json)")
     if not data and config is None:
         raise typer.BadParameter("give --data FILE, or --config RUN.yaml for its held-out set")
-    cfg = with_overrides(load_config(config) if config else RunConfig(), overrides or [])
+    cfg = (load_config(config, overrides or []) if config
+           else RunConfig.from_yaml_text("", "--set", overrides or []))
     if eval_problems is not None:
         cfg.rl.eval_problems = eval_problems
     samples = samples or cfg.rl.eval_samples
@@ -155,22 +154,12 @@ def eval_cmd(
     if k > samples:
         raise typer.BadParameter(f"--k {k} needs at least {k} --samples, not {samples}")
     work_dir = work_dir or Path(tempfile.mkdtemp(prefix="k1rl-eval-"))
-    try:
-        if data:
-            problems, skipped = load_files(data, cfg, work_dir / "data", limit)
-        else:
-            held = load_problems(cfg, work_dir / "data")
-            problems, skipped = held.heldout_problems(), held.skipped
-    except (OSError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from e
-    if not problems:
-        raise typer.BadParameter("no problem to evaluate")
+    problems, skipped = _eval_problems(cfg, data, limit, work_dir / "data")
     outcomes = evaluate_problems(cfg, model, work_dir, problems, samples)
-    r = cfg.rollout
     result = report(outcomes, k, model=str(model.resolve()), samples=samples,
                     data=[str(p) for p in data] if data else ["held-out"],
-                    temperature=r.temperature, max_tokens=r.max_tokens, seed=cfg.seed,
-                    skipped=dict(skipped))
+                    temperature=cfg.rollout.temperature, max_tokens=cfg.rollout.max_tokens,
+                    seed=cfg.seed, skipped=dict(skipped))
     out = out or work_dir / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(result.model_dump_json(indent=2) + "\n")
@@ -178,6 +167,24 @@ def eval_cmd(
     console.print(f"report: {out}")
     summary = {"model": result.model, "report": str(out), **outcomes.accuracy().row("eval")}
     print(json.dumps(summary), flush=True)
+
+
+def _eval_problems(cfg, data: list[Path] | None, limit: int | None, cache_dir: Path):
+    """The problems `k1rl eval` scores: every row (at most ``limit``) of the --data files,
+    else the config's held-out set; and the rows skipped, by reason."""
+    from k1rl.master.problems import load_files, load_problems
+
+    try:
+        if data:
+            problems, skipped = load_files(data, cfg, cache_dir, limit)
+        else:
+            held = load_problems(cfg, cache_dir)
+            problems, skipped = held.heldout_problems(), held.skipped
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    if not problems:
+        raise typer.BadParameter("no problem to evaluate")
+    return problems, skipped
 
 
 def _report_table(result) -> Table:
@@ -207,9 +214,8 @@ def sft_cmd(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from k1rl.config import load_config
     from k1rl.sft.run import run_sft
-    from k1rl.yaml_config import with_overrides
 
-    cfg = with_overrides(load_config(config), overrides or [])
+    cfg = load_config(config, overrides or [])
     result = run_sft(cfg, run_dir or Path(cfg.run_dir) / "sft", source=str(config))
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     console.print(f"sft done: {result.steps} steps in {result.seconds:.0f} s, loss "
@@ -233,7 +239,6 @@ def rl_cmd(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from k1rl import master
     from k1rl.config import load_config
-    from k1rl.yaml_config import with_overrides
 
     if services not in ("local", "external"):
         raise typer.BadParameter(f"--services must be local or external, not {services!r}")
@@ -245,7 +250,7 @@ def rl_cmd(
             raise typer.BadParameter("--set changes a new run's config, not a resumed one")
         state = master.run(None, resume, resume=True, local_services=local)
     else:
-        cfg = with_overrides(load_config(config), overrides or [])
+        cfg = load_config(config, overrides or [])
         state = master.run(cfg, run_dir or Path(cfg.run_dir), local_services=local,
                            source=str(config))
     console.print(f"run done: {state.iterations_done} iterations, policy v{state.policy_version}")

@@ -8,8 +8,8 @@ a :class:`ConfigError` naming the dotted field path, the value and the reason, e
 
 from __future__ import annotations
 
-import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -475,20 +475,23 @@ class RunConfig(Section):
         return self
 
     @classmethod
-    def from_yaml_text(cls, text: str, source: str = "<text>") -> RunConfig:
-        """Parse and validate YAML text; raise ConfigError naming every bad field."""
-        return parse_yaml_model(cls, text, source)
+    def from_yaml_text(cls, text: str, source: str = "<text>",
+                       overrides: Sequence[str] = ()) -> RunConfig:
+        """Parse and validate YAML text, with ``dotted.key=value`` overrides applied to it
+        first; raise ConfigError naming every bad field."""
+        return parse_yaml_model(cls, text, source, overrides)
 
     def dump_yaml(self) -> str:
         """YAML text that loads back to an equal RunConfig."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Load a RunConfig from a YAML file; raise ConfigError naming what was wrong."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a RunConfig from a YAML file, with ``dotted.key=value`` overrides (``--set``);
+    raise ConfigError naming what was wrong."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(p), [f"cannot read file: {e.strerror or e}"]) from e
-    return RunConfig.from_yaml_text(text, source=str(p))
+    return RunConfig.from_yaml_text(text, source=str(p), overrides=overrides)

@@ -19,16 +19,23 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def check_paths(cfg: RunConfig, source: str, *, model: bool = True) -> None:
+def check_paths(cfg: RunConfig, source: str, *, model: bool = True,
+                sections: tuple[str, ...] = ("data",)) -> None:
     """Raise ConfigError (``source``: where the config came from) with one line per path
-    of ``cfg`` that is missing or unusable; ``model``: check model.path too (the services
-    that read it run here)."""
-    problems = [*(model_problems(cfg) if model else []), *data_problems(cfg)]
+    of ``cfg`` that is missing or unusable: model.path when ``model`` (the services that
+    read it run here), the data files of ``sections`` (``data`` for RL, ``sft.data`` for
+    SFT: a command checks what it reads)."""
+    problems = [*(model_problems(cfg, sections) if model else []),
+                *data_problems(cfg, sections)]
     if problems:
         raise ConfigError(source, problems)
 
 
-def model_problems(cfg: RunConfig) -> list[str]:
+def _data(cfg: RunConfig, section: str):
+    return cfg.sft.data if section == "sft.data" else cfg.data
+
+
+def model_problems(cfg: RunConfig, sections: tuple[str, ...] = ("data",)) -> list[str]:
     path = Path(cfg.model.path)
     build = (f"build a tiny one with `k1rl init-model {path}`, or set model.path to an HF "
              "checkpoint directory")
@@ -43,8 +50,8 @@ def model_problems(cfg: RunConfig) -> list[str]:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         problems.append(f"model.path: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
     else:
-        for section, data in (("data", cfg.data), ("sft.data", cfg.sft.data)):
-            if data.prompt.template == "chat" and not has_chat_template(path):
+        for section in sections:
+            if _data(cfg, section).prompt.template == "chat" and not has_chat_template(path):
                 problems.append(f"{section}.prompt.template: chat, but the tokenizer in {path} "
                                 "has no chat template: add chat_template.jinja there, or set "
                                 f"{section}.prompt.template: raw")
@@ -63,9 +70,10 @@ def has_chat_template(path: Path) -> bool:
         return False
 
 
-def data_problems(cfg: RunConfig) -> list[str]:
+def data_problems(cfg: RunConfig, sections: tuple[str, ...] = ("data",)) -> list[str]:
     problems = []
-    for section, data in (("data", cfg.data), ("sft.data", cfg.sft.data)):
+    for section in sections:
+        data = _data(cfg, section)
         for kind, sources in (("train", data.train), ("eval", data.eval)):
             for k, source in enumerate(sources):
                 try:

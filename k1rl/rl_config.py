@@ -4,9 +4,9 @@ many per iteration, for how many iterations, and when to evaluate."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from k1rl.registry import METRIC_SINKS, SAMPLERS
 from k1rl.schedule import BudgetSchedule

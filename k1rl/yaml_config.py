@@ -4,6 +4,7 @@ reported as ``dotted.path: value — reason`` in one :class:`ConfigError`."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import yaml
@@ -30,8 +31,11 @@ class Section(BaseModel):
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_yaml_model(model: type[M], text: str, source: str = "<text>") -> M:
-    """Parse YAML (duplicate keys refused) into ``model``; ConfigError names every bad field."""
+def parse_yaml_model(model: type[M], text: str, source: str = "<text>",
+                     overrides: Sequence[str] = ()) -> M:
+    """Parse YAML (duplicate keys refused) into ``model``, with ``dotted.key=value``
+    ``overrides`` set on the parsed mapping first (see :func:`set_pairs`); ConfigError names
+    every bad field."""
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
@@ -40,17 +44,16 @@ def parse_yaml_model(model: type[M], text: str, source: str = "<text>") -> M:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, [f"top level must be a mapping, got {type(data).__name__}"])
+    set_pairs(data, overrides)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(source, _problems(e, model)) from e
 
 
-def with_overrides(config: M, pairs: list[str], source: str = "--set") -> M:
-    """A copy of ``config`` with ``dotted.key=value`` pairs set (values read as YAML, so
-    ``2e-4``, ``[a, b]`` and ``{name: grpo}`` work), validated like a config file; a bad
-    pair or value is a ConfigError naming it."""
-    data = config.model_dump()
+def set_pairs(data: dict, pairs: Sequence[str], source: str = "--set") -> dict:
+    """Set ``dotted.key=value`` pairs in a config mapping (values read as YAML, so
+    ``2e-4``, ``[a, b]`` and ``{name: grpo}`` work); a malformed pair is a ConfigError."""
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
@@ -65,6 +68,14 @@ def with_overrides(config: M, pairs: list[str], source: str = "--set") -> M:
             node[leaf] = yaml.load(raw, Loader=_StrictLoader)
         except yaml.YAMLError as e:
             raise ConfigError(source, [f"{key}: {_yaml_problem(e)}"]) from e
+    return data
+
+
+def with_overrides(config: M, pairs: Sequence[str], source: str = "--set") -> M:
+    """A copy of a built ``config`` with ``pairs`` set (:func:`set_pairs`), validated
+    again. Values the validators filled in are kept as if written: a config read from a
+    file takes its overrides through :func:`parse_yaml_model` instead."""
+    data = set_pairs(config.model_dump(), pairs, source)
     try:
         return type(config).model_validate(data)
     except ValidationError as e:

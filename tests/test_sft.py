@@ -62,8 +62,10 @@ def tokenizer(trainer_model_dir, tmp_path_factory):
 def test_a_raw_example_learns_the_response_and_its_eos(tokenizer):
     enc = SFTEncoder(PromptConfig(), tokenizer)
     ex = enc.encode(Problem(id="a", prompt="Q: 2+3 A:", answer="5", response=" 5"))
-    assert ex.prompt_token_ids == tokenizer.encode("Q: 2+3 A:")
-    assert ex.response_token_ids == [*tokenizer.encode(" 5"), tokenizer.eos_token_id]
+    # as the engine gets a raw prompt: no special tokens added
+    assert ex.prompt_token_ids == tokenizer.encode("Q: 2+3 A:", add_special_tokens=False)
+    assert ex.response_token_ids == [*tokenizer.encode(" 5", add_special_tokens=False),
+                                     tokenizer.eos_token_id]
     assert ex.response_mask is None
     every = SFTEncoder(PromptConfig(), tokenizer, loss_on="all").encode(
         Problem(id="a", prompt="Q: 2+3 A:", answer="5", response=" 5"))
@@ -108,6 +110,27 @@ def test_a_row_with_nothing_to_learn_or_an_unmaskable_template_is_refused(tokeni
         Problem(id="s", messages=turns, answer="d")).response_mask is None
 
 
+def test_a_conversation_opening_with_the_assistant_keeps_one_token_of_context(tokenizer):
+    enc = SFTEncoder(PromptConfig(template="chat"), tokenizer)
+    turns = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "bye"}]
+    ex = enc.encode(Problem(id="o", messages=turns, answer="-"))
+    assert len(ex.prompt_token_ids) >= 1
+    assert tokenizer.decode([t for t, keep in zip(ex.response_token_ids, ex.response_mask)
+                             if keep]).endswith("bye\n")
+
+
+def test_a_mask_leaves_tokens_out_of_the_loss_as_if_they_were_prompt():
+    from trainer_svc import build_token_batch
+
+    masked = build_token_batch([[1, 2]], [[3, 4, 5, 6]], rows=[[0]],
+                               masks=[[False, False, True, True]])
+    moved = build_token_batch([[1, 2, 3, 4]], [[5, 6]], rows=[[0]])
+    assert masked.labels.tolist() == moved.labels.tolist()
+    assert masked.loss_mask.tolist() == moved.loss_mask.tolist()
+    assert masked.num_response_tokens == 2
+
+
 def test_k1rl_sft_needs_rows_and_stages(tmp_path):
     from k1rl.sft.run import run_sft
 
@@ -130,13 +153,24 @@ def _rows(tmp_path, family, split, count):
 def test_k1rl_sft_trains_in_stages_and_writes_an_hf_checkpoint(tmp_path, trainer_model_dir):
     from k1rl.launch import free_tcp_address
 
-    train = [_rows(tmp_path, "add", "train", 200), _rows(tmp_path, "sub", "train", 200)]
+    model = tmp_path / "chat-model"
+    shutil.copytree(trainer_model_dir, model)
+    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    dialogues = tmp_path / "dialogues.jsonl"  # two assistant turns each: masked loss
+    dialogues.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)},
+        {"role": "user", "content": "and +2?"},
+        {"role": "assistant", "content": str(i + 3)}], "answer": str(i + 3)}) + "\n"
+        for i in range(40)))
+    train = [_rows(tmp_path, "add", "train", 200), _rows(tmp_path, "sub", "train", 200),
+             str(dialogues)]
     rows = sum(len(open(path).readlines()) for path in train)
     cfg = RunConfig.model_validate({
-        "run_id": "sft", "seed": 0, "model": {"path": str(trainer_model_dir)},
+        "run_id": "sft", "seed": 0, "model": {"path": str(model)},
         "trainer": {"address": free_tcp_address(), "seq_length": 128},
         "sft": {"data": {"train": [{"path": path} for path in train],
-                         "eval": [{"path": _rows(tmp_path, "add", "heldout", 40)}]},
+                         "eval": [{"path": _rows(tmp_path, "add", "heldout", 40)}],
+                         "prompt": {"template": "chat"}},
                 "batch": 16, "eval_every": 4, "eval_examples": 24,
                 "stages": [{"steps": 8, "lr": 5.0e-3, "warmup_steps": 2},
                            {"epochs": 0.25, "lr": 1.0e-3, "decay": "linear",
@@ -160,3 +194,56 @@ def test_k1rl_sft_trains_in_stages_and_writes_an_hf_checkpoint(tmp_path, trainer
     assert (run_dir / "final" / "config.json").is_file()
     assert (run_dir / "sft_loss.png").is_file()
     assert f"sft done: {8 + second} steps" in out.stdout
+
+
+def _sft_config(model, tmp_path, **sft) -> RunConfig:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i),
+                                        "response": f" {2 * i}"}) + "\n" for i in range(30)))
+    return RunConfig.model_validate({"model": {"path": str(model)}, "sft": {
+        "data": {"train": [{"path": str(rows)}], "heldout_fraction": 0.0},
+        "stages": [{"steps": 1, "lr": 1.0e-3}], **sft}})
+
+
+def test_rows_longer_than_a_stages_packed_rows_are_refused_before_training(
+        tmp_path, trainer_model_dir):
+    from k1rl.sft.run import encoded_rows
+
+    cfg = _sft_config(trainer_model_dir, tmp_path,
+                      stages=[{"steps": 1, "lr": 1.0e-3}, {"steps": 1, "lr": 1.0e-3,
+                                                            "seq_length": 4}])
+    with pytest.raises(ValueError, match=r"30 rows are longer than stage 1's 4-token rows"):
+        encoded_rows(cfg, tmp_path / "cache")
+
+
+def test_validation_without_held_out_rows_is_refused(tmp_path, trainer_model_dir):
+    from k1rl.sft.run import encoded_rows
+
+    cfg = _sft_config(trainer_model_dir, tmp_path, eval_every=5)
+    with pytest.raises(ValueError, match="no held-out rows"):
+        encoded_rows(cfg, tmp_path / "cache")
+
+
+def test_overrides_apply_to_the_file_before_validation(tmp_path):
+    from k1rl.config import load_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("run_id: x\n")  # no rl.tasks: they would default to synthetic levels
+    cfg = load_config(config, ["data.train=[{path: rows.jsonl}]", "rl.iterations=3"])
+    assert [s.path for s in cfg.data.train] == ["rows.jsonl"] and cfg.rl.tasks is None
+    assert cfg.rl.iterations == 3
+
+
+def test_each_command_checks_the_data_it_reads(tmp_path, trainer_model_dir):
+    from k1rl.preflight import check_paths
+
+    cfg = RunConfig.model_validate({
+        "model": {"path": str(trainer_model_dir)},
+        "data": {"train": [{"path": str(tmp_path / "rl.jsonl")}]},
+        "sft": {"data": {"train": [{"path": str(tmp_path / "sft.jsonl")}]}}})
+    with pytest.raises(ConfigError) as rl:
+        check_paths(cfg, "run.yaml")
+    assert [p.split(":")[0] for p in rl.value.problems] == ["data.train[0].path"]
+    with pytest.raises(ConfigError) as sft:
+        check_paths(cfg, "run.yaml", sections=("sft.data",))
+    assert [p.split(":")[0] for p in sft.value.problems] == ["sft.data.train[0].path"]

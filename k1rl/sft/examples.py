@@ -2,7 +2,7 @@
 over the learned part when a conversation has several assistant turns.
 
 Raw prompts (``data.prompt.template: raw``) are tokenized as the rollout engine tokenizes
-them, the response after them with the EOS token appended. Chat prompts are rendered with
+them (no special tokens added), the response after them with the EOS token appended. Chat prompts are rendered with
 the tokenizer's own chat template: the whole conversation once, and each assistant turn
 located by rendering the conversation up to it (with the generation prompt) and through
 it; a template that renders earlier turns differently once later ones follow (some strip
@@ -28,6 +28,9 @@ class SFTEncoder:
         if prompt.template == "chat" and not tokenizer.chat_template:
             raise ValueError("data.prompt.template is chat, but the tokenizer has no chat "
                              "template: add chat_template.jinja or set template: raw")
+        if prompt.template == "raw" and tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token to end raw responses with: set "
+                             "eos_token in its tokenizer_config.json")
 
     def encode(self, problem: Problem) -> SFTExample:
         if self.prompt.template == "chat":
@@ -35,9 +38,12 @@ class SFTEncoder:
         else:
             ids, learned = self._raw(problem)
         if self.loss_on == "all":
-            return SFTExample(prompt_token_ids=ids[:1], response_token_ids=ids[1:])
-        first = learned.index(True)
+            learned = [True] * len(ids)
+        # the first token is never learned: nothing before it predicts it
+        first = max(1, learned.index(True))
         mask = learned[first:]
+        if not any(mask):
+            raise ValueError(f"problem {problem.id}: nothing to learn after its first token")
         return SFTExample(prompt_token_ids=ids[:first], response_token_ids=ids[first:],
                           response_mask=None if all(mask) else mask)
 
@@ -47,15 +53,18 @@ class SFTEncoder:
                              "template is raw: set template: chat")
         if not problem.response:
             raise ValueError(f"problem {problem.id}: no response to learn from")
-        prompt = list(self.tokenizer.encode(problem.prompt))
-        response = [*self.tokenizer.encode(problem.response), self.tokenizer.eos_token_id]
+        # no special tokens: the engine gets raw prompts the same way (no BOS added), and a
+        # BOS in the middle of a response must not be learned
+        prompt = self.tokenizer.encode(problem.prompt, add_special_tokens=False)
+        response = [*self.tokenizer.encode(problem.response, add_special_tokens=False),
+                    self.tokenizer.eos_token_id]
         return prompt + response, [False] * len(prompt) + [True] * len(response)
 
     def _chat(self, problem: Problem) -> tuple[list[int], list[bool]]:
         turns = self._turns(problem)
         ids = self._render(turns, generation_prompt=False)
         if self.loss_on == "all":  # every token is learned: no turn needs locating
-            return ids, [True] * len(ids)
+            return ids, []
         learned = [False] * len(ids)
         for i, turn in enumerate(turns):
             if turn["role"] != "assistant":

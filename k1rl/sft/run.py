@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from k1rl.config import RunConfig
+from k1rl.master.loop import FINAL_HF
 from k1rl.metrics.record import SFTStepMetrics
 from k1rl.progress import progress_bar
 from k1rl.protocol import (
@@ -38,7 +39,6 @@ from k1rl.yaml_config import ConfigError
 
 console = Console()
 METRICS_FILE = "sft_metrics.jsonl"
-FINAL_HF = "final"
 COLUMNS = ("prompt_token_ids", "response_token_ids", "response_mask")
 
 
@@ -61,16 +61,19 @@ def run_sft(cfg: RunConfig, run_dir: Path, source: str = "run config") -> SFTRes
         raise ConfigError(source, ["sft: `k1rl sft` needs sft.data.train and sft.stages"])
     if (run_dir / METRICS_FILE).exists():
         raise FileExistsError(f"{run_dir} holds an SFT run already: pick another --run-dir")
-    check_paths(cfg, source)
+    check_paths(cfg, source, sections=("sft.data",))
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = (run_dir / "config.yaml").resolve()
     config_path.write_text(cfg.dump_yaml())
     with console.status("tokenizing the SFT rows"):
-        train, heldout = encoded_rows(cfg, run_dir / "data")
+        try:
+            train, heldout = encoded_rows(cfg, run_dir / "data")
+        except ValueError as e:  # a row that cannot be an example, found before any step
+            raise ConfigError(source, [f"sft.data: {e}"]) from e
     console.print(f"sft: {len(train)} training rows, {len(heldout)} validation rows")
     with _trainer(cfg, config_path, run_dir / "logs") as trainer:
         history = train_stages(cfg, trainer, train, heldout, run_dir / METRICS_FILE)
-        final = (run_dir / FINAL_HF).resolve()
+        final = (run_dir / FINAL_HF).resolve()  # where `k1rl rl` puts its policy too
         trainer.call("checkpoint", CheckpointRequest(action="export_hf", path=str(final)),
                      CheckpointResult)
     plot_sft(run_dir, history)
@@ -80,9 +83,11 @@ def run_sft(cfg: RunConfig, run_dir: Path, source: str = "run config") -> SFTRes
 
 
 def encoded_rows(cfg: RunConfig, cache_dir: Path) -> tuple[Any, Any]:
-    """(training rows, at most sft.eval_examples validation rows) as Arrow datasets of
-    token ids and loss masks, every source in order."""
-    from datasets import concatenate_datasets
+    """(training rows, at most sft.eval_examples validation rows drawn with the run seed)
+    as Arrow datasets of token ids and loss masks, every source in order. ValueError for a
+    row that cannot be an example or is longer than a stage's packed rows, and for
+    validation asked of a run without held-out rows."""
+    from datasets import Features, List, Value, concatenate_datasets
     from transformers import AutoTokenizer
 
     from k1rl.data.problem import Problem
@@ -90,18 +95,24 @@ def encoded_rows(cfg: RunConfig, cache_dir: Path) -> tuple[Any, Any]:
     from k1rl.sft.examples import SFTEncoder
 
     data = load_data(cfg.sft.data, cache_dir)
-    encoder = SFTEncoder(cfg.sft.data.prompt, AutoTokenizer.from_pretrained(cfg.model.path),
-                         cfg.sft.loss_on)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    encoder = SFTEncoder(cfg.sft.data.prompt, tokenizer, cfg.sft.loss_on)
+    # typed up front: a first batch of unmasked rows ([]) must not fix the mask's type
+    features = Features({"prompt_token_ids": List(Value("int64")),
+                         "response_token_ids": List(Value("int64")),
+                         "response_mask": List(Value("bool")), "length": Value("int64")})
 
     def encode(row: dict, label: str) -> dict:
         example = encoder.encode(Problem.from_row(row, label))
         return {"prompt_token_ids": example.prompt_token_ids,
                 "response_token_ids": example.response_token_ids,
-                "response_mask": example.response_mask or []}
+                "response_mask": example.response_mask or [],
+                "length": len(example.prompt_token_ids) + len(example.response_token_ids)}
 
     def encoded(pools: list[tuple[str, Any]], kind: str) -> Any:
         parts = [ds.map(encode, fn_kwargs={"label": label}, remove_columns=ds.column_names,
-                        new_fingerprint=f"sft-{kind}-{k}", load_from_cache_file=False)
+                        features=features, new_fingerprint=f"sft-{kind}-{k}",
+                        load_from_cache_file=False)
                  for k, (label, ds) in enumerate(pools) if len(ds)]
         return concatenate_datasets(parts) if parts else None
 
@@ -109,9 +120,30 @@ def encoded_rows(cfg: RunConfig, cache_dir: Path) -> tuple[Any, Any]:
     if train is None:
         raise ValueError("sft.data.train holds no rows")
     heldout = encoded(data.heldout, "heldout")
+    if heldout is None and cfg.sft.eval_every:
+        raise ValueError("sft.eval_every is set but there are no held-out rows: add "
+                         "sft.data.eval or a heldout_fraction > 0")
+    for rows in (train, heldout):
+        if rows is not None:
+            _check_lengths(cfg, rows)
     if heldout is not None:
-        heldout = heldout.select(range(min(cfg.sft.eval_examples, len(heldout))))
+        n = min(cfg.sft.eval_examples, len(heldout))
+        heldout = heldout.shuffle(seed=cfg.seed).select(range(n))
     return train, heldout if heldout is not None else []
+
+
+def _check_lengths(cfg: RunConfig, rows: Any) -> None:
+    longest = max(rows["length"])
+    limit = json.loads((Path(cfg.model.path) / "config.json").read_text()).get(
+        "max_position_embeddings", longest)
+    for k, stage in enumerate(cfg.sft.stages):
+        row = min(limit, stage.seq_length or cfg.trainer.seq_length or limit)
+        if longest > row:
+            over = sum(n > row for n in rows["length"])
+            raise ValueError(f"{over} rows are longer than stage {k}'s {row}-token rows "
+                             f"(longest: {longest} tokens): raise sft.stages[{k}].seq_length "
+                             "or trainer.seq_length (up to the model's "
+                             "max_position_embeddings), or shorten the rows")
 
 
 def train_stages(cfg: RunConfig, trainer: Any, train: Any, heldout: Any,
@@ -120,13 +152,14 @@ def train_stages(cfg: RunConfig, trainer: Any, train: Any, heldout: Any,
     it is taken (validation loss every sft.eval_every steps and after the last)."""
     sft = cfg.sft
     order = _shuffled_passes(len(train), cfg.seed)
-    totals = [stage.total_steps(len(train), sft.batch) for stage in sft.stages]
+    batch_size = min(sft.batch, len(train))
+    totals = [stage.total_steps(len(train), batch_size) for stage in sft.stages]
     history: list[SFTStepMetrics] = []
     with progress_bar(console) as progress, open(metrics_path, "w") as out:
         bar = progress.add_task("SFT (megatron-core)", total=sum(totals), info="")
         for k, (stage, total) in enumerate(zip(sft.stages, totals)):
             for s in range(total):
-                rows = train[[next(order) for _ in range(min(sft.batch, len(train)))]]
+                rows = train[[next(order) for _ in range(batch_size)]]
                 batch = SFTBatch(examples=_examples(rows), lr=stage.lr_at(s, total),
                                  seq_length=stage.seq_length)
                 stats = trainer.call("sft_step", batch, TrainStats, timeout_s=600)
