@@ -109,6 +109,11 @@ def _policies_and_losses(rank, world, hf_dir):
     out["rewards"] = [s.reward for s in samples]
     out["groups"] = [s.group_id for s in samples]
 
+    # more mini-batches than the iteration has groups: one step per group
+    samples = _samples(trainer)
+    out["few_groups"] = (len({s.group_id for s in samples}), rl_iteration(
+        trainer, samples, create("grpo"), StepSettings(optimizer="keep", minibatches=99)))
+
     samples = _samples(trainer)
     before = _seq(trainer, samples)
     out["dpo"] = rl_iteration(trainer, samples, create({"name": "dpo", "beta": 0.5}),
@@ -148,6 +153,13 @@ def test_grpo_with_the_rollout_reference_steps_every_mini_batch(policies_and_los
     for g in mixed:
         in_group = groups == g
         assert gain[in_group & (rewards == 1)].mean() > gain[in_group & (rewards == 0)].mean()
+
+
+@pytest.mark.slow
+def test_an_iteration_with_fewer_groups_than_mini_batches_steps_once_per_group(
+        policies_and_losses):
+    groups, stats = policies_and_losses["few_groups"]
+    assert stats["steps"] == groups < 99
 
 
 @pytest.mark.slow

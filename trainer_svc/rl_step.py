@@ -83,7 +83,8 @@ class _Part:
 
 def rl_iteration(trainer: MegatronTrainer, samples: TrainBatch | Sequence[TrainSample | tuple],
                  loss: Loss, settings: StepSettings = StepSettings()) -> dict[str, float]:
-    """``settings.minibatches * settings.epochs`` optimizer steps of ``loss`` on ``samples``.
+    """``settings.minibatches * settings.epochs`` optimizer steps of ``loss`` on ``samples``
+    (one mini-batch per group when the batch has fewer groups than mini-batches).
 
     ``samples``: a TrainBatch, TrainSamples, or tuples ``(group_id, prompt_token_ids,
     response_token_ids, rollout_logprobs, reward[, policy_version])``; the k samples of a
@@ -101,9 +102,13 @@ def rl_iteration(trainer: MegatronTrainer, samples: TrainBatch | Sequence[TrainS
     if settings.skip_uniform_groups:
         samples = mixed_groups(received) or received
     trainer.prepare_optimizer(settings.optimizer)
+    groups = [s.group_id for s in samples]
+    # an iteration may bring fewer groups than mini-batches (skip_uniform_groups leaves out
+    # the all-right and all-wrong ones): then one step per group, never a failed iteration
+    minibatches = min(settings.minibatches, len(set(groups)))
     parts = [_plan(trainer, [samples[i] for i in idx], settings, version)
-             for idx in split_groups([s.group_id for s in samples], settings.minibatches)]
-    own_forward = (settings.minibatches * settings.epochs == 1
+             for idx in split_groups(groups, minibatches)]
+    own_forward = (minibatches * settings.epochs == 1
                    and settings.reference == "trainer" and not loss.needs_current)
     diffs: list[Tensor] = []
     for part in parts if not own_forward else ():
