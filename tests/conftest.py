@@ -90,3 +90,19 @@ def trainer_model_dir(tmp_path_factory):
     init_model(out, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                intermediate_size=256, corpus_size=50)
     return out
+
+
+# A chat template whose output is easy to read back: <|role|>content\n per turn.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@_e2e_pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, trainer_model_dir):
+    """trainer_model_dir with CHAT_TEMPLATE as its tokenizer's chat template."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny-chat-model")
+    shutil.copytree(trainer_model_dir, out, dirs_exist_ok=True)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return out

@@ -5,7 +5,6 @@ template, the math verifier and the sandbox."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -15,9 +14,6 @@ from k1rl.config import RunConfig
 from k1rl.launch import free_tcp_address
 from k1rl.metrics.jsonl import read_metrics
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
 
 def _write(path, rows):
     path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows))
@@ -25,12 +21,10 @@ def _write(path, rows):
 
 
 @pytest.mark.slow
-def test_rl_on_chat_math_and_apps_code_files(tmp_path, trainer_model_dir):
+def test_rl_on_chat_math_and_apps_code_files(tmp_path, chat_model_dir):
     from k1rl import master
 
-    model = tmp_path / "model"
-    shutil.copytree(trainer_model_dir, model)
-    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    model = chat_model_dir
     math = _write(tmp_path / "gsm.jsonl", [
         *({"question": [{"role": "user", "content": f"What is {i} + {i}?"}],
            "reward_model": {"ground_truth": f"\\frac{{{4 * i}}}{{2}}"}} for i in range(40)),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import pytest
 
@@ -15,9 +14,6 @@ from k1rl.data.problem import ChainedPool, DatasetPool, Problem, pool_values
 from k1rl.data.prompts import PromptConfig, PromptRenderer
 from k1rl.master import samplers
 from k1rl.master.problems import load_problems
-
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def _jsonl(path, rows):
@@ -118,20 +114,12 @@ def test_a_replay_buffer_saved_with_synthetic_tasks_still_loads():
 # ------------------------------------------------------------------ prompt rendering
 
 
-@pytest.fixture
-def chat_model(tmp_path, trainer_model_dir):
-    out = tmp_path / "chat-model"
-    shutil.copytree(trainer_model_dir, out)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return out
-
-
-def test_chat_prompts_are_the_token_ids_transformers_gives(chat_model):
+def test_chat_prompts_are_the_token_ids_transformers_gives(chat_model_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(chat_model))
+    tok = AutoTokenizer.from_pretrained(str(chat_model_dir))
     cfg = PromptConfig(template="chat", system_prompt="Think step by step.")
-    renderer = PromptRenderer(cfg, chat_model)
+    renderer = PromptRenderer(cfg, chat_model_dir)
     chat = Problem(id="1", messages=[{"role": "user", "content": "What is 2+2?"}], answer="4")
     raw = Problem(id="2", prompt="What is 3+3?", answer="6")
     fields = renderer.request_fields([chat, raw])
@@ -144,7 +132,7 @@ def test_chat_prompts_are_the_token_ids_transformers_gives(chat_model):
 
 
 def test_raw_prompts_are_sent_as_text_and_chat_messages_need_the_chat_template(
-        chat_model, trainer_model_dir):
+        chat_model_dir, trainer_model_dir):
     raw = PromptRenderer(PromptConfig(), None)
     problem = Problem(id="1", prompt="Q: 1+1?\nA:", answer="2")
     assert raw.request_fields([problem]) == {"prompts": ["Q: 1+1?\nA:"]}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 
@@ -17,10 +16,6 @@ from k1rl.data.problem import Problem
 from k1rl.data.prompts import PromptConfig
 from k1rl.sft.config import SFTStage
 from k1rl.sft.examples import SFTEncoder
-
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
 
 # ------------------------------------------------------------------ schedules
 
@@ -50,13 +45,10 @@ def test_a_stage_is_steps_or_epochs_long():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(trainer_model_dir, tmp_path_factory):
+def tokenizer(chat_model_dir):
     from transformers import AutoTokenizer
 
-    out = tmp_path_factory.mktemp("chat-model")
-    shutil.copytree(trainer_model_dir, out, dirs_exist_ok=True)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return AutoTokenizer.from_pretrained(str(out))
+    return AutoTokenizer.from_pretrained(str(chat_model_dir))
 
 
 def test_a_raw_example_learns_the_response_and_its_eos(tokenizer):
@@ -150,12 +142,10 @@ def _rows(tmp_path, family, split, count):
 
 
 @pytest.mark.slow
-def test_k1rl_sft_trains_in_stages_and_writes_an_hf_checkpoint(tmp_path, trainer_model_dir):
+def test_k1rl_sft_trains_in_stages_and_writes_an_hf_checkpoint(tmp_path, chat_model_dir):
     from k1rl.launch import free_tcp_address
 
-    model = tmp_path / "chat-model"
-    shutil.copytree(trainer_model_dir, model)
-    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    model = chat_model_dir
     dialogues = tmp_path / "dialogues.jsonl"  # two assistant turns each: masked loss
     dialogues.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)},
