@@ -38,7 +38,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from k1rl.data.prompts import PromptConfig
 from k1rl.protocol import CodeTask, TestCase
-from k1rl.registry import VERIFIERS
+from k1rl.registry import VERIFIERS, UnknownEntryError
 from k1rl.yaml_config import Section
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -250,9 +250,10 @@ def problem(row: dict | BadRow, source: DataSource, origin: str, default_id: str
     tests = _get(row, m.tests)
     verifier = _text(row, m.verifier, origin) or source.verifier or (
         "code" if tests is not None else "math")
-    if verifier not in VERIFIERS:
-        raise BadRow(origin, m.verifier or "verifier", f"unknown verifier {verifier!r} "
-                     f"(registered: {', '.join(VERIFIERS.names())})")
+    try:
+        VERIFIERS.check(verifier)
+    except UnknownEntryError as e:
+        raise BadRow(origin, m.verifier or "verifier", str(e)) from None
     if verifier == "code":
         if tests is None:
             raise BadRow(origin, m.tests or "tests", "a code problem needs tests")
@@ -402,6 +403,18 @@ class DataPools:
     skipped: Counter = field(default_factory=Counter)
 
 
+def load_each(sources: list[DataSource], on_bad_row: OnBadRow, base: Path,
+              kind: str) -> tuple[list[tuple[str, Any]], Counter]:
+    """Each source loaded on its own (into ``base/<kind>-<k>``): (label, dataset) pairs in
+    order, and the rows left out, by reason."""
+    pools, skipped = [], Counter()
+    for k, source in enumerate(sources):
+        one = load_sources([source], on_bad_row, base / f"{kind}-{k}")
+        skipped.update(one.skipped)
+        pools.append((source.label(), one.problems))
+    return pools, skipped
+
+
 def load_data(cfg: DataConfig, cache_dir: Path | None = None) -> DataPools:
     """Every source of ``cfg``, each loaded on its own. Without eval sources, the rows of
     each training source whose id hashes into ``cfg.heldout_fraction`` are held out
@@ -409,18 +422,13 @@ def load_data(cfg: DataConfig, cache_dir: Path | None = None) -> DataPools:
     from k1rl.data.tasks import is_heldout
 
     base = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="k1rl-data-"))
-    skipped: Counter = Counter()
-    loaded = {}
-    for kind, sources in (("train", cfg.train), ("eval", cfg.eval)):
-        for k, source in enumerate(sources):
-            one = load_sources([source], cfg.on_bad_row, base / f"{kind}-{k}")
-            skipped.update(one.skipped)
-            loaded.setdefault(kind, []).append((source.label(), one.problems))
+    loaded, skipped = load_each(cfg.train, cfg.on_bad_row, base, "train")
     if cfg.eval:
-        return DataPools(loaded["train"], loaded["eval"], skipped)
+        heldout, more = load_each(cfg.eval, cfg.on_bad_row, base, "eval")
+        return DataPools(loaded, heldout, skipped + more)
     fraction = cfg.heldout_fraction
     train, heldout = [], []
-    for label, problems in loaded.get("train", []):
+    for label, problems in loaded:
         flags = problems.map(lambda ids: {"held": [is_heldout(i, fraction) for i in ids]},
                              input_columns="id", batched=True)
         train.append((label, flags.filter(lambda held: [not h for h in held],

@@ -87,16 +87,13 @@ def load_files(paths: list[Path], cfg: RunConfig, cache_dir: Path,
     """Every row (at most ``limit`` per path) of data files in the default field names
     (the format `k1rl gen-tasks` writes), each path one level named after it, read with
     ``cfg.data.on_bad_row``; and the rows left out, by reason."""
-    from k1rl.data.sources import DataSource, load_sources
+    from k1rl.data.sources import DataSource, load_each
 
+    pools, skipped = load_each([DataSource(path=str(p)) for p in paths], cfg.data.on_bad_row,
+                               Path(cache_dir), "eval")
     problems: list[Problem] = []
-    skipped: Counter = Counter()
-    for k, path in enumerate(paths):
-        source = DataSource(path=str(path))
-        loaded = load_sources([source], cfg.data.on_bad_row, Path(cache_dir) / f"eval-{k}")
-        ds = loaded.problems
+    for label, ds in pools:
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        problems.extend(DatasetPool(ds, source.label()))
-        skipped.update(loaded.skipped)
+        problems.extend(DatasetPool(ds, label))
     return problems, skipped
