@@ -44,11 +44,7 @@ def parse_yaml_model(model: type[M], text: str, source: str = "<text>",
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, [f"top level must be a mapping, got {type(data).__name__}"])
-    set_pairs(data, overrides)
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(source, _problems(e, model)) from e
+    return _validate(model, set_pairs(data, overrides), source)
 
 
 def set_pairs(data: dict, pairs: Sequence[str], source: str = "--set") -> dict:
@@ -75,11 +71,14 @@ def with_overrides(config: M, pairs: Sequence[str], source: str = "--set") -> M:
     """A copy of a built ``config`` with ``pairs`` set (:func:`set_pairs`), validated
     again. Values the validators filled in are kept as if written: a config read from a
     file takes its overrides through :func:`parse_yaml_model` instead."""
-    data = set_pairs(config.model_dump(), pairs, source)
+    return _validate(type(config), set_pairs(config.model_dump(), pairs, source), source)
+
+
+def _validate(model: type[M], data: dict, source: str) -> M:
     try:
-        return type(config).model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(source, _problems(e, type(config))) from e
+        raise ConfigError(source, _problems(e, model)) from e
 
 
 # ------------------------------------------------------------------ YAML parsing
