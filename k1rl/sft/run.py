@@ -123,23 +123,22 @@ def encoded_rows(cfg: RunConfig, cache_dir: Path) -> tuple[Any, Any]:
     if heldout is None and cfg.sft.eval_every:
         raise ValueError("sft.eval_every is set but there are no held-out rows: add "
                          "sft.data.eval or a heldout_fraction > 0")
-    for rows in (train, heldout):
-        if rows is not None:
-            _check_lengths(cfg, rows)
+    _check_lengths(cfg, [n for rows in (train, heldout) if rows is not None
+                         for n in rows["length"]])
     if heldout is not None:
         n = min(cfg.sft.eval_examples, len(heldout))
         heldout = heldout.shuffle(seed=cfg.seed).select(range(n))
     return train, heldout if heldout is not None else []
 
 
-def _check_lengths(cfg: RunConfig, rows: Any) -> None:
-    longest = max(rows["length"])
+def _check_lengths(cfg: RunConfig, lengths: list[int]) -> None:
+    longest = max(lengths)
     limit = json.loads((Path(cfg.model.path) / "config.json").read_text()).get(
         "max_position_embeddings", longest)
     for k, stage in enumerate(cfg.sft.stages):
         row = min(limit, stage.seq_length or cfg.trainer.seq_length or limit)
         if longest > row:
-            over = sum(n > row for n in rows["length"])
+            over = sum(n > row for n in lengths)
             raise ValueError(f"{over} rows are longer than stage {k}'s {row}-token rows "
                              f"(longest: {longest} tokens): raise sft.stages[{k}].seq_length "
                              "or trainer.seq_length (up to the model's "
