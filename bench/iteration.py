@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from k1rl import master  # noqa: E402
 from k1rl.config import load_config  # noqa: E402
-from k1rl.demo import load_demo_config  # noqa: E402
+from k1rl.demo import load_demo_config, run_config, write_problems  # noqa: E402
 from k1rl.launch import free_tcp_address  # noqa: E402
 from k1rl.metrics.jsonl import read_metrics  # noqa: E402
 
@@ -46,20 +46,24 @@ def main() -> None:
     args = ap.parse_args()
 
     demo = load_demo_config()
-    cfg = load_config(args.config) if args.config else demo.run
-    cfg.rl.iterations = args.iterations
-    cfg.rl.eval_every = 0
-    if args.lifecycle:
-        cfg.checkpoint_engine.engine_lifecycle = args.lifecycle
+    run_dir = Path(tempfile.mkdtemp(prefix="k1rl-bench-iter-"))
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
         from k1rl.data.tiny_model import init_model
 
-        init_model(model_dir, seed=cfg.seed, **demo.model.model_dump())
-    cfg.model.path = str(model_dir.resolve())
-    for section in (cfg.trainer, cfg.rollout, cfg.reward, cfg.checkpoint_engine):
-        section.address = free_tcp_address()
-    run_dir = Path(tempfile.mkdtemp(prefix="k1rl-bench-iter-"))
+        init_model(model_dir, seed=demo.run.seed, **demo.model.model_dump())
+    if args.config:
+        cfg = load_config(args.config)
+        cfg.model.path = str(model_dir.resolve())
+        for section in (cfg.trainer, cfg.rollout, cfg.reward, cfg.checkpoint_engine):
+            section.address = free_tcp_address()
+    else:  # the demo's RL run, on the problem files the demo writes
+        write_problems(demo, run_dir, demo.run.seed)
+        cfg = run_config(demo, demo.run.seed, run_dir, model_dir)
+    cfg.rl.iterations = args.iterations
+    cfg.rl.eval_every = 0
+    if args.lifecycle:
+        cfg.checkpoint_engine.engine_lifecycle = args.lifecycle
     master.run(cfg, run_dir)
     rows = [record.row() for record in read_metrics(run_dir)]
     report = {k: round(statistics.median(r[k] for r in rows), 3) for k in KEYS}

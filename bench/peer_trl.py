@@ -1,6 +1,6 @@
 """Does k1rl's RL learn as much as TRL's GRPOTrainer in the same training wall time?
 
-Both start from one SFT checkpoint (the demo's SFT, exported as HF), train on the same
+Both start from one SFT checkpoint (the demo's `k1rl sft` result), train on the same
 prompts (the demo's RL prompt pool, drawn the way k1rl's sampler draws it, so the
 rl.task_weights mix holds), optimise the same reward (both call one reward_svc
 implementation; code tasks run in the sandbox) for ``--budget-s`` seconds of training,
@@ -19,7 +19,7 @@ settings; --eval-problems per level), never the k1rl overrides: changing k1rl's 
 must not move the yardstick. Sides run one after the other, never together. Progress
 goes to stdout; the last line is one JSON object.
 
-    python bench/peer_trl.py --seed 0                   # builds runs/peer-seed0/sft-hf first
+    python bench/peer_trl.py --seed 0              # builds runs/peer-seed0/sft/final first
     python bench/peer_trl.py --trl-lr 3e-5 1e-4 3e-4 --k1rl-set trainer.lr=2e-4
 """
 
@@ -40,10 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trl_env  # noqa: E402
 
 from k1rl.config import RunConfig  # noqa: E402
-from k1rl.demo import load_demo_config, run_config  # noqa: E402
+from k1rl.demo import load_demo_config, run_config, write_problems  # noqa: E402
 from k1rl.master.evaluation import evaluate_checkpoint  # noqa: E402
 from k1rl.metrics.record import Accuracy  # noqa: E402
-from k1rl.rl_config import parse_levels  # noqa: E402
 from k1rl.yaml_config import with_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=720.0, help="training wall seconds, each")
     ap.add_argument("--sft", type=Path, help="SFT HF checkpoint (default: runs/peer-seed<N>/"
-                    "sft-hf, built with `k1rl demo --sft-only` when missing)")
+                    "sft/final, built with `k1rl demo --sft-only` when missing)")
     ap.add_argument("--trl-lr", type=float, nargs="+", default=[1e-4],
                     help="TRL learning rate(s); the best lift counts")
     ap.add_argument("--k1rl-set", action="append", default=[], metavar="KEY=VALUE",
@@ -85,7 +84,9 @@ def configs(args: argparse.Namespace, sft: Path, out_dir: Path) -> tuple[RunConf
     """(evaluation config: the demo's run, model = the SFT; k1rl training config: that
     plus the overrides, no in-run evaluation, no iteration limit)."""
     demo = load_demo_config()
-    base = run_config(demo, args.seed, out_dir / "k1rl", sft)
+    write_problems(demo, out_dir, args.seed)  # the demo's problem files, as it writes them
+    base = run_config(demo, args.seed, out_dir, sft)
+    base.run_dir = str(out_dir / "k1rl")
     if args.eval_problems:
         base.rl.eval_problems = args.eval_problems
     train = with_overrides(base, args.k1rl_set, source="--k1rl-set")
@@ -101,7 +102,7 @@ def ensure_sft(args: argparse.Namespace) -> Path:
             raise SystemExit(f"--sft {args.sft}: no HF checkpoint there")
         return args.sft.resolve()
     run_dir = REPO / "runs" / f"peer-seed{args.seed}"
-    sft = run_dir / "sft-hf"
+    sft = run_dir / "sft" / "final"
     if not (sft / "config.json").is_file():
         log(f"building the SFT checkpoint: k1rl demo --seed {args.seed} --sft-only "
             f"--run-dir {run_dir} (~4 min)")
@@ -179,6 +180,10 @@ def k1rl_iterations(master, cfg: RunConfig, budget_s: float) -> dict:
 # ---------------------------------------------------------------------------- TRL
 
 
+def source_levels(sources: list) -> list[str]:
+    return [source.label() for source in sources]
+
+
 def write_prompts(cfg: RunConfig, path: Path) -> dict[str, int]:
     """TRL's training prompts: k1rl's sampler's draws (its pools, task_weights and run
     seed) for PROMPT_ITERATIONS iterations, so the level mix is k1rl's. TRL shuffles
@@ -216,6 +221,7 @@ def reward_services(cfg: RunConfig, work: Path):
     """reward_svc (+ the sandbox when a training level is code) for the TRL worker, with
     the k1rl side's reward settings, on fresh ports."""
     from k1rl.launch import LocalCluster, free_tcp_address
+    from k1rl.master.problems import load_problems
 
     cfg = cfg.model_copy(deep=True)
     cfg.reward.address = free_tcp_address()
@@ -225,7 +231,7 @@ def reward_services(cfg: RunConfig, work: Path):
     config_path.write_text(cfg.dump_yaml())
     cluster = LocalCluster(work / "logs")
     try:
-        if any(family == "code" for family, _ in parse_levels(cfg.rl.tasks)):
+        if "code" in load_problems(cfg, work / "data").verifiers():
             cluster.start("sandbox", "sandbox", ["serve", "--config", str(config_path)],
                           cfg.sandbox.address)
         cluster.start("reward", "reward_svc", ["--config", str(config_path)], cfg.reward.address)
@@ -326,14 +332,15 @@ def report(args, eval_cfg: RunConfig, train_cfg: RunConfig, before: Accuracy, k1
     r, rl = train_cfg.rollout, train_cfg.rl
     out["settings"] = {
         "seed": args.seed, "budget_s": args.budget_s, **extra,
-        "eval": {"levels": eval_cfg.rl.headline_tasks,
+        "eval": {"levels": source_levels(eval_cfg.data.eval) or eval_cfg.rl.headline_tasks,
                  "problems_per_level": eval_cfg.rl.eval_problems,
                  "samples": eval_cfg.rl.eval_samples, "temperature": eval_cfg.rollout.temperature,
                  "max_tokens": eval_cfg.rollout.max_tokens, "seed": eval_cfg.seed},
         "k1rl": {"overrides": args.k1rl_set, "lr": train_cfg.trainer.lr,
                  "prompts_per_iteration": rl.prompts_per_iteration, "n": r.n,
                  "temperature": r.temperature, "max_tokens": r.max_tokens,
-                 "tasks": rl.tasks, "task_weights": rl.task_weights,
+                 "tasks": source_levels(train_cfg.data.train) or rl.tasks,
+                 "task_weights": rl.task_weights,
                  "loss": train_cfg.trainer.loss.model_dump(),
                  "optimizer_policy": train_cfg.trainer.optimizer_policy,
                  "minibatches": train_cfg.trainer.minibatches_per_iteration},

@@ -68,26 +68,33 @@ def gen_tasks_cmd(
     out: Path = typer.Argument(..., help="JSONL file to write."),
     family: str = typer.Option("add", help="add | sub | mul | multi | code | count"),
     difficulty: int = typer.Option(1, help="Digits (add/sub/mul) or operations - 1 (multi)."),
-    count: int = typer.Option(100, help="Number of distinct tasks."),
+    level: list[str] = typer.Option(
+        None, help="family:difficulty, repeatable (instead of --family/--difficulty): "
+        "--count problems of each, in order."),
+    count: int = typer.Option(100, help="Distinct problems per level."),
+    up_to: bool = typer.Option(False, help="A level with fewer distinct problems than "
+                               "--count gives what it has (else an error)."),
     seed: int = typer.Option(0, help="Random seed."),
     split: str = typer.Option("all", help="all | train | heldout (hash split on task id)."),
     heldout_fraction: float = typer.Option(0.1, help="Share of ids in the held-out split."),
+    exclude: list[Path] = typer.Option(
+        None, help="A JSONL file of problems (e.g. a training set) whose ids are left out; "
+        "repeatable."),
 ) -> None:
     """Generate synthetic problems with a verifiable answer, as a data source (JSONL in the
     format `data.train` reads with the default field names)."""
-    import json
-
-    from k1rl.data.tasks import generate_tasks
+    from k1rl.data.tasks import problem_ids, write_problems
+    from k1rl.rl_config import parse_levels
 
     try:
-        tasks = generate_tasks(family, difficulty, count, seed, split=split,
-                               heldout_fraction=heldout_fraction)
-    except ValueError as e:
+        levels = parse_levels(level) if level else [(family, difficulty)]
+        skip = set().union(*(problem_ids(p) for p in exclude or []))
+        n = write_problems(out, levels, count, seed, split=split,
+                           heldout_fraction=heldout_fraction, exclude=skip, up_to=up_to)
+    except (OSError, ValueError, KeyError) as e:
         raise typer.BadParameter(str(e)) from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(t.as_problem()) + "\n" for t in tasks))
-    n = len(tasks)
-    console.print(f"wrote [bold]{n}[/bold] {family} tasks (difficulty {difficulty}) to {out}")
+    names = ", ".join(f"{f}:{d}" for f, d in levels)
+    console.print(f"wrote [bold]{n}[/bold] problems ({names}) to {out}")
 
 
 @app.command("demo")
@@ -96,9 +103,10 @@ def demo_cmd(
     run_dir: Path = typer.Option(None, help="Run directory (default: runs/demo-seed<SEED>)."),
     config: Path = typer.Option(None, help="Demo config YAML (default: k1rl/demo.yaml)."),
     sft_only: bool = typer.Option(
-        False, help="Stop after SFT and its HF export (RUN_DIR/sft-hf): no RL, no summary."),
+        False, help="Stop after SFT (its HF checkpoint: RUN_DIR/sft/final): no RL, no eval."),
 ) -> None:
-    """Build the tiny model, SFT it, run k1.5 RL on it, and report held-out accuracy."""
+    """The recipe end to end as the commands run it: gen-tasks, init-model, sft, rl, eval;
+    then held-out accuracy before and after RL."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from k1rl.demo import DEFAULT_CONFIG, load_demo_config, run_demo
 

@@ -71,13 +71,18 @@ def has_chat_template(path: Path) -> bool:
 
 
 def data_problems(cfg: RunConfig, sections: tuple[str, ...] = ("data",)) -> list[str]:
-    problems = []
+    named = []
     for section in sections:
         data = _data(cfg, section)
-        for kind, sources in (("train", data.train), ("eval", data.eval)):
-            for k, source in enumerate(sources):
-                try:
-                    source.files()
-                except (OSError, ValueError) as e:
-                    problems.append(f"{section}.{kind}[{k}].path: {e}")
+        named += [(f"{section}.{kind}", sources)
+                  for kind, sources in (("train", data.train), ("eval", data.eval))]
+    if "sft.data" in sections and cfg.sft.stop_when:
+        named.append(("sft.stop_when.data", cfg.sft.stop_when.data))
+    problems = []
+    for name, sources in named:
+        for k, source in enumerate(sources):
+            try:
+                source.files()
+            except (OSError, ValueError) as e:
+                problems.append(f"{name}[{k}].path: {e}")
     return problems

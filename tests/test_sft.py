@@ -237,3 +237,45 @@ def test_each_command_checks_the_data_it_reads(tmp_path, trainer_model_dir):
     with pytest.raises(ConfigError) as sft:
         check_paths(cfg, "run.yaml", sections=("sft.data",))
     assert [p.split(":")[0] for p in sft.value.problems] == ["sft.data.train[0].path"]
+
+
+@pytest.mark.slow
+def test_sft_stops_at_the_first_measurement_reaching_stop_when(tmp_path, trainer_model_dir):
+    """The stop rule on its own: the sampled accuracies are scripted here (the real
+    measurement through vLLM and reward_svc is the miniature demo's, tests/test_demo.py)."""
+    from k1rl.launch import free_tcp_address
+    from k1rl.metrics.record import Accuracy
+    from k1rl.sft.run import _trainer, encoded_rows, train_stages
+
+    cfg = _sft_config(trainer_model_dir, tmp_path, stages=[{"steps": 10, "lr": 1.0e-3}],
+                      stop_when={"accuracy": 0.3, "every": 2, "min_steps": 4,
+                                 "data": [{"path": str(tmp_path / "rows.jsonl")}]})
+    cfg.trainer.address = free_tcp_address()
+    config = tmp_path / "sft.yaml"
+    config.write_text(cfg.dump_yaml())
+    measured = iter([0.1, 0.35, 0.9])
+    train, heldout = encoded_rows(cfg, tmp_path / "cache")
+    with _trainer(cfg, config, tmp_path / "logs") as (trainer, _):
+        history = train_stages(cfg, trainer, train, heldout, tmp_path / "metrics.jsonl",
+                               lambda: Accuracy(accuracy=next(measured), greedy=0.0))
+    assert [r.step + 1 for r in history if r.val] == [4, 6]  # due from step 4, every 2
+    assert len(history) == 6  # stopped at 0.35 >= 0.3, four steps before the stage's end
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r.get("val_accuracy") for r in rows] == [None] * 3 + [0.1, None, 0.35]
+
+
+def test_stop_when_is_due_every_n_steps_from_min_steps_on(tmp_path):
+    from k1rl.sft.config import SFTStop
+
+    stop = SFTStop(accuracy=0.2, every=20, min_steps=200, data=[{"path": "v.jsonl"}])
+    assert [n for n in range(1, 301) if stop.due(n)] == [200, 220, 240, 260, 280, 300]
+
+
+def test_stop_when_problems_are_checked_before_anything_starts(tmp_path, trainer_model_dir):
+    from k1rl.preflight import check_paths
+
+    cfg = _sft_config(trainer_model_dir, tmp_path,
+                      stop_when={"accuracy": 0.2, "data": [{"path": str(tmp_path / "v.jsonl")}]})
+    with pytest.raises(ConfigError) as err:
+        check_paths(cfg, "sft.yaml", sections=("sft.data",))
+    assert [p.split(":")[0] for p in err.value.problems] == ["sft.stop_when.data[0].path"]

@@ -155,6 +155,27 @@ def test_cli_init_model_and_gen_tasks(tmp_path):
     assert result.exit_code != 0 and "unknown task family 'pow'" in result.output
 
 
+def test_gen_tasks_writes_several_levels_and_can_leave_out_another_files_problems(tmp_path):
+    runner = CliRunner()
+    train = tmp_path / "train.jsonl"
+    result = runner.invoke(app, ["gen-tasks", str(train), "--level", "add:1", "--level",
+                                 "sub:2", "--count", "500", "--up-to", "--split", "train"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    per_level = {level: sum(level in r["tags"] for r in rows) for level in ("add:1", "sub:2")}
+    assert 0 < per_level["add:1"] < 81 and per_level["sub:2"] == 500  # add:1 has 81 in all
+    assert [r["tags"][1] for r in rows] == sorted(r["tags"][1] for r in rows)  # level order
+    val = tmp_path / "val.jsonl"
+    result = runner.invoke(app, ["gen-tasks", str(val), "--level", "sub:2", "--count", "300",
+                                 "--seed", "1", "--split", "train", "--exclude", str(train)])
+    assert result.exit_code == 0, result.output
+    val_ids = {json.loads(line)["id"] for line in val.read_text().splitlines()}
+    assert len(val_ids) == 300 and not val_ids & {r["id"] for r in rows}
+    result = runner.invoke(app, ["gen-tasks", str(tmp_path / "x.jsonl"), "--level", "add:1",
+                                 "--count", "500"])
+    assert result.exit_code != 0 and "found only" in result.output
+
+
 _VLLM_SCRIPT = textwrap.dedent(
     """
     import json, sys

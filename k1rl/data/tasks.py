@@ -483,6 +483,32 @@ def generate_suite(
 # ------------------------------------------------------------------------ storage
 
 
+def write_problems(path: str | Path, levels: Iterable[tuple[str, int]], count: int,
+                   seed: int = 0, *, split: Split = "all",
+                   heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+                   exclude: Iterable[str] = (), up_to: bool = False) -> int:
+    """``count`` problems of each level, in level order, written as rows of the data-source
+    format (:meth:`Task.as_problem`) to a JSONL file: what ``k1rl gen-tasks`` writes.
+    ``up_to``: a level with fewer distinct problems gives what it has, else ValueError."""
+    exclude = frozenset(exclude)
+    tasks = [t for family, level in levels
+             for t in (generate_suite(count, seed, levels=((family, level),), split=split,
+                                      heldout_fraction=heldout_fraction, exclude=exclude)
+                       if up_to else
+                       generate_tasks(family, level, count, seed, split=split,
+                                      heldout_fraction=heldout_fraction, exclude=exclude))]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(t.as_problem()) + "\n" for t in tasks), encoding="utf-8")
+    return len(tasks)
+
+
+def problem_ids(path: str | Path) -> set[str]:
+    """The ids of the rows of a JSONL file ``write_problems`` wrote."""
+    with Path(path).open(encoding="utf-8") as f:
+        return {json.loads(line)["id"] for line in f if line.strip()}
+
+
 def write_jsonl(tasks: Iterable[Task], path: str | Path) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from rich.console import Console
+
 from k1rl.config import RunConfig, load_config
 from k1rl.launch import LocalCluster
 from k1rl.master.evaluation import needs_local_sandbox
@@ -12,7 +14,9 @@ from k1rl.master.loop import Clients, Master
 from k1rl.master.plots import plot_run
 from k1rl.master.problems import ProblemSet, load_problems
 from k1rl.master.state import RunState
+from k1rl.metrics.record import IterationMetrics
 from k1rl.preflight import check_paths
+from k1rl.progress import progress_bar
 from k1rl.rpc import wait_until_ready
 
 CONFIG_FILE = "config.yaml"
@@ -77,11 +81,30 @@ def run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False,
     with services:
         clients = Clients.connect(cfg)
         try:
-            state = Master(cfg, run_dir, clients, state, problems).run()
+            state = run_with_progress(Master(cfg, run_dir, clients, state, problems))
         finally:
             clients.close()
     plot_run(run_dir)
     return state
+
+
+def run_with_progress(master: Master) -> RunState:
+    """``master.run()`` under a progress bar: iterations, reward, policy version and the
+    latest held-out accuracy."""
+    with progress_bar(Console()) as progress:
+        bar = progress.add_task(f"RL ({master.cfg.trainer.loss.name})",
+                                total=master.cfg.rl.iterations,
+                                completed=master.state.iterations_done, info="")
+
+        def report(record: IterationMetrics) -> None:
+            info = f"v{record.policy_version}"
+            if record.reward:
+                info = f"reward {record.reward.reward_mean:.3f}  {info}"
+            if record.eval:
+                info += f"  held-out {record.eval.accuracy:.3f}"
+            progress.update(bar, completed=record.iteration + 1, info=info)
+
+        return master.run(on_iteration=report)
 
 
 __all__ = ["Clients", "Master", "RunState", "run", "start_local_services"]

@@ -265,12 +265,8 @@ class Master:
         return self.in_rollout_phase(i, lambda ref: self.accuracy(tasks, ref, samples))
 
     def in_rollout_phase(self, iteration: int, fn: Callable[[RunRef], Accuracy]) -> Accuracy:
-        ref = RunRef(run_id=self.cfg.run_id, iteration=iteration)
-        self.switch("rollout", ref)
-        try:
-            return fn(ref)
-        finally:
-            self.switch("train", ref)
+        return in_rollout_phase(self.clients.checkpoint_engine,
+                                RunRef(run_id=self.cfg.run_id, iteration=iteration), fn)
 
     # ------------------------------------------------------------------- steps
     def switch(self, phase: str, ref: RunRef) -> PhaseStatus:
@@ -332,6 +328,18 @@ class Master:
         ckpts = sorted((self.run_dir / "checkpoints").glob("iter_*"))
         for old in ckpts[: -self.cfg.rl.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def in_rollout_phase(checkpoint_engine: RPCClient, ref: RunRef,
+                     fn: Callable[[RunRef], Accuracy]) -> Accuracy:
+    """``fn(ref)`` with the trainer's current weights in the rollout engine: the sidecar
+    switches TRAIN -> ROLLOUT (pushing the weights), and back to TRAIN after, also when
+    ``fn`` fails."""
+    checkpoint_engine.call("phase", PhaseCommand(ref=ref, phase="rollout"), PhaseStatus)
+    try:
+        return fn(ref)
+    finally:
+        checkpoint_engine.call("phase", PhaseCommand(ref=ref, phase="train"), PhaseStatus)
 
 
 def _reward_metrics(groups: list[Group], rewards: RewardResult | None) -> RewardMetrics | None:

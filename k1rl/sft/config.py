@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from k1rl.data.sources import DataConfig
+from k1rl.data.sources import DataConfig, DataSource
 from k1rl.yaml_config import Section
 
 
@@ -52,6 +52,29 @@ class SFTStage(Section):
         return self.lr * (self.min_lr_fraction + (1 - self.min_lr_fraction) * shape)
 
 
+class SFTStop(Section):
+    """Stop SFT early once the policy solves enough of some problems: every ``every``
+    steps from ``min_steps`` on, the trainer's weights go to a rollout engine, which
+    samples each problem ``samples`` times at the rollout temperature; reward_svc judges.
+
+    For RL that follows: what a policy has learned shows in what it samples long before
+    the loss says so (a tiny model learns to copy operands in a sudden transition whose
+    step varies by seed), and RL needs a start that solves some but not all of its
+    prompts. The stages' schedules still span all their steps."""
+
+    accuracy: float = Field(gt=0, le=1, description="Stop once sampled pass@1 reaches this.")
+    data: list[DataSource] = Field(min_length=1, description="Problems with an answer or "
+                                   "tests (each source one level of the reported accuracy).")
+    problems_per_source: int | None = Field(None, ge=1, description="At most this many rows "
+                                            "of each source, the first ones.")
+    every: int = Field(20, ge=1, description="Steps between measurements.")
+    min_steps: int = Field(0, ge=0, description="No measurement before this step.")
+    samples: int = Field(4, ge=1, description="Samples per problem.")
+
+    def due(self, steps_done: int) -> bool:
+        return steps_done >= self.min_steps and steps_done % self.every == 0
+
+
 class SFTConfig(Section):
     """Supervised fine-tuning (`k1rl sft`): rows with a response, or chat messages ending
     in an assistant turn, from ``data``; AdamW on packed rows."""
@@ -69,3 +92,5 @@ class SFTConfig(Section):
                                "is measured on.")
     stages: list[SFTStage] = Field(default_factory=list, description="The schedule, in "
                                    "order; `k1rl sft` needs at least one stage.")
+    stop_when: SFTStop | None = Field(None, description="Early stop on sampled accuracy "
+                                      "(starts the rollout, reward and sidecar services).")

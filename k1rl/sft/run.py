@@ -4,9 +4,11 @@ The rows are loaded as any data source (k1rl/data/sources.py) and tokenized once
 Arrow columns (``RUN_DIR/data``), so every row is checked before the first step and a large
 set is not held as Python objects. Each step draws ``sft.batch`` rows from a shuffled pass
 over the training rows (a new order every pass), packs them, and takes one AdamW step at
-the stage's learning rate. The run directory gets ``config.yaml``, ``sft_metrics.jsonl``
-(one record per step), ``sft_loss.png``, the services' logs and the result as an HF
-checkpoint in ``final/``.
+the stage's learning rate. With ``sft.stop_when`` the RL loop's services run too, and
+every few steps the trainer's weights go to the engine to measure sampled pass@1 on the
+named problems; SFT ends once it reaches the threshold. The run directory gets
+``config.yaml``, ``sft_metrics.jsonl`` (one record per step), ``sft_loss.png``, the
+services' logs and the result as an HF checkpoint in ``final/``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +25,16 @@ from typing import Any
 from rich.console import Console
 
 from k1rl.config import RunConfig
+from k1rl.data.problem import Problem
 from k1rl.master.loop import FINAL_HF
-from k1rl.metrics.record import SFTStepMetrics
+from k1rl.metrics.record import Accuracy, SFTStepMetrics
 from k1rl.progress import progress_bar
 from k1rl.protocol import (
     CheckpointRequest,
     CheckpointResult,
     LogprobRequest,
     LogprobResult,
+    RunRef,
     SFTBatch,
     SFTExample,
     TrainStats,
@@ -71,8 +75,10 @@ def run_sft(cfg: RunConfig, run_dir: Path, source: str = "run config") -> SFTRes
         except ValueError as e:  # a row that cannot be an example, found before any step
             raise ConfigError(source, [f"sft.data: {e}"]) from e
     console.print(f"sft: {len(train)} training rows, {len(heldout)} validation rows")
-    with _trainer(cfg, config_path, run_dir / "logs") as trainer:
-        history = train_stages(cfg, trainer, train, heldout, run_dir / METRICS_FILE)
+    services = (_trainer(cfg, config_path, run_dir / "logs") if cfg.sft.stop_when is None
+                else _with_rollout(cfg, config_path, run_dir, source))
+    with services as (trainer, validate):
+        history = train_stages(cfg, trainer, train, heldout, run_dir / METRICS_FILE, validate)
         final = (run_dir / FINAL_HF).resolve()  # where `k1rl rl` puts its policy too
         trainer.call("checkpoint", CheckpointRequest(action="export_hf", path=str(final)),
                      CheckpointResult)
@@ -90,7 +96,6 @@ def encoded_rows(cfg: RunConfig, cache_dir: Path) -> tuple[Any, Any]:
     from datasets import Features, List, Value, concatenate_datasets
     from transformers import AutoTokenizer
 
-    from k1rl.data.problem import Problem
     from k1rl.data.sources import load_data
     from k1rl.sft.examples import SFTEncoder
 
@@ -145,10 +150,11 @@ def _check_lengths(cfg: RunConfig, lengths: list[int]) -> None:
                              "max_position_embeddings), or shorten the rows")
 
 
-def train_stages(cfg: RunConfig, trainer: Any, train: Any, heldout: Any,
-                 metrics_path: Path) -> list[SFTStepMetrics]:
-    """Every stage's steps in order; a record per step, appended to ``metrics_path`` as
-    it is taken (validation loss every sft.eval_every steps and after the last)."""
+def train_stages(cfg: RunConfig, trainer: Any, train: Any, heldout: Any, metrics_path: Path,
+                 validate: Callable[[], Accuracy] | None = None) -> list[SFTStepMetrics]:
+    """Every stage's steps in order, or until sft.stop_when's accuracy is reached
+    (``validate`` measures it); a record per step, appended to ``metrics_path`` as it is
+    taken (validation loss every sft.eval_every steps and after the last)."""
     sft = cfg.sft
     order = _shuffled_passes(len(train), cfg.seed)
     batch_size = min(sft.batch, len(train))
@@ -164,18 +170,33 @@ def train_stages(cfg: RunConfig, trainer: Any, train: Any, heldout: Any,
                 stats = trainer.call("sft_step", batch, TrainStats, timeout_s=600)
                 record = SFTStepMetrics(step=len(history), loss=stats.loss,
                                         values=stats.metrics, stage=k, lr=batch.lr)
-                last = k == len(sft.stages) - 1 and s == total - 1
+                if validate and sft.stop_when.due(record.step + 1):
+                    record.val = validate()
+                    progress.console.print(
+                        f"SFT step {record.step + 1}: sampled pass@1 {record.val.accuracy:.3f}, "
+                        f"greedy {record.val.greedy:.3f} (stop at {sft.stop_when.accuracy})")
+                stop = record.val is not None and record.val.accuracy >= sft.stop_when.accuracy
+                last = stop or (k == len(sft.stages) - 1 and s == total - 1)
                 if len(heldout) and (last or (sft.eval_every and
                                               (record.step + 1) % sft.eval_every == 0)):
                     record.val_loss = validation_loss(trainer, heldout)
                 history.append(record)
                 out.write(json.dumps(record.row()) + "\n")
                 out.flush()
-                info = f"stage {k}  loss {record.loss:.3f}"
-                if record.val_loss is not None:
-                    info += f"  val {record.val_loss:.3f}"
-                progress.update(bar, advance=1, info=info)
+                progress.update(bar, advance=1, info=_step_info(record))
+                if stop:
+                    progress.update(bar, total=len(history))
+                    return history
     return history
+
+
+def _step_info(record: SFTStepMetrics) -> str:
+    info = f"stage {record.stage}  loss {record.loss:.3f}"
+    if record.val_loss is not None:
+        info += f"  val {record.val_loss:.3f}"
+    if record.val is not None:
+        info += f"  pass@1 {record.val.accuracy:.3f}"
+    return info
 
 
 def validation_loss(trainer: Any, heldout: Any, chunk: int = 64) -> float:
@@ -207,8 +228,9 @@ def _shuffled_passes(n: int, seed: int) -> Iterator[int]:
 
 
 @contextmanager
-def _trainer(cfg: RunConfig, config_path: Path, log_dir: Path) -> Iterator[Any]:
-    """trainer_svc started on ``config_path`` as a local process; yields its client."""
+def _trainer(cfg: RunConfig, config_path: Path, log_dir: Path) -> Iterator[tuple[Any, None]]:
+    """trainer_svc started on ``config_path`` as a local process; yields its client (and
+    no validation)."""
     from k1rl.launch import LocalCluster
     from k1rl.rpc import RPCClient
 
@@ -218,7 +240,60 @@ def _trainer(cfg: RunConfig, config_path: Path, log_dir: Path) -> Iterator[Any]:
                           cfg.trainer.address)
             cluster.wait_ready(900)
         with RPCClient(cfg.trainer.address, timeout_s=900) as client:
-            yield client
+            yield client, None
+
+
+@contextmanager
+def _with_rollout(cfg: RunConfig, config_path: Path, run_dir: Path, source: str
+                  ) -> Iterator[tuple[Any, Callable[[], Accuracy]]]:
+    """The RL loop's services (trainer, reward, the sidecar with its engine, and the
+    sandbox when some problems are code) as local processes; yields the trainer's client
+    and a function measuring sft.stop_when's accuracy of the trainer's current weights."""
+    from k1rl.data.prompts import PromptRenderer
+    from k1rl.master import start_local_services
+    from k1rl.master.evaluation import accuracy
+    from k1rl.master.loop import Clients, in_rollout_phase
+    from k1rl.master.problems import ProblemSet
+
+    stop = cfg.sft.stop_when
+    try:
+        problems = stop_problems(cfg, run_dir / "data")
+    except ValueError as e:
+        raise ConfigError(source, [f"sft.stop_when.data: {e}"]) from e
+    # prompts reach the engine the way SFT rendered them
+    renderer = PromptRenderer(cfg.sft.data.prompt, cfg.model.path)
+    with console.status("starting trainer_svc, reward_svc and the checkpoint-engine sidecar "
+                        "(which starts vLLM)"):
+        cluster = start_local_services(cfg, config_path, run_dir / "logs",
+                                       ProblemSet(lambda: [problems], lambda: []))
+    with cluster:
+        clients = Clients.connect(cfg)
+        try:
+            def validate() -> Accuracy:
+                return in_rollout_phase(
+                    clients.checkpoint_engine, RunRef(run_id=cfg.run_id),
+                    lambda ref: accuracy(cfg, clients.rollout, clients.reward, problems, ref,
+                                         stop.samples, renderer))
+
+            yield clients.trainer, validate
+        finally:
+            clients.close()
+
+
+def stop_problems(cfg: RunConfig, cache_dir: Path) -> list[Problem]:
+    """sft.stop_when's problems: at most problems_per_source rows of each source, read
+    with sft.data.on_bad_row."""
+    from k1rl.data.problem import DatasetPool
+    from k1rl.data.sources import load_each
+
+    stop = cfg.sft.stop_when
+    pools, _ = load_each(stop.data, cfg.sft.data.on_bad_row, cache_dir, "stop_when")
+    n = stop.problems_per_source
+    problems = [p for label, ds in pools
+                for p in DatasetPool(ds.select(range(min(n or len(ds), len(ds)))), label)]
+    if not problems:
+        raise ValueError("no problem to measure")
+    return problems
 
 
 def plot_sft(run_dir: Path, history: list[SFTStepMetrics]) -> Path:
