@@ -20,11 +20,12 @@ console = Console()
 
 def main() -> None:
     """The `k1rl` script: a config a user got wrong is its message, not a traceback."""
+    from k1rl.parity import ParityError
     from k1rl.yaml_config import ConfigError
 
     try:
         app(prog_name="k1rl")
-    except (ConfigError, FileExistsError) as e:
+    except (ConfigError, FileExistsError, ParityError) as e:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {e}", highlight=False)
         raise SystemExit(2) from None
 
@@ -43,8 +44,14 @@ def init_model_cmd(
     max_position: int = typer.Option(1024, help="Maximum sequence length."),
     tie_embeddings: bool = typer.Option(False, help="Share input and output embeddings."),
     corpus_size: int = typer.Option(200, help="Tokenizer corpus: tasks per level."),
+    like: Path = typer.Option(
+        None, help="A published config.json (or model dir) whose architecture to build, "
+        "scaled down: its family, biases, tied head, QK-norm, GQA ratio, head_dim and RoPE "
+        "scaling kept; --layers, --kv-heads, --intermediate-size (and --hidden-size when "
+        "its head_dim is set apart from the width) set; --heads follows the GQA ratio."),
 ) -> None:
-    """Build the tokenizer and a random-init tiny Qwen2 (deterministic for the seed)."""
+    """Build the tokenizer and a random-init tiny model (deterministic for the seed): a
+    Qwen2, or with --like the architecture of your own model's config."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from k1rl.data.tiny_model import init_model
 
@@ -53,7 +60,7 @@ def init_model_cmd(
             out_dir, seed=seed, hidden_size=hidden_size, num_layers=layers, num_heads=heads,
             num_kv_heads=kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
             vocab_multiple=vocab_multiple, max_position=max_position,
-            tie_word_embeddings=tie_embeddings, corpus_size=corpus_size,
+            tie_word_embeddings=tie_embeddings, corpus_size=corpus_size, like=like,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
@@ -262,6 +269,44 @@ def rl_cmd(
         state = master.run(cfg, run_dir or Path(cfg.run_dir), local_services=local,
                            source=str(config))
     console.print(f"run done: {state.iterations_done} iterations, policy v{state.policy_version}")
+
+
+@app.command("doctor")
+def doctor_cmd(
+    model: Path = typer.Option(..., help="HF checkpoint directory to check."),
+    tp: int = typer.Option(1, min=1, help="Trainer tensor-parallel size."),
+    dtype: str = typer.Option(None, help="float32 or bfloat16 (default: the config's)."),
+    config: Path = typer.Option(None, help="RunConfig YAML whose transport, devices and "
+                                "parity thresholds to use (default: the defaults)."),
+    engine_model: Path = typer.Option(
+        None, help="Another checkpoint for vLLM to load (a converted or exported copy): is "
+        "it the policy the trainer loads from --model? Default: --model."),
+    samples: int = typer.Option(4, min=1, help="Samples per prompt compared."),
+    work_dir: Path = typer.Option(None, help="Where the services' config and logs go "
+                                  "(default: a temporary directory)."),
+) -> None:
+    """Check a checkpoint end to end before training on it: loading, the HF <-> Megatron
+    round trip, trainer/vLLM log-prob parity, the weight push, stop tokens. The last line
+    is the report as JSON; the exit code is 1 when a check fails."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from k1rl.doctor import run_doctor
+
+    if dtype not in (None, "float32", "bfloat16"):
+        raise typer.BadParameter(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+    report = run_doctor(model, tp=tp, dtype=dtype, config=config, engine_model=engine_model,
+                        samples=samples, work_dir=work_dir)
+    table = Table(title=f"k1rl doctor: {model} ({report.model_type or '?'}, "
+                  f"{report.parameters or 0:,} parameters, {report.dtype}, tp={tp})")
+    for column in ("check", "", "detail"):
+        table.add_column(column)
+    for check in report.checks:
+        table.add_row(check.name, "[green]ok[/green]" if check.ok else "[red]FAIL[/red]",
+                      check.detail)
+    console.print(table)
+    if not report.ok:
+        console.print(f"[bold red]failed:[/bold red] {', '.join(report.failed)}")
+    print(report.model_dump_json())
+    raise typer.Exit(0 if report.ok else 1)
 
 
 # `run` was the command's name before `rl`: scripts and run directories' notes still use it

@@ -57,8 +57,10 @@ class ModelConfig(Section):
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
-        description="Parameter and compute dtype for training and rollout. float32 on CPU "
-        "(bfloat16 is 3-30x slower without AVX512).",
+        description="The rollout engine's dtype, and the one the parity tolerances are "
+        "chosen for. The trainer computes in float32 whatever this says (bf16 mixed "
+        "precision is not built yet). float32 on CPU (bfloat16 is 3-30x slower without "
+        "AVX512).",
     )
 
 
@@ -403,6 +405,25 @@ class SandboxConfig(ServiceSection):
 _SERVICES = ("trainer", "rollout", "reward", "checkpoint_engine", "sandbox")
 
 
+class ParityConfig(Section):
+    """Trainer and rollout engine must give the same log-probs to the same tokens: a
+    conversion slip (a dropped bias, a RoPE variant, a tied head) shows here first."""
+
+    check_first_iteration: bool = Field(
+        True,
+        description="Before the first RL iteration trains, score some of its samples with the "
+        "trainer and stop the run if they disagree with the engine's log-probs beyond the "
+        "thresholds (`k1rl doctor` runs the same check on its own).",
+    )
+    samples: int = Field(32, ge=1, description="Samples of the first iteration compared.")
+    mean_abs_diff: float | None = Field(
+        None, gt=0, description="Largest mean |log-prob difference| per token; null: the "
+        "model dtype's default (k1rl/parity.py).")
+    max_abs_diff: float | None = Field(
+        None, gt=0, description="Largest |log-prob difference| of any token; null: the "
+        "model dtype's default.")
+
+
 class RunConfig(Section):
     plugins: list[str] = Field(
         default_factory=list,
@@ -431,6 +452,8 @@ class RunConfig(Section):
                              description="Your datasets (k1rl/data/sources.py).")
     sft: SFTConfig = Field(default_factory=SFTConfig,
                            description="`k1rl sft`: its rows and schedule (k1rl/sft/).")
+    parity: ParityConfig = Field(default_factory=ParityConfig,
+                                 description="Trainer vs engine log-prob agreement.")
 
     @model_validator(mode="before")
     @classmethod
@@ -462,6 +485,16 @@ class RunConfig(Section):
         if budgets and max(budgets) > r.max_tokens:
             raise ValueError(f"rl.schedule: max_tokens {max(budgets)} is above "
                              f"rollout.max_tokens ({r.max_tokens}), the run's largest budget")
+        return self
+
+    @model_validator(mode="after")
+    def _trajectories_fit_a_row(self) -> RunConfig:
+        if self.trainer.seq_length < self.rollout.max_model_len:
+            raise ValueError(
+                f"trainer.seq_length: {self.trainer.seq_length} is below rollout.max_model_len "
+                f"({self.rollout.max_model_len}): a trajectory (prompt + response) of up to "
+                "max_model_len tokens must fit one training row: raise trainer.seq_length or "
+                "lower rollout.max_model_len")
         return self
 
     @model_validator(mode="after")

@@ -190,9 +190,12 @@ class LocalStack:
         dummy_rollout: bool = True,
         ready_timeout_s: float = 600.0,
         model_kwargs: dict | None = None,
+        engine_model_dir: Path | None = None,
     ) -> LocalStack:
         """Write the run config (fresh ports), build a tiny model if none is given,
-        start both services in parallel and wait until they answer ready."""
+        start both services in parallel and wait until they answer ready.
+        ``engine_model_dir``: another checkpoint for the engine to load (default: the
+        trainer's)."""
         from k1rl.config import RunConfig
 
         work_dir = Path(work_dir)
@@ -214,6 +217,11 @@ class LocalStack:
             args = ["--config", str(config_path)]
             cluster.start("trainer", "trainer_svc", args, cfg.trainer.address)
             rollout_args = args + (["--dummy-weights"] if dummy_rollout else [])
+            if engine_model_dir is not None:
+                engine_cfg = cfg.model_copy(deep=True)
+                engine_cfg.model.path = str(engine_model_dir)
+                (work_dir / "engine.yaml").write_text(engine_cfg.dump_yaml())
+                rollout_args[1] = str(work_dir / "engine.yaml")
             cluster.start("rollout", "rollout_svc", rollout_args, cfg.rollout.address)
             cluster.wait_ready(ready_timeout_s)
             return cls(cfg, config_path, cluster)

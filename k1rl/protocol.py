@@ -124,6 +124,24 @@ class PromptResult(Message):
     completions: list[Completion]
 
 
+class EngineInfoRequest(Message):
+    kind: Literal["engine_info_request"] = "engine_info_request"
+
+
+class EngineInfo(Message):
+    """What the running engine serves and when it stops, as vLLM itself resolved them."""
+
+    kind: Literal["engine_info"] = "engine_info"
+    model_type: str
+    dtype: str
+    max_model_len: int
+    eos_token_id: int | None  # the tokenizer's, which vLLM always stops on
+    # generation_config.json's eos_token_id(s), which vLLM adds as stop tokens
+    generation_eos_token_ids: list[int]
+    has_chat_template: bool
+    policy_version: int
+
+
 class GenerateResult(Message):
     kind: Literal["generate_result"] = "generate_result"
     ref: RunRef = Field(default_factory=RunRef)
@@ -286,6 +304,23 @@ class PushWeightsRequest(Message):
 
     kind: Literal["push_weights"] = "push_weights"
     ref: RunRef = Field(default_factory=RunRef)
+
+
+class RoundTripRequest(Message):
+    """Ask the trainer to export the weights it loaded (HF -> Megatron -> HF) and compare
+    every tensor with its checkpoint's, bit for bit (before any training step)."""
+
+    kind: Literal["roundtrip_request"] = "roundtrip_request"
+
+
+class RoundTripResult(Message):
+    kind: Literal["roundtrip_result"] = "roundtrip_result"
+    model_type: str
+    parameters: int
+    tensors: int
+    exact: bool
+    mismatched: list[str] = Field(default_factory=list)  # the first few, by name
+    max_abs_diff: float
 
 
 class CheckpointRequest(Message):
@@ -501,6 +536,8 @@ AnyMessage = Annotated[
     | ErrorReply
     | GenerateRequest
     | GenerateResult
+    | EngineInfoRequest
+    | EngineInfo
     | WeightManifest
     | WeightUpdateResult
     | SFTBatch
@@ -509,6 +546,8 @@ AnyMessage = Annotated[
     | LogprobResult
     | TrainStats
     | PushWeightsRequest
+    | RoundTripRequest
+    | RoundTripResult
     | CheckpointRequest
     | CheckpointResult
     | RewardRequest

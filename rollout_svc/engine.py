@@ -19,6 +19,8 @@ from typing import Any
 from k1rl.config import RepetitionConfig
 from k1rl.protocol import (
     Completion,
+    EngineInfo,
+    EngineInfoRequest,
     GenerateRequest,
     GenerateResult,
     LogprobRequest,
@@ -234,6 +236,21 @@ class RolloutEngine:
             entries = out.prompt_logprobs[len(p):]
             logprobs.append([e[t].logprob for t, e in zip(seq[len(p):], entries)])
         return LogprobResult(logprobs=logprobs, policy_version=self.policy_version)
+
+    def info(self, req: EngineInfoRequest) -> EngineInfo:
+        """The model, dtype and stop tokens as vLLM resolved them from the checkpoint."""
+        model_config = self.llm.llm_engine.model_config
+        eos = model_config.try_get_generation_config().get("eos_token_id")
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return EngineInfo(
+            model_type=model_config.hf_config.model_type,
+            dtype=str(model_config.dtype).removeprefix("torch."),
+            max_model_len=model_config.max_model_len,
+            eos_token_id=self.tokenizer.eos_token_id,
+            generation_eos_token_ids=eos_ids,
+            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+            policy_version=self.policy_version,
+        )
 
     # ------------------------------------------------------------------- weights
     def update_weights(self, manifest: WeightManifest) -> WeightUpdateResult:

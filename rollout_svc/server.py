@@ -1,11 +1,11 @@
-"""Serve one RolloutEngine over ZMQ: generate, score, update_weights, ping."""
+"""Serve one RolloutEngine over ZMQ: generate, score, update_weights, info, ping."""
 
 from __future__ import annotations
 
 import logging
 
 from k1rl.config import RunConfig
-from k1rl.protocol import GenerateRequest, LogprobRequest, WeightManifest
+from k1rl.protocol import EngineInfoRequest, GenerateRequest, LogprobRequest, WeightManifest
 from k1rl.rpc import RPCServer
 from k1rl.service import run_until_signalled
 
@@ -36,6 +36,7 @@ def register_engine(server: RPCServer, engine: RolloutEngine) -> None:
     server.register("generate", GenerateRequest, engine.generate)
     server.register("score", LogprobRequest, engine.score)
     server.register("update_weights", WeightManifest, engine.update_weights)
+    server.register("info", EngineInfoRequest, engine.info)
 
 
 def serve(cfg: RunConfig, *, dummy_weights: bool = False, address: str | None = None) -> None:

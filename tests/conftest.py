@@ -106,3 +106,43 @@ def chat_model_dir(tmp_path_factory, trainer_model_dir):
     shutil.copytree(trainer_model_dir, out, dirs_exist_ok=True)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
+
+
+# ------------------------------------------------------------- model families block
+import pytest as _families_pytest  # noqa: E402
+
+# Published config.json files of real models (tests/data/published_configs), built scaled
+# down by `init_model(like=...)`: 2 layers, 2 KV heads (TP=2 splits them), the published
+# GQA ratio, head_dim, biases, tied head, QK-norm and RoPE scaling.
+PUBLISHED_MODELS = ("llama-3.2-1b-instruct", "qwen2.5-0.5b-instruct", "qwen2.5-7b-instruct",
+                    "qwen3-0.6b", "mistral-7b-instruct-v0.3")
+PUBLISHED_CONFIGS = _TrainerPath(__file__).parent / "data" / "published_configs"
+
+
+def write_published_family(out: _TrainerPath, name: str, seed: int = 0) -> _TrainerPath:
+    """A random-init HF checkpoint of the published model ``name``, scaled down; norms
+    and biases randomised as well, so a misplaced one changes the log-probs."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from k1rl.data.tiny_model import init_model
+
+    init_model(out, like=PUBLISHED_CONFIGS / f"{name}.json", seed=seed, num_layers=2,
+               num_kv_heads=2, hidden_size=256, intermediate_size=384, corpus_size=20)
+    path = out / "model.safetensors"
+    tensors = load_file(str(path))
+    gen = torch.Generator().manual_seed(seed)
+    for key, tensor in tensors.items():
+        if key.endswith("bias"):
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
+        elif "norm" in key:
+            tensor.copy_(1.0 + torch.randn(tensor.shape, generator=gen) * 0.1)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return out
+
+
+@_families_pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, _TrainerPath]:
+    """Published model name -> its scaled-down random checkpoint (see PUBLISHED_MODELS)."""
+    root = tmp_path_factory.mktemp("families")
+    return {name: write_published_family(root / name, name) for name in PUBLISHED_MODELS}

@@ -102,6 +102,12 @@ def test_cpu_trainer_requires_gloo_but_cuda_allows_either():
         assert cfg.trainer.dist_backend == backend
 
 
+def test_a_whole_trajectory_must_fit_one_training_row_at_load_time():
+    msg = _error("trainer: {seq_length: 256}\nrollout: {max_model_len: 512}")
+    assert "trainer.seq_length: 256 is below rollout.max_model_len (512)" in msg
+    assert RunConfig.from_yaml_text("trainer: {seq_length: 256}\nrollout: {max_model_len: 256}")
+
+
 def test_max_tokens_must_fit_in_the_context():
     msg = _error("rollout: {max_model_len: 128, max_tokens: 128}")
     assert "rollout.max_tokens: 128" in msg and "max_model_len (128)" in msg

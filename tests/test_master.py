@@ -146,3 +146,22 @@ def test_partial_rollouts_park_continue_and_survive_a_resume(tmp_path, trainer_m
     assert all(r["repetition_stops"] == 0 for r in rows)
     assert all(0 < r["decoded_tokens"] <= 8 * (r["trajectories_continued"] + 4 * 4)
                for r in rows)
+
+
+@pytest.mark.slow
+def test_first_iteration_stops_before_training_when_trainer_and_engine_disagree(
+        tmp_path, trainer_model_dir):
+    # the thresholds below any real float32 agreement (~1e-7): the run must stop at the
+    # check, having trained nothing
+    cfg = _config(tmp_path, trainer_model_dir, iterations=2)
+    cfg.parity.mean_abs_diff = cfg.parity.max_abs_diff = 1e-12
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.dump_yaml())
+    proc = _k1rl("rl", "--config", str(config), "--run-dir", str(tmp_path / "run"))
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 2, out
+    assert "the trainer and the rollout engine disagree" in out
+    assert "k1rl doctor --model" in out
+    run = tmp_path / "run"
+    assert _metrics(run) == [] and not (run / "state.json").exists()  # no iteration ended
+    assert not list(run.glob("checkpoints/*"))

@@ -158,6 +158,7 @@ def test_k1rl_sft_trains_in_stages_and_writes_an_hf_checkpoint(tmp_path, chat_mo
     cfg = RunConfig.model_validate({
         "run_id": "sft", "seed": 0, "model": {"path": str(model)},
         "trainer": {"address": free_tcp_address(), "seq_length": 128},
+        "rollout": {"max_model_len": 128},
         "sft": {"data": {"train": [{"path": path} for path in train],
                          "eval": [{"path": _rows(tmp_path, "add", "heldout", 40)}],
                          "prompt": {"template": "chat"}},

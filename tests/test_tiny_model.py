@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -153,6 +154,29 @@ def test_cli_init_model_and_gen_tasks(tmp_path):
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 7
     result = runner.invoke(app, ["gen-tasks", str(tmp_path / "x.jsonl"), "--family", "pow"])
     assert result.exit_code != 0 and "unknown task family 'pow'" in result.output
+
+
+def test_init_model_like_a_published_config_keeps_its_architecture(tmp_path):
+    published = Path(__file__).parent / "data" / "published_configs" / "qwen3-0.6b.json"
+    result = CliRunner().invoke(app, [
+        "init-model", str(tmp_path / "m"), "--like", str(published), "--layers", "2",
+        "--kv-heads", "2", "--hidden-size", "128", "--intermediate-size", "256",
+        "--corpus-size", "5"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    # Qwen3-0.6B: 16 query heads per 8 KV heads, head_dim 128 apart from the width, tied
+    assert config["model_type"] == "qwen3" and config["num_hidden_layers"] == 2
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    assert (config["head_dim"], config["hidden_size"]) == (128, 128)
+    assert config["tie_word_embeddings"] is True and config["rms_norm_eps"] == 1e-6
+    tokenizer = load_tokenizer(tmp_path / "m")
+    assert tokenizer.chat_template and config["eos_token_id"] == tokenizer.eos_token_id
+
+
+def test_init_model_like_a_missing_config_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["init-model", str(tmp_path / "m"), "--like",
+                                      str(tmp_path / "none.json")])
+    assert result.exit_code != 0 and "no config.json" in result.output
 
 
 def test_gen_tasks_writes_several_levels_and_can_leave_out_another_files_problems(tmp_path):

@@ -173,7 +173,7 @@ def _config(**changes):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"model_type": "llama", "attention_bias": True}, "attention_bias"),
         ({"use_sliding_window": True}, "use_sliding_window"),

@@ -1,4 +1,4 @@
-"""HF <-> Megatron weight conversion for Qwen2 / Llama decoder models.
+"""HF <-> Megatron weight conversion for the decoder families of :mod:`trainer_svc.hf_spec`.
 
 megatron-core ships no HF converter, so this module is the one place that knows
 both layouts. Everything is a pure function of tensors and an :class:`HFModelSpec`
@@ -9,6 +9,8 @@ Layouts (Megatron local layer spec, TP rank r of t):
 
 - ``linear_qkv``: rows grouped per query group, each group ``[q heads of the group,
   k, v]``; TP splits whole groups (dim 0). Same for the bias (Qwen2).
+- Qwen3's ``q_layernorm`` / ``k_layernorm`` (``q_norm`` / ``k_norm``) are per-head RMSNorm
+  weights of ``head_dim``, replicated.
 - ``linear_fc1``: ``[gate; up]``; with TP each shard is ``[gate_r; up_r]``.
 - vocab (embedding, output layer), qkv, fc1 are split on dim 0; ``linear_proj`` and
   ``linear_fc2`` on dim 1; norms are replicated.
@@ -17,135 +19,18 @@ Layouts (Megatron local layer spec, TP rank r of t):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+from trainer_svc.hf_spec import ConversionError, HFModelSpec
+
 EMBED_NAME = "model.embed_tokens.weight"
 
 Kind = Literal["replicated", "split0", "split1", "qkv", "fc1"]
-
-
-class ConversionError(ValueError):
-    """A checkpoint or config that cannot be converted (names the offending key)."""
-
-
-@dataclass(frozen=True)
-class HFModelSpec:
-    """The shape facts of an HF decoder config that conversion and model building need."""
-
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    max_position_embeddings: int
-    rms_norm_eps: float
-    rope_theta: float
-    qkv_bias: bool
-    tied_embeddings: bool
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    @classmethod
-    def of(cls, hf_config: Any) -> HFModelSpec:
-        """``hf_config`` itself if it is a spec already, else :meth:`from_hf_config`."""
-        return hf_config if isinstance(hf_config, cls) else cls.from_hf_config(hf_config)
-
-    @classmethod
-    def from_hf_config(cls, hf_config: Any) -> HFModelSpec:
-        """Read a transformers config object, a config dict, or a model dir's config.json."""
-        cfg = _config_dict(hf_config)
-        model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConversionError(
-                f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})"
-            )
-        _check_unsupported_features(cfg)
-        heads = _required(cfg, "num_attention_heads")
-        hidden = _required(cfg, "hidden_size")
-        spec = cls(
-            model_type=model_type,
-            num_layers=_required(cfg, "num_hidden_layers"),
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or hidden // heads,
-            intermediate_size=_required(cfg, "intermediate_size"),
-            vocab_size=_required(cfg, "vocab_size"),
-            max_position_embeddings=_required(cfg, "max_position_embeddings"),
-            rms_norm_eps=float(_required(cfg, "rms_norm_eps")),
-            rope_theta=_rope_theta(cfg),
-            # Qwen2 always has q/k/v biases; Llama only with attention_bias (refused above).
-            qkv_bias=model_type == "qwen2",
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
-        if spec.num_heads % spec.num_kv_heads:
-            raise ConversionError(
-                f"num_attention_heads={spec.num_heads} is not a multiple of "
-                f"num_key_value_heads={spec.num_kv_heads}"
-            )
-        return spec
-
-    def check_tp(self, tp_size: int) -> None:
-        """Fail early, naming the field, when a dimension does not split over ``tp_size``."""
-        if tp_size < 1:
-            raise ConversionError(f"tensor-parallel size must be >= 1, got {tp_size}")
-        for field, value in (
-            ("num_key_value_heads", self.num_kv_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("vocab_size", self.vocab_size),
-        ):
-            if value % tp_size:
-                raise ConversionError(f"{field}={value} is not divisible by TP {tp_size}")
-
-
-def _config_dict(hf_config: Any) -> dict[str, Any]:
-    if isinstance(hf_config, (str, Path)):
-        path = Path(hf_config)
-        path = path / "config.json" if path.is_dir() else path
-        return json.loads(path.read_text())
-    if isinstance(hf_config, Mapping):
-        return dict(hf_config)
-    if hasattr(hf_config, "to_dict"):
-        return hf_config.to_dict()
-    raise ConversionError(f"cannot read an HF config from {type(hf_config).__name__}")
-
-
-def _required(cfg: Mapping[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ConversionError(f"HF config has no {key!r}")
-    return cfg[key]
-
-
-def _rope_theta(cfg: Mapping[str, Any]) -> float:
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConversionError(f"rope_type {rope_type!r} is not supported (only 'default')")
-    theta = rope.get("rope_theta", cfg.get("rope_theta"))
-    if theta is None:
-        raise ConversionError("HF config has no 'rope_theta' (nor rope_parameters.rope_theta)")
-    return float(theta)
-
-
-def _check_unsupported_features(cfg: Mapping[str, Any]) -> None:
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
-    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
-        if cfg.get(flag):
-            raise ConversionError(f"HF config sets {flag}=true, which is not supported")
 
 
 # ------------------------------------------------------------------------- name rules
@@ -160,17 +45,22 @@ class ParamRule:
     kind: Kind
 
 
-# Per decoder layer: (Megatron suffix, HF suffixes, kind), in HF's module order.
-_LAYER_RULES: tuple[tuple[str, tuple[str, ...], Kind], ...] = (
-    ("input_layernorm.weight", ("input_layernorm.weight",), "replicated"),
+# Per decoder layer: (Megatron suffix, HF suffixes, kind, the HFModelSpec flag the
+# parameter exists under or None), in HF's module order.
+_LAYER_RULES: tuple[tuple[str, tuple[str, ...], Kind, str | None], ...] = (
+    ("input_layernorm.weight", ("input_layernorm.weight",), "replicated", None),
     ("self_attention.linear_qkv.weight",
-     ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
+     ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv",
+     None),
     ("self_attention.linear_qkv.bias",
-     ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv"),
-    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "split1"),
-    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated"),
-    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1"),
-    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "split1"),
+     ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv",
+     "qkv_bias"),
+    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "split1", None),
+    ("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), "replicated", "qk_norm"),
+    ("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), "replicated", "qk_norm"),
+    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated", None),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1", None),
+    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "split1", None),
 )
 
 
@@ -178,11 +68,10 @@ def param_rules(spec: HFModelSpec) -> list[ParamRule]:
     """All Megatron parameters of the model in model order (embedding, layers, head)."""
     rules = [ParamRule("embedding.word_embeddings.weight", (EMBED_NAME,), "split0")]
     for i in range(spec.num_layers):
-        for mg, hf, kind in _LAYER_RULES:
-            if mg.endswith("bias") and not spec.qkv_bias:
-                continue
-            hf_full = tuple(f"model.layers.{i}.{name}" for name in hf)
-            rules.append(ParamRule(f"decoder.layers.{i}.{mg}", hf_full, kind))
+        for mg, hf, kind, flag in _LAYER_RULES:
+            if flag is None or getattr(spec, flag):
+                hf_full = tuple(f"model.layers.{i}.{name}" for name in hf)
+                rules.append(ParamRule(f"decoder.layers.{i}.{mg}", hf_full, kind))
     rules.append(ParamRule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
     if not spec.tied_embeddings:
         rules.append(ParamRule("output_layer.weight", ("lm_head.weight",), "split0"))
@@ -210,6 +99,8 @@ def hf_shapes(spec: HFModelSpec) -> dict[str, tuple[int, ...]]:
         "self_attn.k_proj.bias": (kv_rows,),
         "self_attn.v_proj.bias": (kv_rows,),
         "self_attn.o_proj.weight": (h, q_rows),
+        "self_attn.q_norm.weight": (spec.head_dim,),
+        "self_attn.k_norm.weight": (spec.head_dim,),
         "post_attention_layernorm.weight": (h,),
         "mlp.gate_proj.weight": (inter, h),
         "mlp.up_proj.weight": (inter, h),

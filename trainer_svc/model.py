@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer_svc.convert import HFModelSpec
+from trainer_svc.hf_spec import HFModelSpec, rope_inv_freq
 
 
 def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu"):
-    """megatron-core ``TransformerConfig`` equivalent to an HF Qwen2 / Llama config."""
+    """megatron-core ``TransformerConfig`` equivalent to an HF config (see hf_spec.FAMILIES)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     spec = HFModelSpec.of(hf_config)
@@ -38,6 +38,7 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu")
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -75,7 +76,8 @@ def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention:
     model = GPTModel(
         config=config,
         transformer_layer_spec=with_core_attention(
-            get_gpt_layer_local_spec(normalization="RMSNorm"), attention
+            get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm),
+            attention,
         ),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
@@ -84,6 +86,9 @@ def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention:
         position_embedding_type="rope",
         rotary_base=spec.rope_theta,
     )
+    # HF's angles for every RoPE type (megatron-core hard-codes Llama 3's scaling constants);
+    # set before the first forward, whose angle table is cached per length
+    model.rotary_pos_emb.inv_freq = rope_inv_freq(spec).to(device)
     model.hf_spec = spec
     return model.to(device)
 

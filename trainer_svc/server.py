@@ -25,6 +25,8 @@ from k1rl.protocol import (
     LogprobRequest,
     LogprobResult,
     PushWeightsRequest,
+    RoundTripRequest,
+    RoundTripResult,
     SFTBatch,
     TrainBatch,
     TrainStats,
@@ -102,6 +104,11 @@ class TrainerService:
     def logprobs(self, req: LogprobRequest) -> LogprobResult:
         values = self.trainer.logprobs(req.prompt_token_ids, req.response_token_ids)
         return LogprobResult(logprobs=values, policy_version=self.trainer.policy_version)
+
+    def roundtrip(self, req: RoundTripRequest) -> RoundTripResult | None:
+        self.finish_publish()
+        result = self.trainer.compare_with_source()
+        return None if result is None else RoundTripResult(**result)
 
     def push_weights(self, req: PushWeightsRequest) -> WeightManifest | None:
         """Export HF-named tensors and pack them into the sender's registered region.
@@ -187,6 +194,7 @@ class TrainerService:
             "logprobs": (LogprobRequest, self.logprobs),
             "push_weights": (PushWeightsRequest, self.push_weights),
             "checkpoint": (CheckpointRequest, self.checkpoint),
+            "roundtrip": (RoundTripRequest, self.roundtrip),
         }
 
 

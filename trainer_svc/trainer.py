@@ -334,7 +334,11 @@ class MegatronTrainer:
             loss = loss_fn(forward_logprobs(self.model, batch), batch)
             loss.backward()
             total += loss.detach().double()
-        self.model.finish_grad_sync()
+        from megatron.core.distributed import finalize_model_grads
+
+        # megatron's own reduction: DP replicas, and the TP sums of weights every TP rank
+        # holds whole but sees only its heads' share of (Qwen3's q/k norms)
+        finalize_model_grads([self.model])
         with cuda_as_cpu(self.device):
             ok, grad_norm, _ = self.optimizer.step()
             if ok and self.optim.grad_clip <= 0:
@@ -398,6 +402,43 @@ class MegatronTrainer:
     def hf_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every tensor :meth:`iter_hf_tensors` yields (fp32), in order."""
         return convert.hf_shapes(self.spec)
+
+    def compare_with_source(self, max_names: int = 5) -> dict | None:
+        """Export the weights (HF -> Megatron -> HF) and compare every tensor with the
+        checkpoint they were loaded from, bit for bit after casting to the file's dtype.
+
+        Collective; the result on TP rank 0, None elsewhere. Only meaningful before the
+        first step changes the weights, so it refuses afterwards.
+        """
+        if self.policy_version != 0:
+            raise RuntimeError(f"the trainer holds policy version {self.policy_version}: the "
+                               "round trip compares the weights as loaded (version 0)")
+        source = _SafetensorsDir(self.source_dir) if _tp()[0] == 0 else None
+        mismatched, worst, tensors, parameters = [], 0.0, 0, 0
+        for name, tensor in self.iter_hf_tensors(dst=0):
+            tied_head = self.spec.tied_embeddings and name == "lm_head.weight"
+            if source is None or (tied_head and name not in source):
+                continue
+            stored = source[name]
+            ours = tensor.detach().to("cpu", stored.dtype)
+            if ours.shape != stored.shape or not torch.equal(ours, stored):
+                mismatched.append(name)
+                if ours.shape == stored.shape:
+                    diff = (ours.double() - stored.double()).abs().max().item()
+                    worst = max(worst, diff)
+                else:
+                    worst = float("inf")
+            tensors += 1
+            parameters += 0 if tied_head else stored.numel()
+        if source is None:
+            return None
+        # old checkpoints store RoPE's inverse frequencies, which are computed, not loaded
+        missing = sorted(n for n in set(source) - set(convert.hf_names(self.spec))
+                         if not n.endswith("rotary_emb.inv_freq"))
+        return {"model_type": self.spec.model_type, "parameters": parameters,
+                "tensors": tensors, "exact": not mismatched and not missing,
+                "mismatched": (mismatched + [f"{n} (not loaded)" for n in missing])[:max_names],
+                "max_abs_diff": worst}
 
     def export_hf(self, out_dir: str | Path) -> Path | None:
         """Write an HF model dir (config, safetensors, tokenizer files) on TP rank 0.

@@ -22,6 +22,13 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
 DEFAULT_VOCAB_SIZE = 512
+# ChatML turns, each ended by the tokenizer's EOS: the token the engine stops on is the one
+# that ends an assistant turn (a template ending turns with a token that is not a stop
+# token makes every response run to max_tokens; `k1rl doctor` checks for it).
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|endoftext|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _byte_level_alphabet_size() -> int:
@@ -59,7 +66,8 @@ def train_tokenizer(
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int) -> Path:
+def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int,
+                   chat_template: str | None = None) -> Path:
     """Write tokenizer.json + tokenizer_config.json loadable by AutoTokenizer (and so vLLM)."""
     # Imported here: transformers is heavy and only needed when writing the HF files.
     from transformers import PreTrainedTokenizerFast
@@ -74,6 +82,8 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: 
         # Cleanup would turn "5 ." into "5." on decode and break the exact round trip.
         clean_up_tokenization_spaces=False,
     )
+    if chat_template is not None:
+        hf_tokenizer.chat_template = chat_template
     hf_tokenizer.save_pretrained(str(out_dir))
     return out_dir
 

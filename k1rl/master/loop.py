@@ -10,12 +10,14 @@ atomically, so a master killed between iterations resumes without losing one.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from k1rl import parity
 from k1rl.config import RunConfig
 from k1rl.data.problem import Problem
 from k1rl.data.prompts import PromptRenderer
@@ -48,9 +50,12 @@ from k1rl.protocol import (
     RunRef,
     SamplingSpec,
     TrainBatch,
+    TrainSample,
     TrainStats,
 )
 from k1rl.rpc import RPCClient
+
+log = logging.getLogger(__name__)
 
 FINAL_HF = "final"  # the run's policy after its last iteration, as an HF checkpoint
 
@@ -222,8 +227,30 @@ class Master:
         ]
         if not samples:
             return None
+        if ref.iteration == 0 and self.cfg.parity.check_first_iteration:
+            self.check_parity(samples)
         return self.clients.trainer.call("train", TrainBatch(ref=ref, samples=samples),
                                          TrainStats)
+
+    def check_parity(self, samples: list[TrainSample]) -> None:
+        """Before the first step: the trainer must score the engine's samples as the engine
+        did (k1rl/parity.py), or the run stops here rather than train the wrong model."""
+        fresh = [s for s in samples if s.token_versions is None
+                 or set(s.token_versions) == {s.policy_version}][:self.cfg.parity.samples]
+        if not fresh:
+            return
+        tol = parity.tolerance(self.cfg)
+        found = parity.against_trainer(self.clients.trainer,
+                                       [s.prompt_token_ids for s in fresh],
+                                       [s.response_token_ids for s in fresh],
+                                       [s.rollout_logprobs for s in fresh])
+        if not found.within(tol):
+            raise parity.ParityError(
+                f"the trainer and the rollout engine disagree on the first iteration's "
+                f"samples: {found.describe(tol)}. The trainer would optimise another model "
+                f"than the one sampling: run `k1rl doctor --model {self.cfg.model.path}` to "
+                "find which check fails (parity.* sets the thresholds)")
+        log.info("parity: %s", found.describe(tol))
 
     # -------------------------------------------------------------- evaluation
     def _eval_due(self, i: int) -> bool:
