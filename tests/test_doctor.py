@@ -125,3 +125,54 @@ def test_engine_and_generation_config_disagreeing_on_eos_is_named(tokenizer):
     problems = stop_token_problems(tokenizer, {"eos_token_id": [eos, 7]}, _engine(eos, [eos]))
     assert problems == [f"generation_config.json's eos_token_id [{eos}, 7] but the engine "
                         f"uses [{eos}]"]
+
+
+# ------------------------------------------------------------------- bf16 mixed precision
+
+
+def _bf16_step(rank, world, model_dir, out_dir):
+    """One bf16 SFT step, saved and reloaded, exported as an HF checkpoint."""
+    import torch
+
+    from trainer_svc import MegatronTrainer
+
+    trainer = MegatronTrainer.from_hf(model_dir, tp=world, lr=1e-3, dtype="bfloat16")
+    examples = [([5, 17, 99, 3], [8, 9, 10]), ([42, 7], [33, 34, 35, 36, 120])]
+    before = trainer.logprobs(*zip(*examples))
+    stats = trainer.sft_step(examples)
+    after = trainer.logprobs(*zip(*examples))
+    trainer.save(f"{out_dir}/ckpt")
+    again = MegatronTrainer.from_hf(model_dir, tp=world, lr=1e-3, dtype="bfloat16")
+    again.load(f"{out_dir}/ckpt")
+    optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    masters = [p for o in optimizers for g in o.fp32_from_float16_groups for p in g]
+    return {
+        "loss": stats["loss"], "moved": max(abs(a - b) for x, y in zip(before, after)
+                                            for a, b in zip(x, y)),
+        "param_dtypes": {str(p.dtype) for p in trainer.model.parameters()},
+        "master_dtypes": {str(p.dtype) for p in masters},
+        "grad_dtypes": {str(p.main_grad.dtype) for p in trainer.model.parameters()},
+        "reloaded_equal": all(torch.equal(a, b) for (_, a), (_, b) in
+                              zip(trainer.iter_hf_tensors(), again.iter_hf_tensors())),
+        "export": str(trainer.export_hf(f"{out_dir}/export")),
+    }
+
+
+def test_a_bf16_step_is_mixed_precision_and_its_export_passes_doctor(trainer_model_dir,
+                                                                      tmp_path):
+    from trainer_svc import run_distributed
+
+    (result,) = run_distributed(_bf16_step, 1, str(trainer_model_dir), str(tmp_path))
+    assert result["param_dtypes"] == {"torch.bfloat16"}
+    assert result["master_dtypes"] == {"torch.float32"}  # megatron's fp32 master weights
+    assert result["grad_dtypes"] == {"torch.float32"}
+    assert result["moved"] > 1e-3 and result["reloaded_equal"]
+    export = tmp_path / "export"
+    assert json.loads((export / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {str(t.dtype) for t in load_file(str(export / "model.safetensors")).values()} == \
+        {"torch.bfloat16"}
+    code, report, out = _doctor_cli("--model", str(export), "--dtype", "bfloat16",
+                                    "--work-dir", str(tmp_path / "doctor"))
+    assert code == 0, out
+    assert report["dtype"] == "bfloat16" and report["roundtrip_exact"] is True
+    assert 0 < report["logprob_mean_abs_diff"] <= report["tolerance"]["mean"]

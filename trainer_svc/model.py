@@ -19,8 +19,10 @@ from torch import Tensor
 from trainer_svc.hf_spec import HFModelSpec, rope_inv_freq
 
 
-def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu"):
-    """megatron-core ``TransformerConfig`` equivalent to an HF config (see hf_spec.FAMILIES)."""
+def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu",
+                               dtype: torch.dtype = torch.float32):
+    """megatron-core ``TransformerConfig`` equivalent to an HF config (see hf_spec.FAMILIES),
+    with parameters and activations in ``dtype`` (bfloat16: megatron's bf16 mode)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     spec = HFModelSpec.of(hf_config)
@@ -42,7 +44,8 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu")
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
-        params_dtype=torch.float32,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         # Weights are loaded from a checkpoint afterwards, but initialisation must stay
         # on: megatron-core 0.16.1 only tags TP-sharded weights (tensor_model_parallel,
         # partition_dim) inside its init functions, and without the tags the grad norm
@@ -57,7 +60,8 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu")
     )
 
 
-def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention: str = "sdpa"):
+def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention: str = "sdpa",
+                    dtype: torch.dtype = torch.float32):
     """A (randomly initialised) GPTModel with the HF config's architecture.
 
     Needs ``parallel_state.initialize_model_parallel(tp)`` first. The output layer
@@ -72,7 +76,7 @@ def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention:
     from trainer_svc.attention import with_core_attention
 
     spec = HFModelSpec.of(hf_config)
-    config = transformer_config_from_hf(spec, tp=tp, device=device)
+    config = transformer_config_from_hf(spec, tp=tp, device=device, dtype=dtype)
     model = GPTModel(
         config=config,
         transformer_layer_spec=with_core_attention(
@@ -90,7 +94,9 @@ def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention:
     # set before the first forward, whose angle table is cached per length
     model.rotary_pos_emb.inv_freq = rope_inv_freq(spec).to(device)
     model.hf_spec = spec
-    return model.to(device)
+    # megatron-core's norms are torch modules created in fp32 whatever params_dtype says;
+    # its Float16Module casts the whole model the same way
+    return model.to(device=device, dtype=dtype)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -258,7 +264,8 @@ def forward_logprobs(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
     """
     from megatron.core import tensor_parallel
 
-    logits = forward_logits(model, batch)
+    # bf16 logits are rounded to ~3 significant digits: the softmax is taken in fp32
+    logits = forward_logits(model, batch).float()
     labels = batch.labels.t().contiguous()  # megatron's CE views the target flat
     neg_logprobs = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
     return -neg_logprobs.t()

@@ -180,7 +180,7 @@ class TrainerService:
     def _plan(self) -> None:
         from checkpoint_engine import plan_buckets
 
-        dtype = "float32"
+        dtype = self.trainer.dtype_name
         specs = [(n, dtype, list(s)) for n, s in self.trainer.hf_tensor_shapes().items()]
         metas, buckets = plan_buckets(specs, self.cfg.weights.bucket_mb * 2**20)
         self.sender.prepare(metas, buckets)
@@ -240,6 +240,7 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) 
         seq_length=cfg.trainer.seq_length,
         micro_batch_tokens=cfg.trainer.micro_batch_tokens,
         attention=cfg.trainer.attention,
+        dtype=cfg.model.dtype,
     )
     service = TrainerService(trainer, cfg, rank)
     try:

@@ -6,8 +6,9 @@ it with the same arguments, in the same order.
 
 The model is a GPTModel wrapped in Megatron DDP, the optimizer comes from
 ``get_megatron_optimizer`` (Adam with decoupled weight decay, i.e. AdamW; no weight
-decay on norms and biases), fp32 throughout. On CPU the shims of
-:mod:`trainer_svc.cpu_shims` are applied.
+decay on norms and biases). In float32 everything is fp32; in bfloat16 the parameters and
+activations are bf16 and the optimizer is megatron's mixed-precision one (fp32 gradients and
+master weights). On CPU the shims of :mod:`trainer_svc.cpu_shims` are applied.
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ class MegatronTrainer:
         micro_batch_tokens: int,
     ) -> None:
         self.model = model
+        # parameters, activations, exports and the wire; the optimizer's master weights
+        # and the gradients are fp32 whatever this is
+        self.dtype: torch.dtype = unwrap(model).config.params_dtype
         self.spec: convert.HFModelSpec = unwrap(model).hf_spec
         self.optim = optim
         self.source_dir = source_dir
@@ -167,6 +171,7 @@ class MegatronTrainer:
         seq_length: int | None = None,
         micro_batch_tokens: int = 8192,
         attention: str = "sdpa",
+        dtype: str = "float32",
     ) -> MegatronTrainer:
         """Build the model for this TP rank and load the HF safetensors weights into it.
 
@@ -174,7 +179,9 @@ class MegatronTrainer:
         is the packed row length of :meth:`sft_step` (default: the model's
         max_position_embeddings, capped at 4096); ``micro_batch_tokens`` bounds the
         rows x width of one forward pass; ``attention`` is the core attention, "sdpa" or
-        "megatron" (see :mod:`trainer_svc.attention`).
+        "megatron" (see :mod:`trainer_svc.attention`). ``dtype`` "bfloat16" is
+        megatron's bf16 mixed precision: bf16 parameters and activations, fp32 gradients
+        and fp32 master weights in its mixed-precision optimizer.
         """
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -187,7 +194,10 @@ class MegatronTrainer:
         apply_cpu_shims(device)
         seed_model_parallel(seed, device)
         spec = convert.HFModelSpec.from_hf_config(model_dir)
-        gpt = build_gpt_model(spec, tp=tp, device=device, attention=attention)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        gpt = build_gpt_model(spec, tp=tp, device=device, attention=attention,
+                              dtype=DTYPES[dtype])
         _copy_into_params(gpt, convert.hf_to_megatron(_SafetensorsDir(model_dir), spec, *_tp()))
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
@@ -219,7 +229,8 @@ class MegatronTrainer:
             adam_beta2=self.optim.betas[1],
             adam_eps=self.optim.eps,
             clip_grad=self.optim.grad_clip,
-            params_dtype=torch.float32,
+            params_dtype=self.dtype,
+            bf16=self.dtype == torch.bfloat16,
         )
         with cuda_as_cpu(self.device):
             optimizer = get_megatron_optimizer(config, [self.model])
@@ -384,7 +395,8 @@ class MegatronTrainer:
     def iter_hf_tensors(
         self, out: MutableMapping[str, Tensor] | None = None, dst: int | None = None
     ) -> Iterator[tuple[str, Tensor]]:
-        """Full HF-named fp32 tensors in model order (collective: drain it on every rank).
+        """Full HF-named tensors (of :attr:`dtype`) in model order (collective: drain it on
+        every rank).
 
         ``dst=None``: every TP rank gets the tensors; ``dst=r``: only TP rank ``r`` does
         (cheaper: a gather instead of an all-gather) and the others yield nothing.
@@ -399,13 +411,20 @@ class MegatronTrainer:
         named = unwrap(self.model).named_parameters()
         return convert.iter_export_hf(named, self.spec, group, out, dst)
 
+    @property
+    def dtype_name(self) -> str:
+        """The parameters' dtype as HF and the wire name it ("float32", "bfloat16")."""
+        return str(self.dtype).removeprefix("torch.")
+
     def hf_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name -> shape of every tensor :meth:`iter_hf_tensors` yields (fp32), in order."""
+        """Name -> shape of every tensor :meth:`iter_hf_tensors` yields (all of
+        :attr:`dtype`), in order."""
         return convert.hf_shapes(self.spec)
 
     def compare_with_source(self, max_names: int = 5) -> dict | None:
         """Export the weights (HF -> Megatron -> HF) and compare every tensor with the
-        checkpoint they were loaded from, bit for bit after casting to the file's dtype.
+        checkpoint they were loaded from, bit for bit in the narrower of the two dtypes
+        (an fp32 checkpoint trained in bf16 is compared in bf16, and the other way round).
 
         Collective; the result on TP rank 0, None elsewhere. Only meaningful before the
         first step changes the weights, so it refuses afterwards.
@@ -420,7 +439,8 @@ class MegatronTrainer:
             if source is None or (tied_head and name not in source):
                 continue
             stored = source[name]
-            ours = tensor.detach().to("cpu", stored.dtype)
+            narrow = min(stored.dtype, tensor.dtype, key=lambda d: d.itemsize)
+            ours, stored = tensor.detach().to("cpu", narrow), stored.to(narrow)
             if ours.shape != stored.shape or not torch.equal(ours, stored):
                 mismatched.append(name)
                 if ours.shape == stored.shape:
@@ -460,7 +480,7 @@ class MegatronTrainer:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
         config = json.loads((self.source_dir / "config.json").read_text())
-        config["torch_dtype"] = config["dtype"] = "float32"
+        config["torch_dtype"] = config["dtype"] = self.dtype_name
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in TOKENIZER_FILES:
             if (self.source_dir / name).is_file():
@@ -483,6 +503,7 @@ class MegatronTrainer:
             "format": CHECKPOINT_FORMAT,
             "tp": tp,
             "spec": vars(self.spec),
+            "dtype": self.dtype_name,
             "policy_version": self.policy_version,
             "optim": vars(self.optim),
             "model": {n: p.detach().clone() for n, p in unwrap(self.model).named_parameters()},
@@ -502,8 +523,13 @@ class MegatronTrainer:
         state = torch.load(path, map_location=self.device, weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
-        if state["tp"] != _tp()[1] or state["spec"] != vars(self.spec):
+        # fields added to the spec since a checkpoint was written take their defaults
+        if state["tp"] != _tp()[1] or convert.HFModelSpec(**state["spec"]) != self.spec:
             raise ValueError(f"{path} was saved with tp={state['tp']} / another model")
+        saved_dtype = state.get("dtype", "float32")
+        if saved_dtype != self.dtype_name:
+            raise ValueError(f"{path} was saved in {saved_dtype}, this trainer runs "
+                             f"{self.dtype_name} (model.dtype)")
         _copy_into_params(unwrap(self.model), state["model"])
         self.optim = OptimConfig(**{**state["optim"], "betas": tuple(state["optim"]["betas"])})
         self.optimizer = self._make_optimizer()
@@ -526,6 +552,9 @@ def _tp_barrier() -> None:
     from megatron.core import parallel_state
 
     dist.barrier(group=parallel_state.get_tensor_model_parallel_group())
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @torch.no_grad()
