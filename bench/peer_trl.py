@@ -69,6 +69,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--k1rl-set", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted RunConfig override of the k1rl side (repeatable), e.g. "
                     "trainer.lr=2e-4")
+    ap.add_argument("--length-penalty-weight", type=float, default=0.0,
+                    help="the reward both sides optimise: 0/1 plus this times k1.5's length "
+                    "reward (default 0, the plain reward: TRL's GRPO collapsed with the "
+                    "demo's 0.1, README 'Learning against the peer')")
     ap.add_argument("--eval-problems", type=int, help="held-out problems per level "
                     "(default: the demo's rl.eval_problems)")
     ap.add_argument("--out-dir", type=Path, help="default: runs/peer-seed<N>/bench-<time>")
@@ -87,6 +91,7 @@ def configs(args: argparse.Namespace, sft: Path, out_dir: Path) -> tuple[RunConf
     write_problems(demo, out_dir, args.seed)  # the demo's problem files, as it writes them
     base = run_config(demo, args.seed, out_dir, sft)
     base.run_dir = str(out_dir / "k1rl")
+    base.reward.length_penalty_weight = args.length_penalty_weight
     if args.eval_problems:
         base.rl.eval_problems = args.eval_problems
     train = with_overrides(base, args.k1rl_set, source="--k1rl-set")

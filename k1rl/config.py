@@ -57,10 +57,11 @@ class ModelConfig(Section):
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
-        description="The rollout engine's dtype, and the one the parity tolerances are "
-        "chosen for. The trainer computes in float32 whatever this says (bf16 mixed "
-        "precision is not built yet). float32 on CPU (bfloat16 is 3-30x slower without "
-        "AVX512).",
+        description="Parameter and compute dtype of trainer and rollout. bfloat16 is "
+        "megatron-core's mixed precision (bf16 parameters and activations, fp32 gradients "
+        "and master weights), bf16 weight buckets and vLLM in bf16; checkpoints and exports "
+        "are written in it. float32 is the CPU default: CPUs without AVX512-BF16 run bf16 "
+        "3-30x slower (with it, bench/precision.py measured bf16 ~1.7x faster).",
     )
 
 

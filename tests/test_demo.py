@@ -23,6 +23,10 @@ def test_the_shipped_demo_config_measures_what_the_report_promises():
     assert run.rl.eval_every > 0
     assert run.rollout.temperature > 0
     assert run.rollout.max_tokens < run.rollout.max_model_len
+    # k1.5's length reward is on, and GRPO's advantages are not divided by each group's
+    # std, which made that small reward a full-size signal in all-wrong groups (collapse)
+    assert run.reward.length_penalty_weight > 0
+    assert run.trainer.loss.name == "grpo" and run.trainer.loss.scale_rewards == "batch"
     # every file the run reads is one the demo writes
     written = [p.file for p in cfg.problems]
     read = [s.path for s in (*run.data.train, *run.data.eval, *run.sft.data.train,
