@@ -191,3 +191,51 @@ def test_megatron_model_matches_transformers_at_tp2(families_tp2, family_dirs, n
     for key, grad in grads.items():
         torch.testing.assert_close(ours[key], grad, rtol=1e-3, atol=1e-6,
                                    msg=lambda detail, key=key: f"{key}: {detail}")
+
+
+# ------------------------------------------------------------- sharded checkpoints
+
+
+def _shard(model_dir, out):
+    """``model_dir``'s weights as two shards and their index, as save_pretrained writes."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    names = sorted(tensors)
+    half = len(names) // 2
+    out.mkdir()
+    weight_map = {}
+    for k, part in enumerate((names[:half], names[half:])):
+        file = f"model-{k + 1:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return tensors
+
+
+def test_a_sharded_checkpoint_is_read_through_its_index_and_a_stale_shard_ignored(
+        family_dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer_svc.trainer import SafetensorsDir
+
+    tensors = _shard(family_dirs["qwen3-0.6b"], tmp_path / "m")
+    name = "model.layers.0.mlp.up_proj.weight"
+    save_file({name: tensors[name].flip(0).contiguous()},
+              str(tmp_path / "m" / "model-00003-of-00003.safetensors"))  # left by an old save
+    loaded = SafetensorsDir(tmp_path / "m")
+    assert set(loaded) == set(tensors)
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_a_tensor_in_two_files_without_an_index_is_refused(family_dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer_svc.trainer import SafetensorsDir
+
+    tensors = _shard(family_dirs["qwen3-0.6b"], tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors.index.json").unlink()
+    name = "model.norm.weight"
+    save_file({name: tensors[name]}, str(tmp_path / "m" / "stale.safetensors"))
+    with pytest.raises(ValueError, match="model.norm.weight is stored in both .* stale"):
+        SafetensorsDir(tmp_path / "m")

@@ -83,17 +83,36 @@ class OptimConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
 
 
-class _SafetensorsDir(Mapping[str, Tensor]):
-    """Lazy name -> tensor view of every ``*.safetensors`` file in a model dir."""
+class SafetensorsDir(Mapping[str, Tensor]):
+    """Lazy name -> tensor view of a model dir's safetensors weights.
+
+    A sharded checkpoint's ``model.safetensors.index.json`` says which file holds each
+    tensor (as transformers and vLLM read it, so a stale shard left in the dir is
+    ignored); without an index every ``*.safetensors`` file is read, and a tensor stored
+    in two of them is an error rather than a silent choice.
+    """
 
     def __init__(self, model_dir: Path) -> None:
         from safetensors import safe_open
 
         self._open = safe_open
         self._where: dict[str, Path] = {}
-        for path in sorted(model_dir.glob("*.safetensors")):
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            self._where = {name: model_dir / file for name, file in weight_map.items()}
+            missing = sorted({p.name for p in self._where.values() if not p.is_file()})
+            if missing:
+                raise FileNotFoundError(f"{index.name} names {missing[0]}, which is not in "
+                                        f"{model_dir}")
+        for path in [] if index.is_file() else sorted(model_dir.glob("*.safetensors")):
             with safe_open(path, framework="pt") as handle:
-                self._where.update(dict.fromkeys(handle.keys(), path))
+                for name in handle.keys():
+                    if name in self._where:
+                        raise ValueError(f"{name} is stored in both {self._where[name].name} "
+                                         f"and {path.name} of {model_dir} (a stale shard?), "
+                                         "and no model.safetensors.index.json says which")
+                    self._where[name] = path
         if not self._where:
             raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
 
@@ -198,7 +217,7 @@ class MegatronTrainer:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         gpt = build_gpt_model(spec, tp=tp, device=device, attention=attention,
                               dtype=DTYPES[dtype])
-        _copy_into_params(gpt, convert.hf_to_megatron(_SafetensorsDir(model_dir), spec, *_tp()))
+        _copy_into_params(gpt, convert.hf_to_megatron(SafetensorsDir(model_dir), spec, *_tp()))
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
         )
@@ -432,7 +451,7 @@ class MegatronTrainer:
         if self.policy_version != 0:
             raise RuntimeError(f"the trainer holds policy version {self.policy_version}: the "
                                "round trip compares the weights as loaded (version 0)")
-        source = _SafetensorsDir(self.source_dir) if _tp()[0] == 0 else None
+        source = SafetensorsDir(self.source_dir) if _tp()[0] == 0 else None
         mismatched, worst, tensors, parameters = [], 0.0, 0, 0
         for name, tensor in self.iter_hf_tensors(dst=0):
             tied_head = self.spec.tied_embeddings and name == "lm_head.weight"
