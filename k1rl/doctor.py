@@ -51,6 +51,10 @@ PROMPTS = (
 )
 
 
+# prompts of ~20-60 tokens plus 32 sampled: a short context keeps vLLM's KV cache small
+DOCTOR_MAX_MODEL_LEN = 256
+
+
 class Check(BaseModel):
     name: str
     ok: bool
@@ -90,7 +94,8 @@ def run_doctor(model: Path, *, tp: int = 1, dtype: str | None = None,
                work_dir: Path | None = None, samples: int = 4, max_tokens: int = 32,
                seed: int = 0) -> DoctorReport:
     """Run every check (see the module docstring) and return the report."""
-    cfg = doctor_config(model, tp=tp, dtype=dtype, config=config, max_model_len=256)
+    max_model_len = min(DOCTOR_MAX_MODEL_LEN, _max_positions(model))
+    cfg = doctor_config(model, tp=tp, dtype=dtype, config=config, max_model_len=max_model_len)
     tol = parity.tolerance(cfg)
     report = DoctorReport(model=str(model), dtype=cfg.model.dtype, tp=tp,
                           tolerance={"mean": tol.mean, "max": tol.max})
@@ -98,7 +103,8 @@ def run_doctor(model: Path, *, tp: int = 1, dtype: str | None = None,
     if engine_model is not None:
         problems += [p.replace("model.path", "engine model")
                      for p in model_problems(doctor_config(
-                         engine_model, tp=tp, dtype=dtype, config=config, max_model_len=256))]
+                         engine_model, tp=tp, dtype=dtype, config=config,
+                         max_model_len=max_model_len))]
     if problems:
         return _finish(report, Check(name="load", ok=False, detail="; ".join(problems)))
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="k1rl-doctor-"))
@@ -120,6 +126,14 @@ def run_doctor(model: Path, *, tp: int = 1, dtype: str | None = None,
             _parity(report, stack, _sample(stack, samples, max_tokens, seed), tol, what)
         _stop_tokens(report, stack, engine_model or model)
     return _finish(report)
+
+
+def _max_positions(model: Path) -> int:
+    """The checkpoint's context length (a missing or bad config.json is `load`'s to name)."""
+    try:
+        return int(json.loads((model / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DOCTOR_MAX_MODEL_LEN
 
 
 def _add(report: DoctorReport, check: Check) -> None:
