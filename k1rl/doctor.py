@@ -220,7 +220,7 @@ def stop_token_problems(tokenizer, generation_config: dict, engine: EngineInfo) 
     if sorted(declared) != sorted(engine.generation_eos_token_ids):
         problems.append(f"generation_config.json's eos_token_id {declared} but the engine "
                         f"uses {engine.generation_eos_token_ids}")
-    stops = {engine.eos_token_id, *engine.generation_eos_token_ids} - {None}
+    stops = engine.stop_token_ids
     if getattr(tokenizer, "chat_template", None):
         end = turn_end_token(tokenizer)
         if end is None:
@@ -228,7 +228,7 @@ def stop_token_problems(tokenizer, generation_config: dict, engine: EngineInfo) 
         elif end not in stops:
             problems.append(
                 f"the chat template ends an assistant turn with {tokenizer.decode([end])!r} "
-                f"(id {end}), which is not a stop token {sorted(stops)}: responses would run "
+                f"(id {end}), which is not a stop token {stops}: responses would run "
                 "to max_tokens; add it to generation_config.json's eos_token_id")
     return problems
 
@@ -252,8 +252,7 @@ def _stop_tokens(report: DoctorReport, stack: LocalStack, model: Path) -> None:
     if engine.model_type != report.model_type:
         problems.append(f"the engine serves model_type {engine.model_type}, the trainer "
                         f"{report.model_type}")
-    stops = sorted({engine.eos_token_id, *engine.generation_eos_token_ids} - {None})
     detail = "; ".join(problems) or (
-        f"stop ids {stops}" + (", chat template ends turns with one" if
+        f"stop ids {engine.stop_token_ids}" + (", chat template ends turns with one" if
                                engine.has_chat_template else ", no chat template"))
     _add(report, Check(name="stop_tokens", ok=not problems, detail=detail))

@@ -214,14 +214,16 @@ class LocalStack:
         config_path.write_text(cfg.dump_yaml())
         cluster = LocalCluster(work_dir / "logs")
         try:
-            args = ["--config", str(config_path)]
-            cluster.start("trainer", "trainer_svc", args, cfg.trainer.address)
-            rollout_args = args + (["--dummy-weights"] if dummy_rollout else [])
+            cluster.start("trainer", "trainer_svc", ["--config", str(config_path)],
+                          cfg.trainer.address)
+            engine_config = config_path
             if engine_model_dir is not None:
                 engine_cfg = cfg.model_copy(deep=True)
                 engine_cfg.model.path = str(engine_model_dir)
-                (work_dir / "engine.yaml").write_text(engine_cfg.dump_yaml())
-                rollout_args[1] = str(work_dir / "engine.yaml")
+                engine_config = work_dir / "engine.yaml"
+                engine_config.write_text(engine_cfg.dump_yaml())
+            rollout_args = ["--config", str(engine_config)]
+            rollout_args += ["--dummy-weights"] if dummy_rollout else []
             cluster.start("rollout", "rollout_svc", rollout_args, cfg.rollout.address)
             cluster.wait_ready(ready_timeout_s)
             return cls(cfg, config_path, cluster)

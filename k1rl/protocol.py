@@ -141,6 +141,11 @@ class EngineInfo(Message):
     has_chat_template: bool
     policy_version: int
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Every token id a response ends on."""
+        return sorted({self.eos_token_id, *self.generation_eos_token_ids} - {None})
+
 
 class GenerateResult(Message):
     kind: Literal["generate_result"] = "generate_result"

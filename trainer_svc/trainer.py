@@ -458,15 +458,10 @@ class MegatronTrainer:
             if source is None or (tied_head and name not in source):
                 continue
             stored = source[name]
-            narrow = min(stored.dtype, tensor.dtype, key=lambda d: d.itemsize)
-            ours, stored = tensor.detach().to("cpu", narrow), stored.to(narrow)
-            if ours.shape != stored.shape or not torch.equal(ours, stored):
+            diff = _difference(tensor, stored)
+            if diff:
                 mismatched.append(name)
-                if ours.shape == stored.shape:
-                    diff = (ours.double() - stored.double()).abs().max().item()
-                    worst = max(worst, diff)
-                else:
-                    worst = float("inf")
+                worst = max(worst, diff)
             tensors += 1
             parameters += 0 if tied_head else stored.numel()
         if source is None:
@@ -574,6 +569,18 @@ def _tp_barrier() -> None:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _difference(ours: Tensor, stored: Tensor) -> float:
+    """0.0 when the tensors are bit-equal in the narrower of their dtypes, else their
+    largest absolute difference (inf when the shapes differ)."""
+    if ours.shape != stored.shape:
+        return float("inf")
+    narrow = min(stored.dtype, ours.dtype, key=lambda d: d.itemsize)
+    ours, stored = ours.detach().to("cpu", narrow), stored.to(narrow)
+    if torch.equal(ours, stored):
+        return 0.0
+    return (ours.double() - stored.double()).abs().max().item()
 
 
 @torch.no_grad()
