@@ -43,6 +43,31 @@ class ParamRule:
     megatron: str
     hf: tuple[str, ...]
     kind: Kind
+    # False for the last pipeline stage's copy of a tied embedding: loaded, never exported
+    exported: bool = True
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The part of the model one pipeline stage holds: decoder layers ``first_layer`` ..
+    ``first_layer + num_layers - 1`` (Megatron numbers them from 0 in every stage), the
+    embedding when ``pre_process``, the final norm and output layer when ``post_process``."""
+
+    first_layer: int
+    num_layers: int
+    pre_process: bool = True
+    post_process: bool = True
+
+    @classmethod
+    def of(cls, spec: HFModelSpec, pp_rank: int = 0, pp_size: int = 1) -> Stage:
+        """Stage ``pp_rank`` of ``pp_size`` equal stages (the whole model for one)."""
+        if pp_size < 1 or spec.num_layers % pp_size:
+            raise ConversionError(f"{spec.num_layers} layers cannot be split into {pp_size} "
+                                  "equal pipeline stages")
+        if not 0 <= pp_rank < pp_size:
+            raise ConversionError(f"pp_rank {pp_rank} is outside [0, {pp_size})")
+        per = spec.num_layers // pp_size
+        return cls(pp_rank * per, per, pp_rank == 0, pp_rank == pp_size - 1)
 
 
 # Per decoder layer: (Megatron suffix, HF suffixes, kind, the HFModelSpec flag the
@@ -64,26 +89,42 @@ _LAYER_RULES: tuple[tuple[str, tuple[str, ...], Kind, str | None], ...] = (
 )
 
 
-def param_rules(spec: HFModelSpec) -> list[ParamRule]:
-    """All Megatron parameters of the model in model order (embedding, layers, head)."""
-    rules = [ParamRule("embedding.word_embeddings.weight", (EMBED_NAME,), "split0")]
-    for i in range(spec.num_layers):
+def param_rules(spec: HFModelSpec, stage: Stage | None = None) -> list[ParamRule]:
+    """The Megatron parameters of ``stage`` (default: the whole model) in model order
+    (embedding, layers, head), each with the HF tensors it is made of."""
+    stage = stage or Stage.of(spec)
+    rules = []
+    if stage.pre_process:
+        rules.append(ParamRule("embedding.word_embeddings.weight", (EMBED_NAME,), "split0"))
+    for local in range(stage.num_layers):
+        i = stage.first_layer + local
         for mg, hf, kind, flag in _LAYER_RULES:
             if flag is None or getattr(spec, flag):
                 hf_full = tuple(f"model.layers.{i}.{name}" for name in hf)
-                rules.append(ParamRule(f"decoder.layers.{i}.{mg}", hf_full, kind))
-    rules.append(ParamRule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
-    if not spec.tied_embeddings:
-        rules.append(ParamRule("output_layer.weight", ("lm_head.weight",), "split0"))
+                rules.append(ParamRule(f"decoder.layers.{local}.{mg}", hf_full, kind))
+    if stage.post_process:
+        rules.append(ParamRule("decoder.final_layernorm.weight", ("model.norm.weight",),
+                               "replicated"))
+        if not spec.tied_embeddings:
+            rules.append(ParamRule("output_layer.weight", ("lm_head.weight",), "split0"))
+        elif not stage.pre_process:
+            # a pipeline's last stage holds its own copy of the tied embedding
+            rules.append(ParamRule("output_layer.weight", (EMBED_NAME,), "split0",
+                                   exported=False))
     return rules
+
+
+def exported_names(spec: HFModelSpec, stage: Stage) -> list[str]:
+    """The HF names a stage exports, in order (a tied lm_head only from a whole model)."""
+    names = [n for rule in param_rules(spec, stage) if rule.exported for n in rule.hf]
+    if spec.tied_embeddings and stage.pre_process and stage.post_process:
+        names.append("lm_head.weight")
+    return names
 
 
 def hf_names(spec: HFModelSpec) -> list[str]:
     """Every HF tensor name the export emits, in export order (lm_head always included)."""
-    names = [name for rule in param_rules(spec) for name in rule.hf]
-    if spec.tied_embeddings:
-        names.append("lm_head.weight")
-    return names
+    return exported_names(spec, Stage.of(spec))
 
 
 def hf_shapes(spec: HFModelSpec) -> dict[str, tuple[int, ...]]:
@@ -147,9 +188,11 @@ def _interleave_qkv(tensors: list[Tensor], spec: HFModelSpec) -> Tensor:
 
 
 def hf_to_megatron(
-    hf_state: Mapping[str, Tensor], hf_config: Any, tp_rank: int = 0, tp_size: int = 1
+    hf_state: Mapping[str, Tensor], hf_config: Any, tp_rank: int = 0, tp_size: int = 1,
+    stage: Stage | None = None,
 ) -> dict[str, Tensor]:
-    """Megatron state dict (parameters only) of one TP rank, from full HF tensors.
+    """Megatron state dict (parameters only) of one TP rank of one pipeline ``stage``
+    (default: the whole model), from full HF tensors.
 
     ``hf_state`` may be any mapping (e.g. a lazy safetensors reader); each HF tensor is
     read once. With tied embeddings ``lm_head.weight`` is ignored if present. The result
@@ -161,7 +204,7 @@ def hf_to_megatron(
         raise ConversionError(f"tp_rank {tp_rank} is outside [0, {tp_size})")
     shapes = hf_shapes(spec)
     out: dict[str, Tensor] = {}
-    for rule in param_rules(spec):
+    for rule in param_rules(spec, stage):
         missing = [n for n in rule.hf if n not in hf_state]
         if missing:
             raise ConversionError(f"HF checkpoint is missing {missing[0]!r}")
@@ -201,14 +244,16 @@ def merge_shards(
         parts = [_cat([h[0] for h in halves], 0), _cat([h[1] for h in halves], 0)]
     else:
         return _split_qkv(rule, _cat(shards, 0), spec, out)
-    return [_emit(name, part, out) for name, part in zip(rule.hf, parts, strict=True)]
+    return [emit_tensor(name, part, out) for name, part in zip(rule.hf, parts, strict=True)]
 
 
 def _cat(tensors: list[Tensor], dim: int) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
-def _emit(name: str, tensor: Tensor, out: MutableMapping[str, Tensor] | None) -> tuple[str, Tensor]:
+def emit_tensor(name: str, tensor: Tensor,
+                out: MutableMapping[str, Tensor] | None) -> tuple[str, Tensor]:
+    """``(name, tensor)``, written into ``out[name]`` first when ``out`` has that name."""
     if out is not None and name in out:
         return name, out[name].copy_(tensor)
     return name, tensor
@@ -264,8 +309,10 @@ def iter_export_hf(
     group: Any = None,
     out: MutableMapping[str, Tensor] | None = None,
     dst: int | None = None,
+    stage: Stage | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
-    """Yield full HF tensors in model order from this rank's Megatron parameters.
+    """Yield full HF tensors in model order from this rank's Megatron parameters (those of
+    pipeline ``stage``, default the whole model).
 
     Collective over ``group`` (the TP group; ``None`` or size 1 means no communication):
     every rank of the group must iterate to the end. With ``dst=None`` every rank gets
@@ -275,17 +322,21 @@ def iter_export_hf(
     With TP=1 the tensors are detached views of the live parameters wherever the
     layouts agree (no copy): consume them before the next optimizer step. With ``out``
     (name -> destination tensor), tensors are written into their destinations, one
-    copy each. ``lm_head.weight`` is always yielded last (the embedding when tied).
+    copy each. ``lm_head.weight`` is always yielded last (the embedding when tied) by the
+    stage that holds it; a tied one only by a stage holding the whole model.
     """
     import torch.distributed as dist
 
+    stage = stage or Stage.of(spec)
     tp_size = 1 if group is None else dist.get_world_size(group)
     if dst is not None and not 0 <= dst < tp_size:
         raise ValueError(f"dst={dst} is not a rank of the TP group of size {tp_size}")
     receive = tp_size == 1 or dst is None or dist.get_rank(group) == dst
     params = dict(named_params)
     embedding = None
-    for rule in param_rules(spec):
+    for rule in param_rules(spec, stage):
+        if not rule.exported:
+            continue
         if rule.megatron not in params:
             raise ConversionError(f"model has no parameter {rule.megatron!r}")
         local = params[rule.megatron].detach()
@@ -299,8 +350,8 @@ def iter_export_hf(
             yield name, tensor
             if name == EMBED_NAME:
                 embedding = tensor
-    if spec.tied_embeddings and embedding is not None:
-        yield _emit("lm_head.weight", embedding, out)
+    if spec.tied_embeddings and embedding is not None and stage.post_process:
+        yield emit_tensor("lm_head.weight", embedding, out)
 
 
 def _gather(

@@ -1,7 +1,8 @@
 """Process-group setup for the trainer, and a multi-process launcher for tests.
 
-The trainer assumes ``torch.distributed`` is initialised with one rank per
-tensor-parallel shard (world size == TP). On CPU the backend is gloo.
+The service's ranks are started by torchrun (see ``trainer_svc/__main__.py``) and join
+through its rendezvous store; :func:`run_distributed` spawns ranks for tests of the
+library. On CPU the backend is gloo.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 def init_distributed(
     rank: int,
     world_size: int,
-    master_addr: str = "127.0.0.1",
+    master_addr: str | None = "127.0.0.1",
     master_port: int = 29500,
     backend: str | None = None,
     timeout_s: float = 300.0,
 ) -> None:
-    """Initialise the default process group (gloo on CPU, nccl when CUDA is available)."""
+    """Initialise the default process group (gloo on CPU, nccl when CUDA is available).
+
+    ``master_addr=None``: join torchrun's rendezvous store (``env://``: the agent already
+    listens on MASTER_ADDR:MASTER_PORT)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
     if dist.is_initialized():
@@ -49,7 +53,7 @@ def init_distributed(
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{master_addr}:{master_port}",
+        init_method="env://" if master_addr is None else f"tcp://{master_addr}:{master_port}",
         rank=rank,
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),

@@ -20,9 +20,10 @@ from trainer_svc.hf_spec import HFModelSpec, rope_inv_freq
 
 
 def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu",
-                               dtype: torch.dtype = torch.float32):
+                               dtype: torch.dtype = torch.float32, pp: int = 1):
     """megatron-core ``TransformerConfig`` equivalent to an HF config (see hf_spec.FAMILIES),
-    with parameters and activations in ``dtype`` (bfloat16: megatron's bf16 mode)."""
+    with parameters and activations in ``dtype`` (bfloat16: megatron's bf16 mode), split
+    over ``tp`` tensor-parallel ranks and ``pp`` pipeline stages."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     spec = HFModelSpec.of(hf_config)
@@ -44,6 +45,16 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu",
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype,
+        # micro-batches are packed rows of varying shape: stages exchange shapes first
+        variable_seq_lengths=True,
+        # a dense model has no experts; megatron refuses variable lengths with its default
+        # (allgather) MoE dispatcher all the same
+        moe_token_dispatcher_type="alltoall",
+        # a loss share is already normalised by its global denominator: DP replicas' grads
+        # are summed, and the schedule divides by nothing
+        calculate_per_token_loss=True,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         # Weights are loaded from a checkpoint afterwards, but initialisation must stay
@@ -61,10 +72,11 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu",
 
 
 def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention: str = "sdpa",
-                    dtype: torch.dtype = torch.float32):
-    """A (randomly initialised) GPTModel with the HF config's architecture.
+                    dtype: torch.dtype = torch.float32, pp: int = 1):
+    """A (randomly initialised) GPTModel with the HF config's architecture: this rank's
+    pipeline stage of it (the embedding on the first, the output layer on the last).
 
-    Needs ``parallel_state.initialize_model_parallel(tp)`` first. The output layer
+    Needs ``parallel_state.initialize_model_parallel(tp, pp)`` first. The output layer
     keeps its vocab-parallel logits (``parallel_output=True``): log-probs are taken with
     the vocab-parallel cross entropy, so full logits are never gathered. The model gets
     an ``hf_spec`` attribute (the :class:`HFModelSpec`) used by the HF export.
@@ -75,8 +87,10 @@ def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention:
 
     from trainer_svc.attention import with_core_attention
 
+    from megatron.core import parallel_state
+
     spec = HFModelSpec.of(hf_config)
-    config = transformer_config_from_hf(spec, tp=tp, device=device, dtype=dtype)
+    config = transformer_config_from_hf(spec, tp=tp, device=device, dtype=dtype, pp=pp)
     model = GPTModel(
         config=config,
         transformer_layer_spec=with_core_attention(
@@ -89,6 +103,8 @@ def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention:
         share_embeddings_and_output_weights=spec.tied_embeddings,
         position_embedding_type="rope",
         rotary_base=spec.rope_theta,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     )
     # HF's angles for every RoPE type (megatron-core hard-codes Llama 3's scaling constants);
     # set before the first forward, whose angle table is cached per length
@@ -237,35 +253,56 @@ def _rope_for_positions(gpt: torch.nn.Module, position_ids: Tensor) -> Tensor:
 
 
 def forward_logits(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
-    """Vocab-parallel logits ``[T, B, V / tp]`` (sequence-first, megatron's layout).
+    """Vocab-parallel logits ``[T, B, V / tp]`` (sequence-first, megatron's layout) of a
+    model holding every layer (no pipeline)."""
+    gpt = unwrap(model)
+    if not (gpt.pre_process and gpt.post_process):
+        raise RuntimeError("forward_logits needs the whole model; a pipeline stage runs "
+                           "forward_stage")
+    return forward_stage(model, batch, logits=True)
+
+
+def forward_stage(model: torch.nn.Module, batch: TokenBatch, logits: bool = False) -> Tensor:
+    """This pipeline stage's forward pass: the last stage returns the log-probs ``[B, T]``
+    of ``batch.labels`` (or its vocab-parallel logits when ``logits``), the others their
+    hidden states ``[T, B, H]`` for the next stage. A stage after the first reads its input
+    from what megatron's schedule set with ``set_input_tensor``.
 
     Runs GPTModel's embedding, decoder and output layer directly rather than
     GPTModel.forward, whose RoPE ignores ``position_ids``.
     """
     gpt = unwrap(model)
-    hidden = gpt.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    hidden = None
+    if gpt.pre_process:
+        hidden = gpt.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)
     hidden = gpt.decoder(
         hidden_states=hidden,
         attention_mask=batch.attention_mask,
         rotary_pos_emb=_rope_for_positions(gpt, batch.position_ids),
     )
+    if not gpt.post_process:
+        return hidden
     weight = None
     if gpt.share_embeddings_and_output_weights:
         weight = gpt.shared_embedding_or_output_weight()
-    logits, _ = gpt.output_layer(hidden, weight=weight)
-    return logits
+    vocab_logits, _ = gpt.output_layer(hidden, weight=weight)
+    return vocab_logits if logits else _label_logprobs(vocab_logits, batch)
 
 
 def forward_logprobs(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
-    """Log-prob of ``labels[t]`` at every position, ``[B, T]``, differentiable.
+    """Log-prob of ``labels[t]`` at every position, ``[B, T]``, differentiable, from a
+    model holding every layer.
 
     Positions where ``loss_mask`` is 0 hold meaningless values: mask them. Under TP the
     softmax normaliser is reduced across ranks, so every rank gets the full log-probs.
     """
+    return _label_logprobs(forward_logits(model, batch), batch)
+
+
+def _label_logprobs(logits: Tensor, batch: TokenBatch) -> Tensor:
     from megatron.core import tensor_parallel
 
     # bf16 logits are rounded to ~3 significant digits: the softmax is taken in fp32
-    logits = forward_logits(model, batch).float()
     labels = batch.labels.t().contiguous()  # megatron's CE views the target flat
-    neg_logprobs = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+    neg_logprobs = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
     return -neg_logprobs.t()

@@ -32,7 +32,7 @@ from trainer_svc.groups import (
     uniform_group_fraction,
 )
 from trainer_svc.losses.base import Loss, MiniBatch, Tokens
-from trainer_svc.model import TokenBatch, forward_logprobs
+from trainer_svc.model import TokenBatch
 
 if TYPE_CHECKING:
     from k1rl.config import TrainerConfig
@@ -123,8 +123,8 @@ def rl_iteration(trainer: MegatronTrainer, samples: TrainBatch | Sequence[TrainS
             if loss.needs_current:
                 part.batch = _with_current(trainer, part)
             part.seen = []
-            loss_fn = _loss_fn(loss, part, ratios, weights)
-            steps.append(trainer.train_step(loss_fn, part.micro))
+            steps.append(trainer.train_step(_loss_fn(loss, part), part.micro,
+                                            on_record=_recorder(part, ratios, weights)))
             if not diffs and len(steps) == 1:  # the first step's forward pass is θ_i's
                 diffs += _alarm(part.seen, part)
     return {**_step_metrics(trainer, steps, ratios, weights, diffs, loss),
@@ -208,14 +208,8 @@ def _lay_out(batch: TokenBatch, per_sample: Sequence[Tensor]) -> Tensor:
     return out
 
 
-@torch.no_grad()
 def _token_logprobs(trainer: MegatronTrainer, micro: Sequence[TokenBatch]) -> list[Tensor]:
-    trainer.model.eval()
-    out = []
-    for batch in micro:
-        logprobs = forward_logprobs(trainer.model, batch)
-        out.append(logprobs[batch.sample_index >= 0])
-    return out
+    return [t.to(trainer.device) for t in trainer.token_logprobs(micro)]
 
 
 def _with_current(trainer: MegatronTrainer, part: _Part) -> MiniBatch:
@@ -231,32 +225,42 @@ def _with_current(trainer: MegatronTrainer, part: _Part) -> MiniBatch:
     return replace(part.batch, current=current, ref_seq=ref)
 
 
-def _loss_fn(loss: Loss, part: _Part, ratios: list[Tensor], weights: list[Tensor]):
+def _loss_fn(loss: Loss, part: _Part):
     """The train_step loss of one mini-batch: builds each micro-batch's Tokens (with the
     reference from ``part.ref``, or this forward pass's own values when it is None) and
-    records sequence log-ratios, mismatch weights and the token log-probs it saw."""
+    returns, besides the loss, the token log-probs it saw, the sequence log-ratios and the
+    mismatch weights (it runs on the last pipeline stage: :func:`_recorder` keeps them on
+    every rank)."""
     where = {id(b): k for k, b in enumerate(part.micro)}
 
-    def loss_fn(logprobs: Tensor, batch: TokenBatch) -> Tensor:
+    def loss_fn(logprobs: Tensor, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         k = where[id(batch)]
         mask = batch.sample_index >= 0
         index, values = batch.sample_index[mask], logprobs[mask]
-        part.seen.append(values.detach())
         ref = values.detach() if part.ref is None else part.ref[k].to(values.dtype)
         rollout = part.rollout[k].to(values.dtype)
         weight = loss.token_weights(ref, rollout, index, part.batch.size)
         tokens = Tokens(sample=index, logprobs=values, ref=ref, rollout=rollout,
                         weight=weight, size=part.batch.size)
-        ratios.append((tokens.per_sample(values.detach()) - tokens.per_sample(ref))
-                      [tokens.present])
-        weights.append(weight.double())
-        return loss(tokens, part.batch)
+        ratio = (tokens.per_sample(values.detach()) - tokens.per_sample(ref))[tokens.present]
+        record = {"seen": values.detach().cpu(), "ratio": ratio.cpu(),
+                  "weight": weight.double().cpu()}
+        return loss(tokens, part.batch), record
 
     return loss_fn
+
+
+def _recorder(part: _Part, ratios: list[Tensor], weights: list[Tensor]):
+    def keep(_k: int, record: dict[str, Tensor]) -> None:
+        part.seen.append(record["seen"])
+        ratios.append(record["ratio"])
+        weights.append(record["weight"])
+
+    return keep
 
 
 def _alarm(trainer_tokens: Sequence[Tensor], part: _Part) -> list[Tensor]:
     """|rollout − trainer| per token, over the tokens θ_i generated (older segments of a
     partial rollout differ by design)."""
-    return [(t - r.to(t.dtype)).abs()[own]
+    return [(t.to(r.device) - r.to(t.dtype)).abs()[own]
             for t, r, own in zip(trainer_tokens, part.rollout, part.own, strict=True)]

@@ -1,18 +1,20 @@
 """trainer_svc over ZMQ: SFT steps, log-probs, weight publishing, checkpoints.
 
-Tensor parallelism: every TP rank holds a MegatronTrainer, and every trainer method
-is collective. Rank 0 owns the RPC socket; before running a request it broadcasts
-(method, payload) to the other ranks, which replay it, so all ranks enter the same
-collectives in the same order. Only rank 0 answers and only rank 0 owns the weight
-sender (every rank holds the full HF tensors after the export's all-gather).
+Every rank of the TP x PP x DP grid holds a MegatronTrainer, and every trainer method is
+collective. Rank 0 owns the RPC socket; before running a request it broadcasts (method,
+payload) to the other ranks, which replay it, so all ranks enter the same collectives in
+the same order. Only rank 0 answers and only rank 0 owns the weight sender: the export
+brings every stage's tensors to it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+import os
+import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch.distributed as dist
@@ -25,15 +27,17 @@ from k1rl.protocol import (
     LogprobRequest,
     LogprobResult,
     PushWeightsRequest,
+    ReleaseWeights,
     RoundTripRequest,
     RoundTripResult,
     SFTBatch,
     TrainBatch,
     TrainStats,
     WeightManifest,
+    WeightReaders,
 )
 from k1rl.rpc import RPCServer
-from k1rl.service import run_until_signalled, setup_logging
+from k1rl.service import run_until_signalled
 from trainer_svc.losses import create as create_loss
 from trainer_svc.rl_step import StepSettings, rl_iteration
 from trainer_svc.trainer import MegatronTrainer
@@ -65,6 +69,14 @@ class TrainerService:
         self._publish_started: float | None = None
         self.loss = create_loss(cfg.trainer.loss)
         self._after_sft = False
+        self.broken: str | None = None
+
+    def fail(self, reason: str) -> None:
+        """The rank group is broken: stop serving (SIGTERM to this process, as k8s would);
+        :func:`serve_rank` then raises ``reason`` so torchrun reports this rank."""
+        log.critical("%s", reason)
+        self.broken = reason
+        os.kill(os.getpid(), signal.SIGTERM)
 
     # -------------------------------------------------------------------- verbs
     def sft_step(self, batch: SFTBatch) -> TrainStats:
@@ -130,11 +142,19 @@ class TrainerService:
         if not self._planned:
             self._plan()
         pipelined = self.cfg.weights.pipelined
-        manifest = self.sender.publish(self.trainer.policy_version, tensors, pipelined=pipelined)
+        manifest = self.sender.publish(self.trainer.policy_version, tensors, pipelined=pipelined,
+                                       receivers=req.receivers)
         self._publish_started = None if not pipelined else started
         if not pipelined:
             self._log_published(started)
         return manifest
+
+    def release_weights(self, req: ReleaseWeights) -> WeightReaders:
+        """A receiver of the last publish is done with it (rank 0 only: the sender's)."""
+        self.sender.release(req.version, req.receiver, dead=req.dead)
+        if req.dead:
+            log.warning("receiver %s of v%d declared dead", req.receiver, req.version)
+        return WeightReaders(version=req.version, pending=self.sender.readers)
 
     def finish_publish(self) -> None:
         """Wait for a pipelined pack to end; raise its error to the caller (once)."""
@@ -204,33 +224,78 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _collective(method: str, fn: Callable[[Any], Any], world_size: int) -> Callable[[Any], Any]:
+class GroupBroken(RuntimeError):
+    """A collective failed: a peer rank died or became unreachable. Fatal for the rank."""
+
+
+def _agree(ok: bool, device: str) -> bool:
+    """Whether the verb succeeded on every rank (an all-reduce of failure flags). Every rank
+    runs it after every verb, so an error on one rank (bad input fails alike everywhere)
+    leaves all ranks in step; a dead peer makes it raise :class:`GroupBroken`."""
+    import torch
+
+    failed = torch.tensor([0 if ok else 1], device=device)
+    try:
+        dist.all_reduce(failed)
+    except Exception as exc:  # noqa: BLE001 - gloo and NCCL raise plain RuntimeErrors
+        raise GroupBroken(f"trainer rank {dist.get_rank()}: a peer rank is gone ({exc})") from exc
+    return int(failed.item()) == 0
+
+
+def _collective(method: str, fn: Callable[[Any], Any], service: TrainerService,
+                world_size: int) -> Callable[[Any], Any]:
     """Wrap a rank-0 handler so the followers replay the same call first."""
     if world_size == 1:
         return fn
+    device = service.cfg.trainer.device
 
     def handler(req: BaseModel) -> Any:
-        _broadcast((method, req.model_dump()))
-        return fn(req)
+        try:
+            try:
+                _broadcast((method, req.model_dump()))
+            except Exception as exc:  # noqa: BLE001 - only a lost peer fails a broadcast
+                raise GroupBroken(f"trainer rank 0: {method} could not reach the other "
+                                  f"ranks ({exc})") from exc
+            try:
+                result = fn(req)
+            except Exception:
+                _agree(False, device)
+                raise
+            if not _agree(True, device):
+                raise RuntimeError(f"{method} failed on another trainer rank (see its log)")
+            return result
+        except GroupBroken as exc:
+            service.fail(str(exc))
+            raise
 
     return handler
 
 
 def follow(service: TrainerService) -> None:
-    """Non-zero ranks: replay rank 0's calls until it broadcasts stop."""
+    """Non-zero ranks: replay rank 0's calls until it broadcasts stop. A verb that fails
+    here fails on rank 0 too (it answers with the error); a lost peer ends the rank."""
     routes = service.routes()
+    device = service.cfg.trainer.device
     while True:
         method, payload = _broadcast(None)
         if method == _STOP:
             return
         model, fn = routes[method]
-        fn(model.model_validate(payload))
+        try:
+            fn(model.model_validate(payload))
+            ok = True
+        except Exception:  # noqa: BLE001 - reported by rank 0; this rank stays in step
+            log.exception("%s failed on trainer rank %d", method, service.rank)
+            ok = False
+        _agree(ok, device)
 
 
 def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) -> None:
     trainer = MegatronTrainer.from_hf(
         cfg.model.path,
         tp=cfg.trainer.tp,
+        pp=cfg.trainer.pp,
+        distributed_optimizer=cfg.trainer.distributed_optimizer,
         lr=cfg.trainer.lr,
         weight_decay=cfg.trainer.weight_decay,
         betas=(cfg.trainer.adam_beta1, cfg.trainer.adam_beta2),
@@ -249,11 +314,18 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) 
             return
         server = RPCServer(address or cfg.trainer.address, service="trainer")
         for method, (model, fn) in service.routes().items():
-            server.register(method, model, service.guarded(_collective(method, fn, world_size)))
-        server.set_ready(True, tp=world_size, policy_version=trainer.policy_version)
+            server.register(method, model,
+                            service.guarded(_collective(method, fn, service, world_size)))
+        # the sender's bookkeeping: rank 0 alone, and not behind a pipelined pack
+        server.register("release_weights", ReleaseWeights, service.release_weights, inline=True)
+        layout = trainer.layout
+        server.set_ready(True, tp=layout.tp, pp=layout.pp, dp=layout.dp,
+                         policy_version=trainer.policy_version)
         server.start_in_thread()
-        log.info("trainer ready on %s (tp=%d)", server.address, world_size)
+        log.info("trainer ready on %s (%s)", server.address, layout.describe())
         run_until_signalled(server)
+        if service.broken:
+            raise GroupBroken(service.broken)
         if world_size > 1:
             try:  # the followers are still in the export's gathers until it ends
                 service.finish_publish()
@@ -264,17 +336,27 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) 
         service.close()
 
 
-def rank_main(rank: int, config_path: str, address: str | None, port: int) -> None:
-    """Entry of one TP rank process (module-level so multiprocessing spawn can find it)."""
+def worker_main(config_path: str, address: str | None) -> None:
+    """Entry of one trainer rank started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK and the
+    rendezvous's MASTER_ADDR / MASTER_PORT in the environment)."""
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    cfg = load_config(config_path)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != cfg.trainer.world_size:
+        raise RuntimeError(f"torchrun started {world} ranks; the config's trainer runs "
+                           f"tp x pp x dp = {cfg.trainer.world_size}")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cfg.trainer.device == "cuda":
+        torch.cuda.set_device(local_rank)
+    else:
+        # torchrun's default is one thread per worker; a rank gets its share of the cores
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
     from trainer_svc.dist import init_distributed
 
-    setup_logging()
-    cfg = load_config(config_path)
-    init_distributed(
-        rank,
-        cfg.trainer.tp,
-        master_port=port,
-        backend=cfg.trainer.dist_backend,
-        timeout_s=IDLE_COLLECTIVE_TIMEOUT_S,
-    )
-    serve_rank(cfg, rank, cfg.trainer.tp, address)
+    init_distributed(rank, world, None, backend=cfg.trainer.dist_backend,
+                     timeout_s=IDLE_COLLECTIVE_TIMEOUT_S)
+    # record: torchrun's error report names this rank and carries its traceback
+    record(serve_rank)(cfg, rank, world, address)

@@ -1,12 +1,16 @@
-"""MegatronTrainer: an HF checkpoint trained with megatron-core (TP over torch.distributed).
+"""MegatronTrainer: an HF checkpoint trained with megatron-core (TP × PP × DP over
+torch.distributed).
 
-One trainer object lives on every rank of the tensor-parallel group (world size ==
-TP). Every public method that touches the model is collective: all ranks must call
-it with the same arguments, in the same order.
+One trainer object lives on every rank; the world size is TP × PP × DP. Every public
+method that touches the model is collective: all ranks must call it with the same
+arguments, in the same order, and every rank gets the same results (except the exports,
+which land on global rank 0).
 
-The model is a GPTModel wrapped in Megatron DDP, the optimizer comes from
-``get_megatron_optimizer`` (Adam with decoupled weight decay, i.e. AdamW; no weight
-decay on norms and biases). In float32 everything is fp32; in bfloat16 the parameters and
+The model is this rank's pipeline stage of a GPTModel wrapped in Megatron DDP; micro-batches
+run through megatron's forward-backward schedule (:mod:`trainer_svc.pipeline`). The optimizer
+comes from ``get_megatron_optimizer`` (Adam with decoupled weight decay, i.e. AdamW; no
+weight decay on norms and biases), sharded over the DP replicas when
+``distributed_optimizer``. In float32 everything is fp32; in bfloat16 the parameters and
 activations are bf16 and the optimizer is megatron's mixed-precision one (fp32 gradients and
 master weights). On CPU the shims of :mod:`trainer_svc.cpu_shims` are applied.
 """
@@ -20,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from k1rl.config import TrainerConfig
-from trainer_svc import convert
+from trainer_svc import checkpoint, convert, pipeline
 from trainer_svc.cpu_shims import apply_cpu_shims, cuda_as_cpu, seed_model_parallel
 from trainer_svc.model import (
     TokenBatch,
@@ -35,6 +38,7 @@ from trainer_svc.model import (
     pack_rows,
     unwrap,
 )
+from trainer_svc.parallel import Layout, barrier, init_model_parallel, iter_export_pipeline
 
 # Files next to the weights that make an exported dir loadable by transformers / vLLM.
 TOKENIZER_FILES = (
@@ -48,11 +52,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-CHECKPOINT_FORMAT = 1
-
-# A loss over micro-batch log-probs: returns this micro-batch's share of the step's loss
-# (already normalised by whatever global denominator the loss uses).
-LossFn = Callable[[Tensor, TokenBatch], Tensor]
+LossFn = pipeline.LossFn
 
 
 def _configured(field: str):
@@ -127,21 +127,6 @@ class SafetensorsDir(Mapping[str, Tensor]):
         return len(self._where)
 
 
-def _init_model_parallel(tp: int) -> None:
-    if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised (see trainer_svc.dist)")
-    if dist.get_world_size() != tp:
-        raise ValueError(f"tp={tp} but the world size is {dist.get_world_size()}: they must match")
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        current = parallel_state.get_tensor_model_parallel_world_size()
-        if current != tp:
-            raise RuntimeError(f"model parallel is already initialised with tp={current}")
-        return
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-
-
 class MegatronTrainer:
     """Trains one policy; see the module docstring for the collective-call contract.
 
@@ -159,8 +144,11 @@ class MegatronTrainer:
         device: str,
         seq_length: int,
         micro_batch_tokens: int,
+        distributed_optimizer: bool = False,
     ) -> None:
         self.model = model
+        self.layout = Layout.current()
+        self.distributed_optimizer = distributed_optimizer
         # parameters, activations, exports and the wire; the optimizer's master weights
         # and the gradients are fp32 whatever this is
         self.dtype: torch.dtype = unwrap(model).config.params_dtype
@@ -181,6 +169,8 @@ class MegatronTrainer:
         model_dir: str | Path,
         *,
         tp: int = 1,
+        pp: int = 1,
+        distributed_optimizer: bool = False,
         lr: float = OptimConfig.lr,
         weight_decay: float = OptimConfig.weight_decay,
         betas: tuple[float, float] = OptimConfig.betas,
@@ -194,7 +184,9 @@ class MegatronTrainer:
     ) -> MegatronTrainer:
         """Build the model for this TP rank and load the HF safetensors weights into it.
 
-        Needs torch.distributed initialised with world size == ``tp``. ``seq_length``
+        Needs torch.distributed initialised; its world size is ``tp`` × ``pp`` × DP.
+        ``distributed_optimizer`` shards the optimizer state over the DP replicas (megatron's
+        distributed optimizer: gradients reduce-scattered, parameters all-gathered). ``seq_length``
         is the packed row length of :meth:`sft_step` (default: the model's
         max_position_embeddings, capped at 4096); ``micro_batch_tokens`` bounds the
         rows x width of one forward pass; ``attention`` is the core attention, "sdpa" or
@@ -209,17 +201,20 @@ class MegatronTrainer:
             raise FileNotFoundError(f"{model_dir} has no config.json")
         optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=tuple(betas),
                             grad_clip=grad_clip)
-        _init_model_parallel(tp)
+        layout = init_model_parallel(tp, pp)
         apply_cpu_shims(device)
         seed_model_parallel(seed, device)
         spec = convert.HFModelSpec.from_hf_config(model_dir)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         gpt = build_gpt_model(spec, tp=tp, device=device, attention=attention,
-                              dtype=DTYPES[dtype])
-        _copy_into_params(gpt, convert.hf_to_megatron(SafetensorsDir(model_dir), spec, *_tp()))
+                              dtype=DTYPES[dtype], pp=pp)
+        weights = convert.hf_to_megatron(SafetensorsDir(model_dir), spec, layout.tp_rank, tp,
+                                         layout.stage(spec))
+        copy_into_params(gpt, weights)
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=distributed_optimizer,
         )
         model = DistributedDataParallel(gpt.config, ddp_config, gpt)
         if seq_length is None:
@@ -234,10 +229,15 @@ class MegatronTrainer:
             device=device,
             seq_length=seq_length,
             micro_batch_tokens=micro_batch_tokens,
+            distributed_optimizer=distributed_optimizer,
         )
 
     def _make_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        if self.distributed_optimizer and self.optim.name != "adam":
+            raise ValueError(f"megatron's distributed optimizer shards Adam only, not "
+                             f"{self.optim.name!r} (trainer.distributed_optimizer)")
 
         config = OptimizerConfig(
             optimizer=self.optim.name,
@@ -250,6 +250,7 @@ class MegatronTrainer:
             clip_grad=self.optim.grad_clip,
             params_dtype=self.dtype,
             bf16=self.dtype == torch.bfloat16,
+            use_distributed_optimizer=self.distributed_optimizer,
         )
         with cuda_as_cpu(self.device):
             optimizer = get_megatron_optimizer(config, [self.model])
@@ -327,46 +328,57 @@ class MegatronTrainer:
         return [b.to(self.device) for b in batches]
 
     def forward_logprobs(self, batch: TokenBatch) -> Tensor:
-        """Per-position log-probs ``[B, T]`` of ``batch.labels``, with grad (mask them)."""
+        """Per-position log-probs ``[B, T]`` of ``batch.labels``, with grad (mask them).
+        Only without pipeline parallelism (a stage holds part of the model)."""
         return forward_logprobs(self.model, batch)
 
     @torch.no_grad()
+    def token_logprobs(self, micro: Sequence[TokenBatch]) -> list[Tensor]:
+        """Each micro-batch's loss-token log-probs (``[sample_index >= 0]``, row-major), on
+        every rank; the micro-batches are shared among the DP replicas."""
+        self.model.eval()
+        return [values for _, values in pipeline.run(self.model, micro, self.layout)]
+
     def logprobs(
         self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
     ) -> list[list[float]]:
         """Log-prob of each response token given the prompt and the preceding response."""
-        self.model.eval()
         result: list[list[float]] = [[] for _ in prompt_ids]
-        for batch in self.micro_batches(prompt_ids, response_ids, pack=False):
-            values = forward_logprobs(self.model, batch)
-            for i in batch.sample_index.unique().tolist():
-                if i >= 0:
-                    result[i] = values[batch.sample_index == i].tolist()
+        micro = self.micro_batches(prompt_ids, response_ids, pack=False)
+        for batch, values in zip(micro, self.token_logprobs(micro), strict=True):
+            index = batch.sample_index[batch.sample_index >= 0].cpu()
+            for i in index.unique().tolist():
+                result[i] = values[index == i].tolist()
         return result
 
     # -------------------------------------------------------------------- training
 
-    def train_step(self, loss_fn: LossFn, micro_batches: Sequence[TokenBatch]) -> dict[str, float]:
+    def train_step(self, loss_fn: LossFn, micro_batches: Sequence[TokenBatch],
+                   on_record: Callable[[int, object], None] | None = None) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (gradients accumulate across them).
 
         ``loss_fn(logprobs, batch)`` gets the differentiable ``[B, T]`` log-probs of one
-        micro-batch and returns that micro-batch's share of the loss; the reported
-        ``loss`` is the sum of the shares; ``grad_norm`` is the norm before clipping.
-        Increments ``policy_version``.
+        micro-batch and returns that micro-batch's share of the loss, or ``(share,
+        record)``. It runs where the loss is (the last pipeline stage of the DP replica the
+        micro-batch went to), so it must not rely on side effects: ``on_record(k, record)``
+        is called on every rank, in order, with what it returned for micro-batch ``k``. The
+        reported ``loss`` is the sum of the shares; ``grad_norm`` is the norm before
+        clipping. Increments ``policy_version``.
         """
         if not micro_batches:
             raise ValueError("train_step needs at least one micro-batch")
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        total = torch.zeros((), dtype=torch.float64)
-        for batch in micro_batches:
-            loss = loss_fn(forward_logprobs(self.model, batch), batch)
-            loss.backward()
-            total += loss.detach().double()
+        results = pipeline.run(self.model, micro_batches, self.layout, loss_fn)
+        total = sum(loss for loss, _ in results)
+        for k, (_, record) in enumerate(results):
+            if on_record is not None:
+                on_record(k, record)
         from megatron.core.distributed import finalize_model_grads
 
-        # megatron's own reduction: DP replicas, and the TP sums of weights every TP rank
+        # megatron's own reduction: DP replicas (summed: each share is already normalised),
+        # the tied embedding's two pipeline copies, and the TP sums of weights every TP rank
         # holds whole but sees only its heads' share of (Qwen3's q/k norms)
         finalize_model_grads([self.model])
         with cuda_as_cpu(self.device):
@@ -419,16 +431,23 @@ class MegatronTrainer:
 
         ``dst=None``: every TP rank gets the tensors; ``dst=r``: only TP rank ``r`` does
         (cheaper: a gather instead of an all-gather) and the others yield nothing.
-        With TP=1 most tensors are views of the live weights (no copy): consume them
-        before the next step. ``out`` maps names to destination tensors (e.g. slices of
+        With pipeline stages or DP replicas ``dst`` must be 0 and the tensors land on
+        global rank 0 (each stage sends its layers there, see
+        :func:`~trainer_svc.parallel.iter_export_pipeline`). With TP=1 most tensors are
+        views of the live weights (no copy): consume them before the next step. ``out`` maps names to destination tensors (e.g. slices of
         a registered transfer buffer) that are filled in place with a single copy.
         ``lm_head.weight`` is always included, last (the embedding when tied).
         """
         from megatron.core import parallel_state
 
-        group = parallel_state.get_tensor_model_parallel_group()
         named = unwrap(self.model).named_parameters()
-        return convert.iter_export_hf(named, self.spec, group, out, dst)
+        if self.layout.pp == 1 and (self.layout.dp == 1 or dst is None):
+            group = parallel_state.get_tensor_model_parallel_group()
+            return convert.iter_export_hf(named, self.spec, group, out, dst)
+        if dst != 0:
+            raise ValueError(f"with {self.layout.describe()} the export goes to rank 0 "
+                             f"(dst=0), not dst={dst}")
+        return iter_export_pipeline(named, self.spec, self.layout, self.dtype, out)
 
     @property
     def dtype_name(self) -> str:
@@ -445,13 +464,13 @@ class MegatronTrainer:
         checkpoint they were loaded from, bit for bit in the narrower of the two dtypes
         (an fp32 checkpoint trained in bf16 is compared in bf16, and the other way round).
 
-        Collective; the result on TP rank 0, None elsewhere. Only meaningful before the
+        Collective; the result on global rank 0, None elsewhere. Only meaningful before the
         first step changes the weights, so it refuses afterwards.
         """
         if self.policy_version != 0:
             raise RuntimeError(f"the trainer holds policy version {self.policy_version}: the "
                                "round trip compares the weights as loaded (version 0)")
-        source = SafetensorsDir(self.source_dir) if _tp()[0] == 0 else None
+        source = SafetensorsDir(self.source_dir) if self.layout.is_root else None
         mismatched, worst, tensors, parameters = [], 0.0, 0, 0
         for name, tensor in self.iter_hf_tensors(dst=0):
             tied_head = self.spec.tied_embeddings and name == "lm_head.weight"
@@ -475,7 +494,7 @@ class MegatronTrainer:
                 "max_abs_diff": worst}
 
     def export_hf(self, out_dir: str | Path) -> Path | None:
-        """Write an HF model dir (config, safetensors, tokenizer files) on TP rank 0.
+        """Write an HF model dir (config, safetensors, tokenizer files) on global rank 0.
 
         Collective. Returns the dir on rank 0 and None elsewhere. The tied ``lm_head``
         is left out of the file, as ``save_pretrained`` does.
@@ -488,8 +507,8 @@ class MegatronTrainer:
             if not (self.spec.tied_embeddings and name == "lm_head.weight"):
                 # clone: views share storage, which safetensors refuses to write
                 tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
-        if _tp()[0] != 0:
-            _tp_barrier()
+        if not self.layout.is_root:
+            barrier()
             return None
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -499,73 +518,23 @@ class MegatronTrainer:
         for name in TOKENIZER_FILES:
             if (self.source_dir / name).is_file():
                 shutil.copyfile(self.source_dir / name, out_dir / name)
-        _tp_barrier()  # the dir is complete when any rank returns
+        barrier()  # the dir is complete when any rank returns
         return out_dir
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, ckpt_dir: str | Path) -> Path:
-        """Save weights, optimizer state and ``policy_version``, one file per TP rank.
+        """Save weights, optimizer state and ``policy_version``, one file per rank.
 
-        Reloading needs the same TP size. To change TP, go through :meth:`export_hf` and
-        :meth:`from_hf`, which drops the optimizer state (k1.5 resets it every iteration).
+        Reloading needs the same TP × PP × DP layout. To change it, go through
+        :meth:`export_hf` and :meth:`from_hf`, which drops the optimizer state (k1.5
+        resets it every iteration).
         """
-        ckpt_dir = Path(ckpt_dir)
-        rank, tp = _tp()
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "tp": tp,
-            "spec": vars(self.spec),
-            "dtype": self.dtype_name,
-            "policy_version": self.policy_version,
-            "optim": vars(self.optim),
-            "model": {n: p.detach().clone() for n, p in unwrap(self.model).named_parameters()},
-            "optimizer": self.optimizer.state_dict(),
-        }
-        tmp = ckpt_dir / f"rank_{rank:03d}.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(ckpt_dir / f"rank_{rank:03d}.pt")
-        _tp_barrier()
-        return ckpt_dir
+        return checkpoint.save(self, Path(ckpt_dir))
 
     def load(self, ckpt_dir: str | Path) -> None:
-        """Restore a :meth:`save` checkpoint written with the same model and TP size."""
-        path = Path(ckpt_dir) / f"rank_{_tp()[0]:03d}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint shard {path}")
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
-        # fields added to the spec since a checkpoint was written take their defaults
-        if state["tp"] != _tp()[1] or convert.HFModelSpec(**state["spec"]) != self.spec:
-            raise ValueError(f"{path} was saved with tp={state['tp']} / another model")
-        saved_dtype = state.get("dtype", "float32")
-        if saved_dtype != self.dtype_name:
-            raise ValueError(f"{path} was saved in {saved_dtype}, this trainer runs "
-                             f"{self.dtype_name} (model.dtype)")
-        _copy_into_params(unwrap(self.model), state["model"])
-        self.optim = OptimConfig(**{**state["optim"], "betas": tuple(state["optim"]["betas"])})
-        self.optimizer = self._make_optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.policy_version = state["policy_version"]
-        _tp_barrier()
-
-
-def _tp() -> tuple[int, int]:
-    """(rank, size) of this process in the tensor-parallel group."""
-    from megatron.core import parallel_state
-
-    return (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_world_size(),
-    )
-
-
-def _tp_barrier() -> None:
-    from megatron.core import parallel_state
-
-    dist.barrier(group=parallel_state.get_tensor_model_parallel_group())
+        """Restore a :meth:`save` checkpoint written with the same model and layout."""
+        checkpoint.load(self, Path(ckpt_dir))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -584,7 +553,7 @@ def _difference(ours: Tensor, stored: Tensor) -> float:
 
 
 @torch.no_grad()
-def _copy_into_params(gpt: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+def copy_into_params(gpt: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
     """Copy a Megatron parameter dict into the model in place; names must match exactly."""
     params = dict(gpt.named_parameters())
     if set(params) != set(state):
@@ -596,7 +565,12 @@ def _copy_into_params(gpt: torch.nn.Module, state: Mapping[str, Tensor]) -> None
         param.copy_(state[name])
 
 
+def torch_optimizers(optimizer) -> list:
+    """The megatron optimizers inside a (possibly chained) megatron optimizer."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _torch_optimizer_states(optimizer) -> Iterator[dict]:
     """Per-parameter state dicts of the torch optimizers inside a megatron optimizer."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in torch_optimizers(optimizer):
         yield from inner.optimizer.state.values()
