@@ -34,6 +34,7 @@ from checkpoint_engine.transports import (
 )
 from checkpoint_engine.transports.base import (
     PublishStats,
+    ReadersPendingError,
     ReceiveStats,
     TransportError,
     TransportUnavailableError,
@@ -47,6 +48,7 @@ __all__ = [
     "BucketPacker",
     "Checksum",
     "PublishStats",
+    "ReadersPendingError",
     "ReceiveStats",
     "TransportError",
     "TransportUnavailableError",

@@ -30,40 +30,52 @@ class EngineLifecycle(ABC):
         self.log_dir = Path(log_dir)
         self.ready_timeout_s = ready_timeout_s
         self._proc: ServiceProcess | None = None
+        self._counted = False  # the running process has answered ready
         self.starts = 0
 
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.proc.poll() is None
 
-    def _spawn(self) -> float:
-        """Start rollout_svc with dummy weights and wait until it answers ready."""
-        started = time.perf_counter()
+    def _spawn(self) -> None:
+        """Start rollout_svc with dummy weights (not waiting for it)."""
         args = ["--config", str(self.config_path), "--address", self.address, "--dummy-weights"]
         self._proc = start_service("rollout", "rollout_svc", args, self.address, self.log_dir)
+
+    def wait_up(self) -> None:
+        """Wait until a process :meth:`start` spawned answers ready (no-op otherwise)."""
+        if self._proc is None or self._counted:
+            return
         try:
             self._proc.wait_ready(self.ready_timeout_s)
         except BaseException:
             self._stop()
             raise
+        self._counted = True
         self.starts += 1
-        return time.perf_counter() - started
 
     def _stop(self) -> None:
         if self._proc is not None:
             self._proc.stop()
             self._proc = None
+            self._counted = False
 
-    def bring_up(self) -> bool:
-        """Make an engine available; True when a fresh one (dummy weights) was started.
-
-        An engine that died since the last rollout is started again rather than failing
-        the run; the fresh engine then receives the full policy.
-        """
+    def start(self) -> bool:
+        """Begin making the engine available; True when a fresh one (dummy weights) is
+        being started. An engine that died since the last rollout is started again rather
+        than failing the run; the fresh engine then receives the full policy. Processes
+        are spawned on the calling thread, which they die with (PDEATHSIG): call it from a
+        thread that outlives the engine."""
         if self.running:
             return False
         self._spawn()
         return True
+
+    def bring_up(self) -> bool:
+        """:meth:`start`, then :meth:`wait_up`."""
+        fresh = self.start()
+        self.wait_up()
+        return fresh
 
     @abstractmethod
     def halt(self) -> None:
@@ -103,7 +115,7 @@ class ExternalLifecycle(EngineLifecycle):
     def running(self) -> bool:
         return self._seen is not None
 
-    def bring_up(self) -> bool:
+    def start(self) -> bool:
         pong = wait_until_ready(self.address, self.ready_timeout_s, require_ready=False)
         # a container's main process often has the same pid after a restart: its start
         # time tells the engines apart
@@ -137,3 +149,21 @@ def make_lifecycle(name: str, **kwargs) -> EngineLifecycle:
             f"unknown engine lifecycle {name!r}; known: {', '.join(sorted(LIFECYCLES))}"
         ) from None
     return cls(**kwargs)
+
+
+def bring_up_all(engines: list[EngineLifecycle]) -> dict[EngineLifecycle, bool | Exception]:
+    """Bring every engine up at once: all started first, then waited for. Per engine, True
+    for a fresh one, False for one that was running, or why it could not be brought up."""
+    outcome: dict[EngineLifecycle, bool | Exception] = {}
+    for engine in engines:
+        try:
+            outcome[engine] = engine.start()
+        except Exception as exc:  # noqa: BLE001 - an engine that cannot start is left out
+            outcome[engine] = exc
+    for engine in engines:
+        if outcome[engine] is True:
+            try:
+                engine.wait_up()
+            except Exception as exc:  # noqa: BLE001
+                outcome[engine] = exc
+    return outcome

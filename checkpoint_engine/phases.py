@@ -3,10 +3,12 @@
     TRAIN --to_rollout(v)--> ROLLOUT --to_train()--> TRAIN
 
 to_rollout: the trainer has finished its step (its optimizer state is reset every
-iteration anyway, so there is nothing to keep resident); the engine is brought up
-(restart mode: a fresh vLLM with dummy weights), the trainer publishes policy v and
-the engine pulls it over the transfer engine and reloads. The switch is complete
-only when the engine reports exactly version v.
+iteration anyway, so there is nothing to keep resident); the engines are brought up
+(restart mode: fresh vLLMs with dummy weights), the trainer publishes policy v once and
+every engine pulls it over the transfer engine, all at the same time (reads are
+one-sided), and reloads. The trainer is told who pulls, and each engine is released as
+it finishes, or declared dead when its start or update fails: the switch completes with
+the engines that report exactly version v, and fails only when none does.
 to_train: rollout is over; restart mode halts vLLM so the trainer gets the devices
 back.
 
@@ -15,15 +17,25 @@ Every switch is timed and kept, so the loop can report both directions.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from k1rl.protocol import PushWeightsRequest, WeightManifest, WeightUpdateResult
+from checkpoint_engine.lifecycle import EngineLifecycle, bring_up_all
+from k1rl.protocol import (
+    PushWeightsRequest,
+    ReleaseWeights,
+    WeightManifest,
+    WeightReaders,
+    WeightUpdateResult,
+)
 from k1rl.rpc import RPCClient
+from k1rl.watch import call_watched
 
-from checkpoint_engine.lifecycle import EngineLifecycle
-
+log = logging.getLogger(__name__)
 
 class Phase(str, Enum):
     TRAIN = "train"
@@ -44,44 +56,69 @@ class SwitchRecord:
     push_s: float = 0.0
     update_s: float = 0.0
     weight_bytes: int = 0
+    # engines holding policy_version after the switch, and those that failed it
+    engines: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class PhaseMachine:
     trainer: RPCClient
-    lifecycle: EngineLifecycle
+    engines: list[EngineLifecycle]
     update_timeout_s: float = 600.0
     phase: Phase = Phase.TRAIN
     policy_version: int = -1
     history: list[SwitchRecord] = field(default_factory=list)
+    # the engines that hold policy_version (an engine that failed a switch is out until
+    # it takes the full policy again)
+    current: set[str] = field(default_factory=set)
+    # the engines' update threads share the trainer client
+    _trainer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def to_rollout(self) -> SwitchRecord:
-        """Put the trainer's current policy into a ready rollout engine."""
+        """Put the trainer's current policy into every engine that can take it."""
         self._require(Phase.TRAIN, "to_rollout")
         started = time.perf_counter()
-        fresh = self.lifecycle.bring_up()
+        failed: dict[str, str] = {}
+        ups = bring_up_all(self.engines)
+        for engine, up in ups.items():
+            if isinstance(up, Exception):
+                failed[engine.address] = f"start: {up}"
+        live = [e for e in self.engines if e.address not in failed]
         engine_s = time.perf_counter() - started
-        manifest = self.trainer.call("push_weights", PushWeightsRequest(), WeightManifest)
+        receivers = [e.address for e in live]
+        manifest = self.trainer.call("push_weights", PushWeightsRequest(receivers=receivers),
+                                     WeightManifest)
         pushed = time.perf_counter()
-        with RPCClient(self.lifecycle.address, timeout_s=self.update_timeout_s) as rollout:
-            result = self._update(rollout, manifest, fresh)
-        if result.version != manifest.version:
-            raise PhaseError(
-                f"engine reports policy v{result.version} after an update to v{manifest.version}"
-            )
+        with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
+            results = list(pool.map(lambda e: self._update(e, manifest, ups[e]), live))
+        for engine, result in zip(live, results, strict=True):
+            if isinstance(result, Exception):
+                failed[engine.address] = f"update: {result}"
+            elif result.version != manifest.version:
+                failed[engine.address] = (f"reports policy v{result.version} after an update "
+                                          f"to v{manifest.version}")
+        updated = [e.address for e in live if e.address not in failed]
+        for address, reason in failed.items():
+            log.warning("engine %s is out of policy v%d: %s", address, manifest.version, reason)
+        if not updated:
+            raise PhaseError(f"no engine took policy v{manifest.version}: {failed}")
         done = time.perf_counter()
         self.phase = Phase.ROLLOUT
         self.policy_version = manifest.version
+        self.current = set(updated)
         return self._record(
             SwitchRecord(
                 direction="to_rollout",
                 seconds=done - started,
                 policy_version=manifest.version,
-                engine_started=fresh,
-                engine_start_s=engine_s if fresh else 0.0,
+                engine_started=any(up is True for up in ups.values()),
+                engine_start_s=engine_s if any(up is True for up in ups.values()) else 0.0,
                 push_s=pushed - started - engine_s,
                 update_s=done - pushed,
                 weight_bytes=manifest.total_bytes,
+                engines=updated,
+                failed=failed,
             )
         )
 
@@ -89,7 +126,8 @@ class PhaseMachine:
         """Rollout is over: halt the engine (restart mode) and hand back to the trainer."""
         self._require(Phase.ROLLOUT, "to_train")
         started = time.perf_counter()
-        self.lifecycle.halt()
+        for engine in self.engines:
+            engine.halt()
         self.phase = Phase.TRAIN
         return self._record(
             SwitchRecord(
@@ -99,16 +137,27 @@ class PhaseMachine:
             )
         )
 
-    def _update(
-        self, rollout: RPCClient, manifest: WeightManifest, fresh: bool
-    ) -> WeightUpdateResult:
+    def _update(self, engine: EngineLifecycle, manifest: WeightManifest,
+                fresh: bool) -> WeightUpdateResult | Exception:
+        """Pull ``manifest`` into one engine, then release it at the trainer (declared dead
+        when the update failed, so the trainer does not wait for it)."""
+        result: WeightUpdateResult | Exception
         # A persistent engine that already holds this version (no training step since the
         # last push) needs no transfer; anything else must go through the update.
-        if not fresh and manifest.version == self.policy_version:
-            return WeightUpdateResult(
-                version=manifest.version, bytes=0, transfer_s=0.0, load_s=0.0
-            )
-        return rollout.call("update_weights", manifest, WeightUpdateResult)
+        if not fresh and manifest.version == self.policy_version and engine.address in self.current:
+            result = WeightUpdateResult(version=manifest.version, bytes=0, transfer_s=0.0,
+                                        load_s=0.0)
+        else:
+            try:
+                result = call_watched(engine.address, "update_weights", manifest,
+                                      WeightUpdateResult, self.update_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - one engine's failure is recorded
+                result = exc
+        release = ReleaseWeights(version=manifest.version, receiver=engine.address,
+                                 dead=isinstance(result, Exception))
+        with self._trainer_lock:
+            self.trainer.call("release_weights", release, WeightReaders)
+        return result
 
     def _require(self, phase: Phase, action: str) -> None:
         if self.phase is not phase:
@@ -127,8 +176,9 @@ class PhaseMachine:
             "mean_switch_to_rollout_s": mean("to_rollout"),
             "mean_switch_to_train_s": mean("to_train"),
             "switches": float(len(self.history)),
-            "engine_starts": float(self.lifecycle.starts),
+            "engine_starts": float(sum(e.starts for e in self.engines)),
         }
 
     def history_rows(self) -> list[dict]:
         return [asdict(r) for r in self.history]
+

@@ -18,15 +18,19 @@ log = logging.getLogger(__name__)
 
 
 def build_machine(cfg: RunConfig, config_path: Path) -> PhaseMachine:
-    lifecycle = make_lifecycle(
-        cfg.checkpoint_engine.engine_lifecycle,
-        config_path=config_path,
-        address=cfg.rollout.address,
-        log_dir=Path(cfg.run_dir) / "logs",
-        ready_timeout_s=600.0,
-    )
+    """One lifecycle per rollout engine (rollout.addresses), one trainer to publish."""
+    engines = [
+        make_lifecycle(
+            cfg.checkpoint_engine.engine_lifecycle,
+            config_path=config_path,
+            address=address,
+            log_dir=Path(cfg.run_dir) / "logs" / f"engine{k}",
+            ready_timeout_s=600.0,
+        )
+        for k, address in enumerate(cfg.rollout.engine_addresses())
+    ]
     trainer = RPCClient(cfg.trainer.address, timeout_s=600.0)
-    return PhaseMachine(trainer=trainer, lifecycle=lifecycle)
+    return PhaseMachine(trainer=trainer, engines=engines)
 
 
 def handle_phase(machine: PhaseMachine, cmd: PhaseCommand) -> PhaseStatus:
@@ -46,6 +50,7 @@ def handle_phase(machine: PhaseMachine, cmd: PhaseCommand) -> PhaseStatus:
         policy_version=machine.policy_version,
         switch_s=record.seconds,
         breakdown=breakdown if record.direction == "to_rollout" else {},
+        engines=record.engines if record.direction == "to_rollout" else [],
     )
 
 
@@ -57,5 +62,6 @@ def serve(cfg: RunConfig, config_path: Path, address: str | None = None) -> None
     try:
         run_until_signalled(server)
     finally:
-        machine.lifecycle.close()
+        for engine in machine.engines:
+            engine.close()
         machine.trainer.close()

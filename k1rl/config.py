@@ -67,7 +67,28 @@ class ModelConfig(Section):
 
 class TrainerConfig(ServiceSection):
     address: str = Field("tcp://127.0.0.1:5701", description="RPC address of trainer_svc.")
-    tp: int = Field(1, ge=1, description="Megatron tensor-parallel size (trainer ranks).")
+    tp: int = Field(1, ge=1, description="Megatron tensor-parallel size.")
+    pp: int = Field(
+        1, ge=1,
+        description="Megatron pipeline-parallel stages (1F1B schedule); the model's layers "
+        "are split equally, so they must be a multiple of pp.",
+    )
+    dp: int = Field(
+        1, ge=1,
+        description="Data-parallel replicas. The trainer runs tp x pp x dp ranks, launched "
+        "by torchrun over `nnodes` nodes.",
+    )
+    distributed_optimizer: bool = Field(
+        False,
+        description="megatron-core's distributed optimizer: optimizer state and fp32 master "
+        "weights sharded over the dp replicas (gradients reduce-scattered, parameters "
+        "all-gathered).",
+    )
+    nnodes: int = Field(
+        1, ge=1,
+        description="Nodes (torchrun agents) the trainer's ranks span; tp x pp x dp must be "
+        "a multiple. K1RL_NNODES overrides it (the k8s manifests set it).",
+    )
     device: Literal["cpu", "cuda"] = Field("cpu", description="Device the trainer runs on.")
     dist_backend: Literal["gloo", "nccl"] = Field(
         "gloo",
@@ -167,6 +188,21 @@ class TrainerConfig(ServiceSection):
             raise ValueError("nccl needs device 'cuda'; trainer.device is 'cpu' (use gloo)")
         return v
 
+    @property
+    def world_size(self) -> int:
+        """Trainer ranks: tp x pp x dp."""
+        return self.tp * self.pp * self.dp
+
+    @model_validator(mode="after")
+    def _ranks_fill_nodes(self) -> TrainerConfig:
+        if self.world_size % self.nnodes:
+            raise ValueError(f"trainer.nnodes: {self.nnodes} nodes cannot hold tp x pp x dp = "
+                             f"{self.world_size} ranks equally")
+        if self.distributed_optimizer and self.optimizer != "adam":
+            raise ValueError("trainer.distributed_optimizer: megatron's distributed optimizer "
+                             f"shards Adam only, not trainer.optimizer {self.optimizer!r}")
+        return self
+
 
 class RepetitionConfig(Section):
     """The repetition detector (rollout_svc/repetition.py). Off by default: the thresholds
@@ -191,6 +227,19 @@ class RepetitionConfig(Section):
 
 class RolloutConfig(ServiceSection):
     address: str = Field("tcp://127.0.0.1:5702", description="RPC address of rollout_svc.")
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="Every rollout engine: the sidecar updates them all from one publish, "
+        "the master spreads each rollout over them. Empty: [address]. 'dns://HOST:PORT' "
+        "stands for every address HOST resolves to (a Kubernetes headless service), "
+        "resolved when a service starts.",
+    )
+
+    def engine_addresses(self) -> list[str]:
+        """``addresses`` (or ``[address]``) with dns:// entries resolved, in order."""
+        from k1rl.balance import resolve_addresses
+
+        return resolve_addresses(self.addresses or [self.address])
     device: Literal["cpu", "cuda"] = Field("cpu", description="Device vLLM runs on.")
     max_model_len: int = Field(
         512, ge=2, description="vLLM context length: prompt plus generated tokens."
@@ -324,6 +373,20 @@ class RewardConfig(ServiceSection):
         "wrong and its task reward is -repetition_penalty.")
     sandbox_address: str = Field(
         "tcp://127.0.0.1:5705", description="The sandbox service code rewards run programs on.")
+    sandbox_addresses: list[str] = Field(
+        default_factory=list,
+        description="Sandbox replicas to spread programs over (empty: [sandbox_address]); "
+        "'dns://HOST:PORT' is every address HOST resolves to, re-resolved every 10 s, so "
+        "replicas an autoscaler adds receive work.")
+    sandbox_in_flight: int = Field(
+        4, ge=1, description="Programs one sandbox replica is sent at once (keep it at its "
+        "workers); a request waits when every replica is full.")
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="reward_svc replicas the master scores on (empty: [address]); "
+        "dns:// entries as for sandbox_addresses.")
+    handler_threads: int = Field(
+        4, ge=1, description="Score requests one reward_svc serves at once.")
     code_reward: Literal["all_pass", "fraction"] = Field(
         "all_pass",
         description="Code task reward: 1 when every test passes (k1.5), or the fraction passed.")

@@ -79,6 +79,9 @@ class Continuation(Message):
     prompt_token_ids: list[int] = Field(min_length=1)
     generated_token_ids: list[int] = Field(default_factory=list)
     max_tokens: int = Field(ge=1)
+    seed: int | None = Field(
+        None, description="Its sampling seed; None: sampling.seed + 1 + its index in the "
+        "request (a request split over engines pins it, so any engine draws the same stream).")
 
 
 class GenerateRequest(Message):
@@ -309,6 +312,27 @@ class PushWeightsRequest(Message):
 
     kind: Literal["push_weights"] = "push_weights"
     ref: RunRef = Field(default_factory=RunRef)
+    receivers: list[str] = Field(
+        default_factory=list,
+        description="Who will pull this publish (e.g. engine addresses). The trainer writes "
+        "its weight region again only after each has been released (ReleaseWeights).")
+
+
+class ReleaseWeights(Message):
+    """A receiver of a publish is done with it, or (``dead``) will never say so."""
+
+    kind: Literal["release_weights"] = "release_weights"
+    version: int = Field(ge=0)
+    receiver: str
+    dead: bool = False
+
+
+class WeightReaders(Message):
+    """The receivers of publish ``version`` that have not released it yet."""
+
+    kind: Literal["weight_readers"] = "weight_readers"
+    version: int
+    pending: list[str]
 
 
 class RoundTripRequest(Message):
@@ -533,6 +557,9 @@ class PhaseStatus(Message):
     switch_s: float = 0.0
     # where the switch time went: engine_start_s, push_s, update_s (weight sync), ...
     breakdown: dict[str, float] = Field(default_factory=dict)
+    engines: list[str] = Field(
+        default_factory=list,
+        description="Addresses of the rollout engines that hold policy_version (rollout phase).")
 
 
 AnyMessage = Annotated[
@@ -551,6 +578,8 @@ AnyMessage = Annotated[
     | LogprobResult
     | TrainStats
     | PushWeightsRequest
+    | ReleaseWeights
+    | WeightReaders
     | RoundTripRequest
     | RoundTripResult
     | CheckpointRequest

@@ -628,3 +628,4 @@ def wait_until_ready(
                 return pong
             last = f"{pong.service} answers but is not ready: {pong.detail}"
             time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
+

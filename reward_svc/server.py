@@ -22,7 +22,8 @@ def register_service(server: RPCServer, service: RewardService) -> None:
 def serve(cfg: RunConfig, *, address: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT on ``address`` (default ``cfg.reward.address``)."""
     # answer pings (not ready) while the math-verify worker starts
-    server = RPCServer(address or cfg.reward.address, service="reward", ready=False)
+    server = RPCServer(address or cfg.reward.address, service="reward", ready=False,
+                       handler_threads=cfg.reward.handler_threads)
     server.start_in_thread()
     service = RewardService(cfg.reward)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +30,8 @@ class RewardService:
     def __init__(self, config: RewardConfig) -> None:
         self.config = config
         self._verifiers: dict[str, Verifier] = {}
+        # requests are served on several threads: a verifier is created once
+        self._creating = threading.Lock()
 
     def start(self, names: Iterable[str] = ("math",)) -> None:
         """Create and warm up the named verifiers now instead of on the first request."""
@@ -106,9 +109,10 @@ class RewardService:
         self.close()
 
     def _verifier(self, name: str) -> Verifier:
-        if name not in self._verifiers:
-            self._verifiers[name] = verifiers.create(name, self.config)
-        return self._verifiers[name]
+        with self._creating:
+            if name not in self._verifiers:
+                self._verifiers[name] = verifiers.create(name, self.config)
+            return self._verifiers[name]
 
 
 def _groups(group_ids: Iterable[int]) -> dict[int, list[int]]:

@@ -134,7 +134,8 @@ class RolloutEngine:
         seeded = (lambda j: None) if s.seed is None else (lambda j: s.seed + j)
         fresh = [_Run(p, params(s.max_tokens, seeded(j))) for p in prompt_ids for j in range(s.n)]
         # a continuation gets its own seed: seeded requests draw the same stream
-        continued = [_Run(p, params(c.max_tokens, seeded(1 + i)), c.generated_token_ids)
+        continued = [_Run(p, params(c.max_tokens, seeded(1 + i) if c.seed is None else c.seed),
+                          c.generated_token_ids)
                      for i, (p, c) in enumerate(zip(prefixes, req.continuations))]
         started = time.perf_counter()
         # parked trajectories first: when the batch exceeds the engine's slots, vLLM admits

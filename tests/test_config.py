@@ -211,3 +211,10 @@ def test_a_bad_override_is_a_config_error_naming_it(pair, message):
     with pytest.raises(ConfigError, match="--set") as err:
         with_overrides(RunConfig(), [pair])
     assert any(p.startswith(message) or message in p for p in err.value.problems), err.value
+
+
+def test_trainer_layout_errors_name_the_field():
+    assert "trainer.nnodes: 2 nodes cannot hold" in _error("trainer: {tp: 3, nnodes: 2}")
+    assert "trainer.distributed_optimizer" in _error(
+        "trainer: {distributed_optimizer: true, optimizer: sgd}")
+    assert "trainer.pp: 0" in _error("trainer: {pp: 0}")

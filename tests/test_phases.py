@@ -23,7 +23,7 @@ from k1rl.rpc import RemoteError, RPCClient, RPCTimeout
 
 def _machine(tmp_path) -> PhaseMachine:
     lifecycle = RestartLifecycle(tmp_path / "run.yaml", free_tcp_address(), tmp_path, 1.0)
-    return PhaseMachine(trainer=RPCClient(free_tcp_address(), timeout_s=1.0), lifecycle=lifecycle)
+    return PhaseMachine(trainer=RPCClient(free_tcp_address(), timeout_s=1.0), engines=[lifecycle])
 
 
 def test_switching_to_train_while_training_is_refused(tmp_path):

@@ -144,6 +144,37 @@ def test_malformed_requests_get_typed_errors_and_serving_goes_on(server):
         assert client.ping().ready
 
 
+def test_several_requests_are_scored_at_once_each_correctly(service):
+    """reward_svc serves reward.handler_threads requests at the same time; the master and
+    evaluation reach it through BalancedClients (several replicas, bounded in flight)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from k1rl.balance import BalancedClients
+
+    srv = RPCServer("tcp://127.0.0.1:0", service="reward", handler_threads=4)
+    register_service(srv, service)
+    srv.start_in_thread()
+    clients = BalancedClients([srv.address], max_in_flight=4, timeout_s=60)
+    seen_busy = []
+
+    def score(i: int) -> RewardResult:
+        return clients.call("score", request(iteration=3 + i % 2), RewardResult)
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(score, i) for i in range(8)]
+            with RPCClient(srv.address, timeout_s=5) as probe:
+                while not all(f.done() for f in futures):
+                    seen_busy.append(probe.ping().detail.get("busy", ""))
+            results = [f.result() for f in futures]
+    finally:
+        clients.close()
+        srv.stop()
+    assert all(r.correct == CORRECT for r in results)
+    assert clients.served == {srv.address: 8}
+    assert any("score" in b for b in seen_busy)
+
+
 def test_cli_serves_until_sigterm(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from checkpoint_engine import (
+    ReadersPendingError,
     TransportError,
     TransportUnavailableError,
     WeightIntegrityError,
@@ -480,3 +481,28 @@ def test_ready_stamps_overlapping_the_buckets_are_refused(shm_pair):
     bad = manifest.model_copy(update={"ready_offset": manifest.buckets[-1].offset})
     with pytest.raises(ValueError, match="ready_offset .* inside the buckets"):
         receiver.receive(bad)
+
+
+def test_two_receivers_pull_one_publish_and_the_region_waits_for_both(shm_pair):
+    """The publisher knows who pulls: it writes the region again only once every receiver
+    has released it, done or declared dead."""
+    sender, receiver = shm_pair
+    tensors = _small_tensors(0)
+    sender.prepare(*plan_buckets(tensor_specs(tensors.items()), SMALL_BUCKET))
+    manifest = sender.publish(1, tensors, receivers=["engine-a", "engine-b"])
+    with ShmReceiver() as other:
+        for each in (receiver, other):
+            got = dict(each.receive(manifest))
+            assert all(_bytes_equal(got[n], t) for n, t in tensors.items())
+    sender.release(1, "engine-a")
+    assert sender.readers == ["engine-b"]
+    with pytest.raises(ReadersPendingError, match="v1 while engine-b may still read it"):
+        sender.publish(2, _small_tensors(1))
+    grown = {**tensors, "f": torch.zeros(4096)}
+    with pytest.raises(ReadersPendingError, match="allocating a new region"):
+        sender.prepare(*plan_buckets(tensor_specs(grown.items()), SMALL_BUCKET))
+    sender.release(0, "engine-b")  # a stale release (another version) changes nothing
+    assert sender.readers == ["engine-b"]
+    sender.release(1, "engine-b", dead=True)
+    assert sender.readers == [] and sender.dead_receivers == {"engine-b"}
+    assert sender.publish(2, _small_tensors(1)).version == 2

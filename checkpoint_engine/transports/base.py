@@ -4,8 +4,10 @@ Sender (trainer side)::
 
     sender.prepare(metas, buckets)        # allocate + register the region (kept while
                                           # the plan is unchanged)
-    manifest = sender.publish(v, tensors) # pack, checksum -> WeightManifest for receivers
-    ...                                   # receivers pull; do not publish again meanwhile
+    manifest = sender.publish(v, tensors, receivers=["engine-a", "engine-b"])
+    ...                                   # receivers pull (in parallel: reads are one-sided)
+    sender.release(v, "engine-a")         # each one done, or declared dead; until all are,
+    sender.release(v, "engine-b", dead=True)  # publish and prepare refuse to touch the region
     sender.close()                        # unregister, free, remove named resources
 
     manifest = sender.publish(v, tensors, pipelined=True)  # returns at once, packs on a
@@ -51,6 +53,7 @@ from checkpoint_engine.buckets import (
 from checkpoint_engine.transports.common import (
     PublishStats,
     ReceiveStats,
+    ReadersPendingError,
     TransportError,
     TransportUnavailableError,
     WeightIntegrityError,
@@ -68,6 +71,7 @@ def _alloc_size(buckets: Sequence[BucketMeta], with_stamps: bool = False) -> int
 __all__ = [
     "BucketSource",
     "PublishStats",
+    "ReadersPendingError",
     "ReceiveStats",
     "TransportError",
     "TransportUnavailableError",
@@ -99,6 +103,10 @@ class WeightSender(ABC):
         self._packing: threading.Thread | None = None
         self._pack_error: BaseException | None = None
         self._cancel_pack = threading.Event()
+        # receivers of the last publish that have not released it, and those declared dead
+        self._readers: set[str] = set()
+        self._readers_version = -1
+        self.dead_receivers: set[str] = set()
 
     # -- transport hooks
 
@@ -146,6 +154,7 @@ class WeightSender(ABC):
         buckets = [b.model_copy(update={"checksum": None}) for b in buckets]
         if self._region is not None and (metas, buckets) == (self._metas, self._buckets):
             return False
+        self._check_no_readers("allocating a new region")
         if self._region is not None:
             self._region = None
             self._release_region()
@@ -160,6 +169,7 @@ class WeightSender(ABC):
         tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
         *,
         pipelined: bool = False,
+        receivers: Iterable[str] = (),
     ) -> WeightManifest:
         """Pack policy ``version`` into the region and describe it for receivers.
 
@@ -170,11 +180,15 @@ class WeightSender(ABC):
         ended (``wait_published``), ``tensors`` is being consumed on that thread: the
         caller must not change what it yields (e.g. run an optimizer step).
 
-        Receivers read the region in place, so the caller must not publish again until
-        every receiver of this manifest has finished.
+        Receivers read the region in place: each of ``receivers`` (any names) must be
+        :meth:`release`-d, done or declared dead, before the region is written again;
+        until then ``publish`` and a ``prepare`` that reallocates raise
+        :class:`ReadersPendingError`. A publish without receivers is the caller's to order.
         """
         self.wait_published()
+        self._check_no_readers(f"publishing v{version}")
         region = self.region
+        self._readers, self._readers_version = set(receivers), version
         if not pipelined:
             return self._publish_now(version, region, tensors)
         stamps = region[region_bytes(self._buckets) :]
@@ -211,6 +225,28 @@ class WeightSender(ABC):
         if error is not None:
             raise TransportError(f"pipelined weight publish failed: {error}") from error
         return self.stats
+
+    def release(self, version: int, receiver: str, *, dead: bool = False) -> None:
+        """``receiver`` has finished reading ``version``, or (``dead``) will never say so and
+        is not waited for. A release of another version than the last publish's is stale
+        and ignored."""
+        if version != self._readers_version:
+            return
+        self._readers.discard(receiver)
+        if dead:
+            self.dead_receivers.add(receiver)
+
+    @property
+    def readers(self) -> list[str]:
+        """Receivers still reading the last publish."""
+        return sorted(self._readers)
+
+    def _check_no_readers(self, action: str) -> None:
+        if self._readers:
+            raise ReadersPendingError(
+                f"{action} would overwrite policy v{self._readers_version} while "
+                f"{', '.join(self.readers)} may still read it: release each receiver "
+                "(done, or declared dead) first")
 
     @property
     def packing(self) -> bool:

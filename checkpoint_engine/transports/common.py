@@ -13,6 +13,10 @@ class TransportUnavailableError(TransportError):
     """The configured transport cannot run on this host (e.g. RDMA without an HCA)."""
 
 
+class ReadersPendingError(TransportError):
+    """The region is still being read by receivers of the last publish."""
+
+
 class WeightIntegrityError(TransportError):
     """Received bytes do not match the sender's checksum: the update must be rejected."""
 

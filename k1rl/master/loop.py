@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from k1rl import parity
+from k1rl.balance import BalancedClients
 from k1rl.config import RunConfig
 from k1rl.data.problem import Problem
 from k1rl.data.prompts import PromptRenderer
 from k1rl.master import samplers
+from k1rl.master.engines import EnginePool
 from k1rl.master.evaluation import accuracy, by_level, score_responses
 from k1rl.master.problems import ProblemSet, load_problems
 from k1rl.master.replay import Group, ReplayBuffer
@@ -63,16 +65,18 @@ FINAL_HF = "final"  # the run's policy after its last iteration, as an HF checkp
 @dataclass
 class Clients:
     trainer: RPCClient
-    rollout: RPCClient
-    reward: RPCClient
+    rollout: EnginePool
+    reward: BalancedClients
     checkpoint_engine: RPCClient
 
     @classmethod
     def connect(cls, cfg: RunConfig, timeout_s: float = 900.0) -> Clients:
         return cls(
             trainer=RPCClient(cfg.trainer.address, timeout_s=timeout_s),
-            rollout=RPCClient(cfg.rollout.address, timeout_s=timeout_s),
-            reward=RPCClient(cfg.reward.address, timeout_s=timeout_s),
+            rollout=EnginePool(cfg.rollout.engine_addresses(), timeout_s=timeout_s),
+            reward=BalancedClients(cfg.reward.addresses or [cfg.reward.address],
+                                   max_in_flight=cfg.reward.handler_threads,
+                                   timeout_s=timeout_s),
             checkpoint_engine=RPCClient(cfg.checkpoint_engine.address, timeout_s=timeout_s),
         )
 
@@ -193,6 +197,8 @@ class Master:
             # a loop's last few tokens are decoded but not kept
             repetition_stops=sum(c.finish_reason == "repetition" for c in segments),
             decoded_tokens=rollout.decoded_tokens,
+            engines=len(self.clients.rollout.live),
+            engine_tokens_per_s=self.clients.rollout.tokens_per_s(),
             **self.replay.metrics(i))
 
     def score(self, groups: list[Group], ref: RunRef) -> RewardResult | None:
@@ -297,6 +303,13 @@ class Master:
 
     # ------------------------------------------------------------------- steps
     def switch(self, phase: str, ref: RunRef) -> PhaseStatus:
+        """The sidecar's switch; into rollout, sampling then uses the engines it updated."""
+        status = self._switch(phase, ref)
+        if status.engines:
+            self.clients.rollout.use(status.engines)
+        return status
+
+    def _switch(self, phase: str, ref: RunRef) -> PhaseStatus:
         cmd = PhaseCommand(ref=ref, phase=phase)
         return self.clients.checkpoint_engine.call("phase", cmd, PhaseStatus)
 

@@ -67,7 +67,9 @@ class SwitchMetrics(Section):
 
 
 class RolloutMetrics(Section):
-    """What the engine generated and what the replay buffer holds after it."""
+    """What the engines generated and what the replay buffer holds after it."""
+
+    FLAT: ClassVar[dict[str, str]] = {"engine_tokens_per_s": "tokens_per_s@{}"}
 
     policy_version_rollout: int
     groups_trained: int
@@ -82,6 +84,9 @@ class RolloutMetrics(Section):
     replay_age_mean: float = 0.0
     replay_age_max: int = 0
     replay_parked_tokens: int = 0
+    # engines that took part, and each one's decoding rate in its part (by engine0, ...)
+    engines: int = 1
+    engine_tokens_per_s: dict[str, float] = {}
 
 
 class RewardMetrics(Section):

@@ -18,7 +18,8 @@ from pydantic import ValidationError
 
 from k1rl.config import RewardConfig
 from k1rl.protocol import CodeTask, RunCodeRequest, RunCodeResult
-from k1rl.rpc import RemoteError, RPCError, ThreadLocalClients
+from k1rl.balance import BalancedClients
+from k1rl.rpc import RemoteError, RPCError
 
 from reward_svc.verifiers import Check, Verifier, register
 
@@ -42,18 +43,21 @@ def extract_program(response: str) -> tuple[str | None, str]:
 class CodeVerifier(Verifier):
     concurrency = 4
 
-    def __init__(self, address: str, reward: str = "all_pass", concurrency: int = 4,
-                 timeout_s: float = 300.0) -> None:
-        self.address = address
+    def __init__(self, address: str | list[str], reward: str = "all_pass",
+                 concurrency: int = 4, timeout_s: float = 300.0, in_flight: int = 4) -> None:
+        """``address``: the sandbox, or its replicas (programs go to the least busy one,
+        at most ``in_flight`` at a time each; dns:// entries are re-resolved)."""
+        self.addresses = [address] if isinstance(address, str) else list(address)
         self.reward = reward
         self.concurrency = concurrency
         self.timeout_s = timeout_s
-        self._clients = ThreadLocalClients(address, timeout_s=timeout_s)
+        self._clients = BalancedClients(self.addresses, max_in_flight=in_flight,
+                                        timeout_s=timeout_s)
 
     @classmethod
     def from_config(cls, config: RewardConfig) -> CodeVerifier:
-        return cls(config.sandbox_address, config.code_reward, config.code_concurrency,
-                   config.code_timeout_s)
+        return cls(config.sandbox_addresses or config.sandbox_address, config.code_reward,
+                   config.code_concurrency, config.code_timeout_s, config.sandbox_in_flight)
 
     def verify(self, response: str, answer: str) -> bool:
         return self.check(response, answer).correct
