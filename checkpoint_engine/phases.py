@@ -79,41 +79,32 @@ class PhaseMachine:
         """Put the trainer's current policy into every engine that can take it."""
         self._require(Phase.TRAIN, "to_rollout")
         started = time.perf_counter()
-        failed: dict[str, str] = {}
         ups = bring_up_all(self.engines)
-        for engine, up in ups.items():
-            if isinstance(up, Exception):
-                failed[engine.address] = f"start: {up}"
+        failed = {e.address: f"start: {up}" for e, up in ups.items() if isinstance(up, Exception)}
         live = [e for e in self.engines if e.address not in failed]
+        if not live:
+            raise PhaseError(f"no rollout engine came up: {failed}")
         engine_s = time.perf_counter() - started
-        receivers = [e.address for e in live]
-        manifest = self.trainer.call("push_weights", PushWeightsRequest(receivers=receivers),
-                                     WeightManifest)
+        manifest = self.trainer.call(
+            "push_weights", PushWeightsRequest(receivers=[e.address for e in live]),
+            WeightManifest)
         pushed = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
-            results = list(pool.map(lambda e: self._update(e, manifest, ups[e]), live))
-        for engine, result in zip(live, results, strict=True):
-            if isinstance(result, Exception):
-                failed[engine.address] = f"update: {result}"
-            elif result.version != manifest.version:
-                failed[engine.address] = (f"reports policy v{result.version} after an update "
-                                          f"to v{manifest.version}")
+        failed |= self._update_all(live, manifest, ups)
         updated = [e.address for e in live if e.address not in failed]
-        for address, reason in failed.items():
-            log.warning("engine %s is out of policy v%d: %s", address, manifest.version, reason)
         if not updated:
             raise PhaseError(f"no engine took policy v{manifest.version}: {failed}")
         done = time.perf_counter()
         self.phase = Phase.ROLLOUT
         self.policy_version = manifest.version
         self.current = set(updated)
+        fresh = any(up is True for up in ups.values())
         return self._record(
             SwitchRecord(
                 direction="to_rollout",
                 seconds=done - started,
                 policy_version=manifest.version,
-                engine_started=any(up is True for up in ups.values()),
-                engine_start_s=engine_s if any(up is True for up in ups.values()) else 0.0,
+                engine_started=fresh,
+                engine_start_s=engine_s if fresh else 0.0,
                 push_s=pushed - started - engine_s,
                 update_s=done - pushed,
                 weight_bytes=manifest.total_bytes,
@@ -121,6 +112,23 @@ class PhaseMachine:
                 failed=failed,
             )
         )
+
+    def _update_all(self, live: list[EngineLifecycle], manifest: WeightManifest,
+                    ups: dict[EngineLifecycle, bool | Exception]) -> dict[str, str]:
+        """Every live engine pulls ``manifest`` at the same time; why each that did not
+        end up holding it failed."""
+        with ThreadPoolExecutor(max_workers=len(live)) as pool:
+            results = list(pool.map(lambda e: self._update(e, manifest, ups[e] is True), live))
+        failed = {}
+        for engine, result in zip(live, results, strict=True):
+            if isinstance(result, Exception):
+                failed[engine.address] = f"update: {result}"
+            elif result.version != manifest.version:
+                failed[engine.address] = (f"reports policy v{result.version} after an update "
+                                          f"to v{manifest.version}")
+        for address, reason in failed.items():
+            log.warning("engine %s is out of policy v%d: %s", address, manifest.version, reason)
+        return failed
 
     def to_train(self) -> SwitchRecord:
         """Rollout is over: halt the engine (restart mode) and hand back to the trainer."""

@@ -235,6 +235,14 @@ class RolloutConfig(ServiceSection):
         "resolved when a service starts.",
     )
 
+    weight_transfer: Literal["auto", "native", "extension"] = Field(
+        "auto",
+        description="How vLLM workers take a new policy: native = vLLM's weight-transfer "
+        "engine API with k1rl's receiver registered as backend 'k1rl' (vLLM's GPU worker); "
+        "extension = k1rl's worker extension and reload_weights (any worker; vLLM's CPU "
+        "worker has no weight-transfer engine); auto = native on cuda, extension on cpu.",
+    )
+
     def engine_addresses(self) -> list[str]:
         """``addresses`` (or ``[address]``) with dns:// entries resolved, in order."""
         from k1rl.balance import resolve_addresses

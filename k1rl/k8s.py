@@ -27,6 +27,7 @@ Every service binds ``tcp://*:PORT`` and is probed by ``python -m k1rl.probe``.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,12 @@ def ports(cfg: RunConfig) -> dict[str, int]:
             for name in ("trainer", "rollout", "reward", "checkpoint_engine", "sandbox")}
 
 
-def cluster_config(cfg: RunConfig) -> RunConfig:
+def cluster_config(cfg: RunConfig, nodes: int = 1) -> RunConfig:
     """``cfg`` as the pods read it: service addresses by cluster DNS name, the run and the
-    model on the run volume, and the rollout engine run by its own container."""
+    model on the run volume, and the rollout engine run by its own container. With several
+    RL pods the trainer spans them (``trainer.nnodes``; ``trainer.dp`` multiplied where the
+    ranks would not split equally) and every pod's engine is one of
+    ``rollout.addresses``: pod 0's sidecar updates them all, the master samples from all."""
     p = ports(cfg)
     own_sandbox = cfg.reward.sandbox_address == cfg.sandbox.address
     data = cfg.model_dump(mode="json")
@@ -99,6 +103,15 @@ def cluster_config(cfg: RunConfig) -> RunConfig:
     data["rollout"]["address"] = f"tcp://{RL_HOST}:{p['rollout']}"
     data["checkpoint_engine"]["address"] = f"tcp://{RL_HOST}:{p['checkpoint_engine']}"
     data["checkpoint_engine"]["engine_lifecycle"] = "external"
+    if nodes > 1:
+        t = data["trainer"]
+        world = t["tp"] * t["pp"] * t["dp"]
+        # every pod holds an equal share of the ranks: more DP replicas where needed (the
+        # step is the same whatever dp: each loss share is normalised by the whole batch)
+        t["dp"] *= nodes // math.gcd(world, nodes)
+        t["nnodes"] = nodes
+        data["rollout"]["addresses"] = [f"tcp://{RL}-{k}.{RL}:{p['rollout']}"
+                                        for k in range(nodes)]
     data["reward"]["address"] = f"tcp://k1rl-reward:{p['reward']}"
     data["sandbox"]["address"] = f"tcp://k1rl-sandbox:{p['sandbox']}"
     if own_sandbox:  # another address is a sandbox running elsewhere: kept as given
@@ -106,9 +119,9 @@ def cluster_config(cfg: RunConfig) -> RunConfig:
     return RunConfig.model_validate(data)
 
 
-def gpu_config(cfg: RunConfig) -> RunConfig:
+def gpu_config(cfg: RunConfig, nodes: int = 1) -> RunConfig:
     """The cluster config on GPUs: CUDA trainer on NCCL and CUDA vLLM."""
-    data = cluster_config(cfg).model_dump(mode="json")
+    data = cluster_config(cfg, nodes).model_dump(mode="json")
     data["trainer"]["device"] = "cuda"
     data["trainer"]["dist_backend"] = "nccl"
     data["rollout"]["device"] = "cuda"
@@ -492,7 +505,7 @@ def render(cfg: RunConfig, out_dir: Path, nodes: int = 1, gpus_per_node: int = 8
     """Write the kustomize tree for ``cfg`` into ``out_dir``; the files written."""
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError("nodes and gpus_per_node must be at least 1")
-    cluster = cluster_config(cfg)
+    cluster = cluster_config(cfg, nodes)
     tree: dict[str, Any] = {
         "base/kustomization.yaml": _kustomization(
             resources=["common.yaml", "rl.yaml", "reward.yaml", "master.yaml", "sandbox.yaml"],
@@ -505,7 +518,7 @@ def render(cfg: RunConfig, out_dir: Path, nodes: int = 1, gpus_per_node: int = 8
         "base/sandbox.yaml": sandbox_objects(cluster),
         **{f"overlays/cpu/{k}": v for k, v in cpu_overlay().items()},
         **{f"overlays/gpu/{k}": v
-           for k, v in gpu_overlay(gpu_config(cfg), gpus_per_node).items()},
+           for k, v in gpu_overlay(gpu_config(cfg, nodes), gpus_per_node).items()},
     }
     written = []
     for rel, obj in tree.items():

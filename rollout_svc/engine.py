@@ -51,6 +51,17 @@ class EngineSpec:
     seed: int = 0
     # trajectories that loop are cut where the loop is established (finish "repetition")
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
+    # "native": vLLM's weight-transfer engine API (backend "k1rl"); "extension": the
+    # worker extension's reload_weights; "auto": native on cuda
+    weight_transfer: str = "auto"
+
+    @property
+    def native_transfer(self) -> bool:
+        if self.weight_transfer == "native" and self.device != "cuda":
+            raise ValueError("rollout.weight_transfer native needs vLLM's GPU worker: its CPU "
+                             "worker runs no weight-transfer engine (use extension)")
+        return self.weight_transfer == "native" or (
+            self.weight_transfer == "auto" and self.device == "cuda")
 
 
 def configure_vllm_env(spec: EngineSpec) -> None:
@@ -83,6 +94,13 @@ class RolloutEngine:
             load_format=spec.load_format,
             worker_extension_cls=WORKER_EXTENSION,
         )
+        if spec.native_transfer:
+            from vllm.config import WeightTransferConfig
+
+            from rollout_svc.weight_transfer import BACKEND
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=BACKEND)
+        self._transfer_initialised = False
         if spec.device == "cuda":
             kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
         else:
@@ -265,9 +283,11 @@ class RolloutEngine:
         # Buckets are loaded as they arrive, so a failure part-way leaves a mix of two
         # policies in the engine: it holds no valid policy until a complete update.
         self.policy_version = NO_POLICY
-        per_worker = self.llm.collective_rpc(
-            "k1rl_update_weights", args=(manifest.model_dump(), self.transport_options)
-        )
+        if self.spec.native_transfer:
+            per_worker = self._native_update(manifest)
+        else:
+            per_worker = self.llm.collective_rpc(
+                "k1rl_update_weights", args=(manifest.model_dump(), self.transport_options))
         if any(w["bytes"] != manifest.total_bytes for w in per_worker):
             raise RuntimeError(f"a worker received fewer than {manifest.total_bytes} bytes")
         # Cached KV blocks were computed by the old weights.
@@ -284,9 +304,23 @@ class RolloutEngine:
             ),
         )
 
+    def _native_update(self, manifest: WeightManifest) -> list[dict]:
+        """The update through vLLM's own weight-transfer lifecycle (backend "k1rl")."""
+        rpc = self.llm.collective_rpc
+        if not self._transfer_initialised:
+            rpc("init_weight_transfer_engine",
+                args=({"transport": manifest.transport, "options": self.transport_options},))
+            self._transfer_initialised = True
+        rpc("start_weight_update")
+        rpc("update_weights", args=({"manifest": manifest.model_dump()},))
+        rpc("finish_weight_update")
+        return rpc("k1rl_native_stats")
+
     def shutdown(self) -> None:
         try:
             self.llm.collective_rpc("k1rl_close_transport")
+            if self._transfer_initialised:
+                self.llm.collective_rpc("shutdown_weight_transfer_engine")
         finally:
             llm_engine = getattr(self.llm, "llm_engine", None)
             if llm_engine is not None and hasattr(llm_engine, "engine_core"):

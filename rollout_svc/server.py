@@ -29,6 +29,7 @@ def engine_spec(cfg: RunConfig, *, dummy_weights: bool = False) -> EngineSpec:
         load_format="dummy" if dummy_weights else "auto",
         seed=cfg.seed,
         repetition=r.repetition,
+        weight_transfer=r.weight_transfer,
     )
 
 

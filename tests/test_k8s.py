@@ -215,3 +215,20 @@ def test_k1rl_k8s_render_is_the_command_line_entry(tmp_path):
                           str(tmp_path / "o2")], capture_output=True, text=True, timeout=120,
                          cwd=REPO)
     assert bad.returncode != 0 and "cannot read file" in bad.stdout + bad.stderr
+
+
+def test_several_nodes_render_one_trainer_across_the_pods_and_every_pod_engine():
+    source = load_config(SOURCE)  # one trainer rank: two pods need two DP replicas
+    cluster = k8s.cluster_config(source, nodes=2)
+    assert (cluster.trainer.nnodes, cluster.trainer.dp, cluster.trainer.world_size) == (2, 2, 2)
+    assert cluster.rollout.addresses == ["tcp://k1rl-rl-0.k1rl-rl:5702",
+                                         "tcp://k1rl-rl-1.k1rl-rl:5702"]
+    assert cluster.trainer.address == "tcp://k1rl-rl-0.k1rl-rl:5701"  # node 0 hosts rank 0
+    assert k8s.gpu_config(source, nodes=2).rollout.addresses == cluster.rollout.addresses
+    rl = k8s.rl_objects(cluster, nodes=2)
+    statefulset = _find(rl, "StatefulSet", "k1rl-rl")
+    env = {e["name"]: e for c in statefulset["spec"]["template"]["spec"]["containers"]
+           if c["name"] == "trainer" for e in c["env"]}
+    assert env["K1RL_NNODES"]["value"] == "2"
+    assert "pod-index" in env["K1RL_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert env["MASTER_ADDR"]["value"] == "k1rl-rl-0.k1rl-rl"

@@ -93,3 +93,69 @@ def test_a_loop_begun_in_a_parked_segment_is_cut_in_its_continuation(engine):
     assert (cont.finish_reason, cont.token_ids) == ("repetition", tokens[loop.end - 3:loop.end])
     # a trajectory whose earlier segments already loop is not decoded at all
     assert (nothing.finish_reason, nothing.token_ids) == ("repetition", [])
+
+
+def _native_update(worker, manifest: dict) -> int:
+    """Inside the vLLM worker: k1rl's weight-transfer engine through vLLM's own lifecycle,
+    as vLLM's GPU worker drives it (its CPU worker builds no engine, so it is built here)."""
+    from vllm.config import WeightTransferConfig, set_current_vllm_config
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    from rollout_svc.weight_transfer import BACKEND
+
+    engine = WeightTransferEngineFactory.create_engine(
+        WeightTransferConfig(backend=BACKEND), worker.vllm_config, worker.device,
+        worker.get_model())
+    with set_current_vllm_config(worker.vllm_config):
+        engine.init_transfer_engine(engine.parse_init_info({"transport": "shm"}))
+        engine.start_weight_update()
+        engine.receive_weights(engine.parse_update_info({"manifest": manifest}))
+        engine.finish_weight_update()
+    engine.shutdown()
+    return engine.stats.bytes
+
+
+def _hf_logprobs(model_dir, prompts, responses) -> list[list[float]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    out = []
+    for p, r in zip(prompts, responses, strict=True):
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(p) - 1:-1].log_softmax(-1)
+        out.append(logits.gather(1, torch.tensor(r)[:, None])[:, 0].tolist())
+    return out
+
+
+def test_the_k1rl_weight_transfer_engine_loads_a_published_policy_into_vllm(engine, tmp_path):
+    """The backend a GPU worker selects by name (rollout.weight_transfer native): a policy
+    published by a checkpoint_engine sender is pulled and loaded through vLLM's
+    start/update/finish lifecycle; vLLM then scores exactly as that checkpoint does."""
+    from safetensors.torch import load_file
+
+    from checkpoint_engine import get_sender, plan_buckets, tensor_specs
+    from k1rl.data.tiny_model import init_model
+    from k1rl.protocol import LogprobRequest
+
+    other = tmp_path / "other"
+    init_model(other, seed=1, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+               intermediate_size=256, corpus_size=50)
+    prompts, responses = [[5, 6, 7], [9, 10]], [[11, 12, 13, 14], [15, 16]]
+    probe = LogprobRequest(prompt_token_ids=prompts, response_token_ids=responses)
+    with get_sender("shm") as sender:
+        for version, source in ((1, other), (2, engine.spec.model_path)):
+            tensors = load_file(f"{source}/model.safetensors")
+            sender.prepare(*plan_buckets(tensor_specs(tensors.items()), 1 << 20))
+            manifest = sender.publish(version, tensors)
+            before = engine.score(probe).logprobs
+            moved = engine.llm.collective_rpc(_native_update, args=(manifest.model_dump(),))
+            engine.llm.reset_prefix_cache()
+            after = engine.score(probe).logprobs
+            assert moved == [manifest.total_bytes]
+            expected = _hf_logprobs(source, prompts, responses)
+            assert max(abs(a - e) for ra, re in zip(after, expected, strict=True)
+                       for a, e in zip(ra, re, strict=True)) < 1e-3
+            assert max(abs(a - b) for ra, rb in zip(after, before, strict=True)
+                       for a, b in zip(ra, rb, strict=True)) > 0.01

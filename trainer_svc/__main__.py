@@ -1,7 +1,8 @@
 """python -m trainer_svc --config run.yaml [--address tcp://...] [--nnodes N --node-rank R]
 
 Run as is, this process becomes torchrun's agent (``torch.distributed.run``) and starts
-this node's share of the trainer's tp x pp x dp ranks, each of which re-enters this module
+this node's share of the trainer's tp x pp x dp ranks (a one-rank trainer runs in this
+process), each of which re-enters this module
 as a torchrun worker; rank 0 serves ZMQ. One node: a standalone rendezvous on a free port.
 Several: ``--node-rank`` with ``MASTER_ADDR`` / ``MASTER_PORT`` (node 0 hosts rank 0, the
 address the master dials), or ``--rdzv-endpoint host:port`` (c10d rendezvous; the ranks
@@ -74,6 +75,16 @@ def main(
     if world % nnodes:
         raise typer.BadParameter(f"{nnodes} nodes cannot hold the trainer's {world} ranks "
                                  "(tp x pp x dp) equally")
+    if world == 1 and nnodes == 1 and not rdzv_endpoint:
+        # one rank: no agent to supervise it, so it runs here (seconds saved at each start)
+        from trainer_svc.dist import free_port
+        from trainer_svc.server import worker_main
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("K1RL_DIST_PORT") or str(free_port()))
+        worker_main(config, address)
+        return
     from torch.distributed.run import main as torchrun
 
     torchrun(torchrun_args(config, address, world, nnodes, node_rank, rdzv_endpoint))

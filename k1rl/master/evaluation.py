@@ -173,8 +173,10 @@ def needs_local_sandbox(cfg: RunConfig, problems: ProblemSet, heldout_only: bool
 
 def own_sandbox(cfg: RunConfig, verifiers: set[str]) -> bool:
     """Problems judged by ``verifiers`` need the sandbox of ``cfg`` (any other address in
-    reward.sandbox_address is a sandbox service running elsewhere)."""
-    return "code" in verifiers and cfg.reward.sandbox_address == cfg.sandbox.address
+    reward.sandbox_address, or sandbox replicas in reward.sandbox_addresses, is a sandbox
+    service running elsewhere)."""
+    return ("code" in verifiers and not cfg.reward.sandbox_addresses
+            and cfg.reward.sandbox_address == cfg.sandbox.address)
 
 
 def evaluation_config(cfg: RunConfig, model_dir: Path, sandbox: bool) -> RunConfig:
@@ -185,8 +187,9 @@ def evaluation_config(cfg: RunConfig, model_dir: Path, sandbox: bool) -> RunConf
 
     out = cfg.model_copy(deep=True)
     out.model.path = str(Path(model_dir).resolve())
-    out.rollout.address = free_tcp_address()
-    out.reward.address = free_tcp_address()
+    # one engine and one reward_svc of its own: the run's replica lists do not apply
+    out.rollout.address, out.rollout.addresses = free_tcp_address(), []
+    out.reward.address, out.reward.addresses = free_tcp_address(), []
     if sandbox:
         out.sandbox.address = out.reward.sandbox_address = free_tcp_address()
         out.sandbox.http_port = None  # ZMQ only: parallel evaluations must not share a port
