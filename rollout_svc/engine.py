@@ -10,6 +10,7 @@ written against the same API but cannot be exercised on the CPU development mach
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from k1rl.protocol import (
     WeightUpdateResult,
 )
 from rollout_svc.repetition import SegmentWatch
+
+log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "rollout_svc.worker_ext.WeightSyncExtension"
 NO_POLICY = -1  # dummy weights, or a half-applied update
@@ -127,6 +130,10 @@ class RolloutEngine:
 
         self._require_policy()
         s = req.sampling
+        n_prompts = len(req.prompt_token_ids if req.prompt_token_ids is not None
+                        else req.prompts or [])
+        log.info("generate: %d prompts x %d, %d continuations, policy v%d",
+                 n_prompts, s.n, len(req.continuations), self.policy_version)
         if req.prompt_token_ids is not None:
             prompt_ids = [list(p) for p in req.prompt_token_ids]
         else:

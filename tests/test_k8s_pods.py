@@ -1,12 +1,15 @@
 """The rendered pods' commands work together: run here as a kubelet would run them.
 
-No cluster is available, so this test takes the containers of the rendered RL pod
-(checkpoint-engine sidecar, trainer, rollout), the reward Deployment and the master Job
-from `k1rl k8s render`'s output and starts exactly their commands as local processes,
-in the pod's order (native sidecar first), gated by their own exec probes; only the
-cluster DNS names become 127.0.0.1 and the volumes become directories. The master Job
-then runs two k1.5 iterations through them, and SIGTERM stops every container within
-its grace period.
+No cluster is available, so this test takes the containers of the rendered RL pods
+(checkpoint-engine sidecar, trainer, rollout) of a two-node render (`--nodes 2`), the
+reward Deployment and the master Job from `k1rl k8s render`'s output and starts exactly
+their commands as local processes, in the pod's order (native sidecar first), gated by
+their own exec probes. Only what one machine cannot give two pods is changed: cluster DNS
+names become 127.0.0.1, pod 1's ports are moved to free ones (both pods would bind the
+same), the pod index comes from the test, and volumes become directories. The trainer
+spans both pods through torchrun's rendezvous at pod 0, the master samples from both
+pods' engines, two k1.5 iterations run, and SIGTERM stops every container within its
+grace period.
 """
 
 from __future__ import annotations
@@ -43,12 +46,16 @@ def _containers(base: Path) -> dict[str, dict]:
     return found
 
 
-class Node:
-    """Runs containers' commands as processes, with the paths of this machine."""
+class Pod:
+    """Runs one pod's containers' commands as processes, with the paths of this machine and
+    its own ports (``ports``: the rendered port -> the one this pod binds here)."""
 
-    def __init__(self, root: Path, config: Path, data: Path):
+    def __init__(self, root: Path, config: Path, data: Path, index: int = 0,
+                 ports: dict[int, int] | None = None, rendezvous_port: int = 0):
         self.root, self.config, self.data = root, config, data
+        self.index, self.ports, self.rendezvous_port = index, ports or {}, rendezvous_port
         self.procs: dict[str, subprocess.Popen] = {}
+        (root / "home").mkdir(parents=True, exist_ok=True)
 
     def local(self, args: list[str]) -> list[str]:
         out = []
@@ -56,16 +63,31 @@ class Node:
             a = a.replace(k8s.CONFIG_PATH, str(self.config)).replace(k8s.DATA_DIR + "/",
                                                                      f"{self.data}/")
             a = a.replace("exec k1rl ", f"exec {sys.executable} -m k1rl ")
+            for host in ("*", "127.0.0.1"):
+                for rendered, here in self.ports.items():
+                    if a == f"tcp://{host}:{rendered}":
+                        a = f"tcp://{host}:{here}"
             out.append(sys.executable if a == "python" else a)
         return out
 
+    def env(self, container: dict) -> dict[str, str]:
+        env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+        for e in container["env"]:
+            if "valueFrom" in e:  # the StatefulSet's pod-index label
+                assert "pod-index" in e["valueFrom"]["fieldRef"]["fieldPath"], e
+                env[e["name"]] = str(self.index)
+        if "MASTER_ADDR" in env:
+            assert env["MASTER_ADDR"] == k8s.RL_HOST
+            env["MASTER_ADDR"] = "127.0.0.1"
+            env["MASTER_PORT"] = str(self.rendezvous_port)
+        env["HOME"] = env["XDG_CACHE_HOME"] = str(self.root / "home")
+        return env
+
     def start(self, container: dict) -> None:
         log = open(self.root / f"{container['name']}.log", "wb")
-        env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
-        env["HOME"] = env["XDG_CACHE_HOME"] = str(self.root / "home")
         self.procs[container["name"]] = subprocess.Popen(
             self.local(container["command"]), stdout=log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True)
+            env=self.env(container), start_new_session=True)
 
     def probe(self, container: dict, kind: str, timeout_s: float) -> None:
         """Run the container's exec probe until it passes, as the kubelet would."""
@@ -78,12 +100,17 @@ class Node:
             time.sleep(1)
 
     def tail(self, container: dict) -> str:
-        return (self.root / f"{container['name']}.log").read_text(errors="replace")[-3000:]
+        return self.log(container["name"])[-3000:]
 
-    def stop_all(self, grace_s: float) -> dict[str, int | None]:
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def signal_all(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
+
+    def wait_all(self, grace_s: float) -> dict[str, int | None]:
         codes = {}
         for name, proc in self.procs.items():
             try:
@@ -94,7 +121,19 @@ class Node:
         return codes
 
 
-def test_the_rendered_pods_run_k15_iterations_together_and_stop_gracefully(
+def _run_yaml(rendered: str, data: Path, pod_ports: list[dict[int, int]]) -> str:
+    """The ConfigMap's run.yaml as this machine reads it: cluster DNS names resolved to
+    127.0.0.1, each RL pod's address on that pod's ports."""
+    for k, ports in enumerate(pod_ports):
+        for rendered_port, here in ports.items():
+            rendered = rendered.replace(f"tcp://{k8s.RL}-{k}.{k8s.RL}:{rendered_port}",
+                                        f"tcp://127.0.0.1:{here}")
+    for host in HOSTS:
+        rendered = rendered.replace(f"tcp://{host}:", "tcp://127.0.0.1:")
+    return rendered.replace(f"{k8s.DATA_DIR}/", f"{data}/")
+
+
+def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gracefully(
         tmp_path, trainer_model_dir):
     cfg = RunConfig(run_id="k8s-local", seed=0)
     for section in (cfg.trainer, cfg.rollout, cfg.reward, cfg.checkpoint_engine, cfg.sandbox):
@@ -102,50 +141,68 @@ def test_the_rendered_pods_run_k15_iterations_together_and_stop_gracefully(
     cfg.reward.sandbox_address = cfg.sandbox.address
     cfg.rollout.n = 4
     cfg.rollout.max_tokens = 16
+    cfg.rollout.kv_cache_gib = 0.25
     cfg.rl.iterations = 2
     cfg.rl.prompts_per_iteration = 4
     cfg.rl.pool_size = 50
-    k8s.render(cfg, tmp_path / "k8s")
+    k8s.render(cfg, tmp_path / "k8s", nodes=2)
 
-    # the ConfigMap's run.yaml, with cluster DNS names resolved to this machine
+    rl_ports = list(k8s.ports(cfg)[name] for name in ("trainer", "rollout", "checkpoint_engine"))
+    pod_ports = [{p: p for p in rl_ports},
+                 {p: int(free_tcp_address().rsplit(":", 1)[1]) for p in rl_ports}]
     data = tmp_path / "data"
     shutil.copytree(trainer_model_dir, data / "model")
-    text = (tmp_path / "k8s/base/run.yaml").read_text()
-    for host in HOSTS:
-        text = text.replace(f"tcp://{host}:", "tcp://127.0.0.1:")
-    text = text.replace(f"{k8s.DATA_DIR}/", f"{data}/")
+    text = _run_yaml((tmp_path / "k8s/base/run.yaml").read_text(), data, pod_ports)
     config = tmp_path / "etc/run.yaml"
     config.parent.mkdir()
     config.write_text(text)
-    assert RunConfig.from_yaml_text(text).checkpoint_engine.engine_lifecycle == "external"
+    run = RunConfig.from_yaml_text(text)
+    assert run.checkpoint_engine.engine_lifecycle == "external"
+    assert (run.trainer.nnodes, run.trainer.dp) == (2, 2)  # one DP replica per pod
 
-    node = Node(tmp_path, config, data)
-    (tmp_path / "home").mkdir()
+    rendezvous = int(free_tcp_address().rsplit(":", 1)[1])
+    pods = [Pod(tmp_path / f"pod{k}", config, data, k, ports, rendezvous)
+            for k, ports in enumerate(pod_ports)]
+    services = Pod(tmp_path / "services", config, data)
     c = _containers(tmp_path / "k8s/base")
     try:
         # the native sidecar first: the kubelet starts the main containers once its
         # startup probe passes
-        node.start(c["checkpoint-engine"])
-        node.probe(c["checkpoint-engine"], "startupProbe", 120)
-        for name in ("trainer", "rollout", "reward"):
-            node.start(c[name])
-        for name in ("trainer", "rollout", "reward"):
-            node.probe(c[name], "startupProbe", 600)
-            node.probe(c[name], "readinessProbe", 600)
-        node.start(c["master"])
-        master = node.procs["master"]
+        for pod in pods:
+            pod.start(c["checkpoint-engine"])
+        for pod in pods:
+            pod.probe(c["checkpoint-engine"], "startupProbe", 120)
+        for pod in pods:
+            for name in ("trainer", "rollout"):
+                pod.start(c[name])
+        services.start(c["reward"])
+        for pod, name in [(p, n) for p in pods for n in ("trainer", "rollout")] + [
+                (services, "reward")]:
+            pod.probe(c[name], "startupProbe", 600)
+            pod.probe(c[name], "readinessProbe", 600)
+        services.start(c["master"])
+        master = services.procs["master"]
         master.wait(900)
-        assert master.returncode == 0, node.tail(c["master"])
+        assert master.returncode == 0, services.tail(c["master"])
     finally:
-        codes = node.stop_all(grace_s=60)
+        for pod in (*pods, services):
+            pod.signal_all()
+        codes = {f"{pod.root.name}/{name}": code for pod in (*pods, services)
+                 for name, code in pod.wait_all(grace_s=60).items()}
 
     state = json.loads((data / "run/state.json").read_text())
     assert state["iterations_done"] == 2
     rows = [json.loads(line) for line in (data / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]
     assert rows[1]["policy_version_rollout"] == rows[0]["policy_version"]
-    # the engine is the rollout container's: the sidecar never started one of its own
-    assert not (data / "run/logs/rollout.log").exists()
+    # one publish reached both pods' engines and the master sampled from both
+    assert [r["engines"] for r in rows] == [2, 2]
+    for pod in pods:
+        assert "policy v1" in pod.log("rollout"), pod.log("rollout")[-2000:]
+    # pod 1's trainer is rank 1 of the group, answering its pod's probes
+    assert "trainer rank 1 (following rank 0)" in pods[1].log("trainer")
+    # the engines are the rollout containers': the sidecar never started one of its own
+    assert not list((data / "run/logs").glob("engine*/rollout.log"))
     # SIGTERM: every long-running container stopped by itself within the grace period
-    assert all(codes[name] is not None for name in ("checkpoint-engine", "trainer", "rollout",
-                                                    "reward")), codes
+    assert all(code is not None for name, code in codes.items()
+               if not name.endswith("master")), codes

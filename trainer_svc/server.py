@@ -290,7 +290,11 @@ def follow(service: TrainerService) -> None:
         _agree(ok, device)
 
 
-def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) -> None:
+def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None,
+               node_lead: bool = False) -> None:
+    """One rank's life. Rank 0 serves the verbs; ``node_lead`` (a later node's first rank)
+    answers only ping on the address, so that node's pod has a liveness and readiness to
+    probe, as rank 0's has."""
     trainer = MegatronTrainer.from_hf(
         cfg.model.path,
         tp=cfg.trainer.tp,
@@ -310,7 +314,12 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) 
     service = TrainerService(trainer, cfg, rank)
     try:
         if rank != 0:
-            follow(service)
+            probe = _probe_server(address or cfg.trainer.address, rank) if node_lead else None
+            try:
+                follow(service)
+            finally:
+                if probe is not None:
+                    probe.stop()
             return
         server = RPCServer(address or cfg.trainer.address, service="trainer")
         for method, (model, fn) in service.routes().items():
@@ -336,6 +345,14 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None) 
         service.close()
 
 
+def _probe_server(address: str, rank: int) -> RPCServer:
+    server = RPCServer(address, service="trainer")
+    server.set_ready(True, rank=rank, follower=True)
+    server.start_in_thread()
+    log.info("trainer rank %d (following rank 0) answers ping on %s", rank, server.address)
+    return server
+
+
 def worker_main(config_path: str, address: str | None) -> None:
     """Entry of one trainer rank started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK and the
     rendezvous's MASTER_ADDR / MASTER_PORT in the environment)."""
@@ -359,4 +376,5 @@ def worker_main(config_path: str, address: str | None) -> None:
     init_distributed(rank, world, None, backend=cfg.trainer.dist_backend,
                      timeout_s=IDLE_COLLECTIVE_TIMEOUT_S)
     # record: torchrun's error report names this rank and carries its traceback
-    record(serve_rank)(cfg, rank, world, address)
+    node_lead = rank != 0 and local_rank == 0
+    record(serve_rank)(cfg, rank, world, address, node_lead)
