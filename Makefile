@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP) $(K8S_STAMP)
-	K1RL_K8S_TOOLS=$(abspath $(K8S_VENV))/bin $(PY) -m pytest -q tests
+	K1RL_K8S_TOOLS=$(abspath $(K8S_VENV))/bin $(PY) -m pytest -q --durations=25 tests
 
 k8s-tools: $(K8S_STAMP)
 
