@@ -84,6 +84,12 @@ class TrainerConfig(ServiceSection):
         "weights sharded over the dp replicas (gradients reduce-scattered, parameters "
         "all-gathered).",
     )
+    sequence_parallel: bool = Field(
+        False,
+        description="Megatron sequence parallelism (needs tp > 1): the tp ranks split the "
+        "tokens of norms and residuals between the tensor-parallel layers, cutting their "
+        "activation memory by tp; rows are padded to a multiple of tp.",
+    )
     nnodes: int = Field(
         1, ge=1,
         description="Nodes (torchrun agents) the trainer's ranks span; tp x pp x dp must be "
@@ -198,6 +204,9 @@ class TrainerConfig(ServiceSection):
         if self.world_size % self.nnodes:
             raise ValueError(f"trainer.nnodes: {self.nnodes} nodes cannot hold tp x pp x dp = "
                              f"{self.world_size} ranks equally")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("trainer.sequence_parallel: sequence parallelism splits tokens "
+                             "over the tensor-parallel ranks, so it needs trainer.tp > 1")
         if self.distributed_optimizer and self.optimizer != "adam":
             raise ValueError("trainer.distributed_optimizer: megatron's distributed optimizer "
                              f"shards Adam only, not trainer.optimizer {self.optimizer!r}")

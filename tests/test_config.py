@@ -218,3 +218,6 @@ def test_trainer_layout_errors_name_the_field():
     assert "trainer.distributed_optimizer" in _error(
         "trainer: {distributed_optimizer: true, optimizer: sgd}")
     assert "trainer.pp: 0" in _error("trainer: {pp: 0}")
+    assert "trainer.sequence_parallel: sequence parallelism splits tokens over the " \
+        "tensor-parallel ranks, so it needs trainer.tp > 1" in _error(
+            "trainer: {sequence_parallel: true}")

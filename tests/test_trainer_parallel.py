@@ -25,10 +25,12 @@ def _export(trainer: MegatronTrainer) -> dict[str, torch.Tensor]:
     return {n: t.clone() for n, t in trainer.iter_hf_tensors(dst=0)}
 
 
-def _scenario(rank, world, hf_dir, work_dir, tp, pp, optimizer, distributed_optimizer):
+def _scenario(rank, world, hf_dir, work_dir, tp, pp, optimizer, distributed_optimizer,
+              sequence_parallel=False):
     """Score, export, one SFT step, export and score again; save, reload, one more step."""
     trainer = MegatronTrainer.from_hf(hf_dir, tp=tp, pp=pp, lr=1e-3, seed=0, grad_clip=0.0,
                                       distributed_optimizer=distributed_optimizer,
+                                      sequence_parallel=sequence_parallel,
                                       seq_length=12, micro_batch_tokens=16)  # several micro-batches
     if optimizer == "sgd":
         trainer.configure_optimizer("sgd", SGD_LR)
@@ -62,18 +64,20 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 LAYOUTS = {
-    # name: (world, tp, pp, optimizer, distributed optimizer)
-    "pp2": (2, 1, 2, "sgd", False),
-    "dp2-distributed-optimizer": (2, 1, 1, "adam", True),
-    "tp2-pp2": (4, 2, 2, "sgd", False),
+    # name: (world, tp, pp, optimizer, distributed optimizer, sequence parallel)
+    "pp2": (2, 1, 2, "sgd", False, False),
+    "dp2-distributed-optimizer": (2, 1, 1, "adam", True, False),
+    "tp2-pp2": (4, 2, 2, "sgd", False, False),
+    # norms and residuals on half the tokens each, odd row widths padded to even
+    "tp2-sequence-parallel": (2, 2, 1, "sgd", False, True),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_a_single_rank(name, single_rank, trainer_hf_dir, tmp_path):
-    world, tp, pp, optimizer, distributed = LAYOUTS[name]
+    world, tp, pp, optimizer, distributed, sequence_parallel = LAYOUTS[name]
     results = run_distributed(_scenario, world, str(trainer_hf_dir), str(tmp_path), tp, pp,
-                              optimizer, distributed)
+                              optimizer, distributed, sequence_parallel)
     ours, base = results[0], single_rank[optimizer]
     assert (ours["layout"].tp, ours["layout"].pp, ours["layout"].dp) == (tp, pp, world // tp // pp)
     assert ours["micro_batches"] > 1

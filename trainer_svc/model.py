@@ -9,7 +9,7 @@ explicit block-diagonal causal mask and per-document position ids.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,10 +20,12 @@ from trainer_svc.hf_spec import HFModelSpec, rope_inv_freq
 
 
 def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu",
-                               dtype: torch.dtype = torch.float32, pp: int = 1):
+                               dtype: torch.dtype = torch.float32, pp: int = 1,
+                               sequence_parallel: bool = False):
     """megatron-core ``TransformerConfig`` equivalent to an HF config (see hf_spec.FAMILIES),
     with parameters and activations in ``dtype`` (bfloat16: megatron's bf16 mode), split
-    over ``tp`` tensor-parallel ranks and ``pp`` pipeline stages."""
+    over ``tp`` tensor-parallel ranks (tokens too, with ``sequence_parallel``) and ``pp``
+    pipeline stages."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     spec = HFModelSpec.of(hf_config)
@@ -45,6 +47,7 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu",
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
         pipeline_model_parallel_size=pp,
         pipeline_dtype=dtype,
         # micro-batches are packed rows of varying shape: stages exchange shapes first
@@ -71,8 +74,46 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, device: str = "cpu",
     )
 
 
+class RMSNorm:
+    """The norm of k1rl's layer spec: torch's RMSNorm, as megatron's local spec builds it,
+    but usable under sequence parallelism. megatron's torch-norm wrapper refuses it only
+    because it does not tag its weight: the norm is per token, so it is exact on a shard of
+    the tokens, and a weight tagged ``sequence_parallel`` has its per-shard partial
+    gradients summed over the tensor-parallel group by ``finalize_model_grads``."""
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any):
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        norm.weight.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _layer_specs(config: Any, attention: str, qk_norm: bool):
+    """This stage's decoder block: megatron's local GPT layer spec with k1rl's core
+    attention and norms."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from trainer_svc.attention import with_core_attention
+
+    layer = with_core_attention(
+        get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm), attention)
+    attn = layer.submodules.self_attention
+    if qk_norm:
+        attn = replace(attn, submodules=replace(
+            attn.submodules, q_layernorm=RMSNorm, k_layernorm=RMSNorm))
+    layer = replace(layer, submodules=replace(
+        layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
+        self_attention=attn))
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=RMSNorm)
+
+
 def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention: str = "sdpa",
-                    dtype: torch.dtype = torch.float32, pp: int = 1):
+                    dtype: torch.dtype = torch.float32, pp: int = 1,
+                    sequence_parallel: bool = False):
     """A (randomly initialised) GPTModel with the HF config's architecture: this rank's
     pipeline stage of it (the embedding on the first, the output layer on the last).
 
@@ -80,23 +121,19 @@ def build_gpt_model(hf_config: Any, tp: int = 1, device: str = "cpu", attention:
     keeps its vocab-parallel logits (``parallel_output=True``): log-probs are taken with
     the vocab-parallel cross entropy, so full logits are never gathered. The model gets
     an ``hf_spec`` attribute (the :class:`HFModelSpec`) used by the HF export.
-    ``attention`` picks the core attention (see :mod:`trainer_svc.attention`).
+    ``attention`` picks the core attention (see :mod:`trainer_svc.attention`);
+    ``sequence_parallel`` splits the tokens between the tensor-parallel layers over the
+    ``tp`` ranks (rows must then be a multiple of ``tp`` tokens wide).
     """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from trainer_svc.attention import with_core_attention
-
-    from megatron.core import parallel_state
-
     spec = HFModelSpec.of(hf_config)
-    config = transformer_config_from_hf(spec, tp=tp, device=device, dtype=dtype, pp=pp)
+    config = transformer_config_from_hf(spec, tp=tp, device=device, dtype=dtype, pp=pp,
+                                        sequence_parallel=sequence_parallel)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=with_core_attention(
-            get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm),
-            attention,
-        ),
+        transformer_layer_spec=_layer_specs(config, attention, spec.qk_norm),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         parallel_output=True,
@@ -197,6 +234,7 @@ def build_token_batch(
     responses: Sequence[Sequence[int]],
     rows: Sequence[Sequence[int]],
     masks: Sequence[Sequence[bool] | None] | None = None,
+    width_multiple: int = 1,
 ) -> TokenBatch:
     """Lay out examples into rows: ``rows[r]`` lists the examples packed in row ``r``.
 
@@ -204,10 +242,12 @@ def build_token_batch(
     each document attends only to itself (block-diagonal causal mask) and its
     position ids restart at 0. ``sample_index`` holds indices into ``prompts``;
     ``masks[i][j]`` False leaves response token j of example i out of it (and so out of
-    every loss), while it still conditions the tokens after it.
+    every loss), while it still conditions the tokens after it. The width is rounded up
+    to a multiple of ``width_multiple`` (sequence parallelism splits it over tp ranks).
     """
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     width = max(sum(lengths[i] for i in row) for row in rows)
+    width = -(-width // width_multiple) * width_multiple
     shape = (len(rows), width)
     input_ids = torch.zeros(shape, dtype=torch.long)
     labels = torch.zeros(shape, dtype=torch.long)

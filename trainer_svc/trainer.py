@@ -158,6 +158,9 @@ class MegatronTrainer:
         self.device = torch.device(device)
         self.seq_length = seq_length
         self.micro_batch_tokens = micro_batch_tokens
+        config = unwrap(model).config
+        # sequence parallelism splits each row's tokens over the tp ranks
+        self.row_multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
         self.policy_version = 0
         self.optimizer = self._make_optimizer()
 
@@ -170,6 +173,7 @@ class MegatronTrainer:
         *,
         tp: int = 1,
         pp: int = 1,
+        sequence_parallel: bool = False,
         distributed_optimizer: bool = False,
         lr: float = OptimConfig.lr,
         weight_decay: float = OptimConfig.weight_decay,
@@ -185,6 +189,7 @@ class MegatronTrainer:
         """Build the model for this TP rank and load the HF safetensors weights into it.
 
         Needs torch.distributed initialised; its world size is ``tp`` × ``pp`` × DP.
+        ``sequence_parallel`` is megatron's sequence parallelism over the ``tp`` ranks.
         ``distributed_optimizer`` shards the optimizer state over the DP replicas (megatron's
         distributed optimizer: gradients reduce-scattered, parameters all-gathered). ``seq_length``
         is the packed row length of :meth:`sft_step` (default: the model's
@@ -208,7 +213,7 @@ class MegatronTrainer:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         gpt = build_gpt_model(spec, tp=tp, device=device, attention=attention,
-                              dtype=DTYPES[dtype], pp=pp)
+                              dtype=DTYPES[dtype], pp=pp, sequence_parallel=sequence_parallel)
         weights = convert.hf_to_megatron(SafetensorsDir(model_dir), spec, layout.tp_rank, tp,
                                          layout.stage(spec))
         copy_into_params(gpt, weights)
@@ -320,12 +325,15 @@ class MegatronTrainer:
         for row in rows:
             row_len = sum(lengths[i] for i in row)
             if group and max(width, row_len) * (len(group) + 1) > self.micro_batch_tokens:
-                batches.append(build_token_batch(prompts, responses, group, masks))
+                batches.append(self._token_batch(prompts, responses, group, masks))
                 group, width = [], 0
             group.append(row)
             width = max(width, row_len)
-        batches.append(build_token_batch(prompts, responses, group, masks))
+        batches.append(self._token_batch(prompts, responses, group, masks))
         return [b.to(self.device) for b in batches]
+
+    def _token_batch(self, prompts, responses, rows, masks) -> TokenBatch:
+        return build_token_batch(prompts, responses, rows, masks, self.row_multiple)
 
     def forward_logprobs(self, batch: TokenBatch) -> Tensor:
         """Per-position log-probs ``[B, T]`` of ``batch.labels``, with grad (mask them).
