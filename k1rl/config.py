@@ -252,6 +252,13 @@ class RolloutConfig(ServiceSection):
         "worker has no weight-transfer engine); auto = native on cuda, extension on cpu.",
     )
 
+    tp: int = Field(
+        1, ge=1,
+        description="vLLM tensor-parallel size: each engine runs tp workers (processes), and "
+        "each worker pulls the weight update itself. On CPU each worker is bound to its "
+        "share of this process's cores (VLLM_CPU_OMP_THREADS_BIND, unless set).",
+    )
+
     def engine_addresses(self) -> list[str]:
         """``addresses`` (or ``[address]``) with dns:// entries resolved, in order."""
         from k1rl.balance import resolve_addresses

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
     in_process: bool = True
+    # vLLM tensor parallelism: tp worker processes, each pulling the weight update
+    tp: int = 1
     # "dummy" starts with random weights that the trainer then pushes (k1.5 restart mode)
     load_format: str = "auto"
     seed: int = 0
@@ -76,6 +79,23 @@ def configure_vllm_env(spec: EngineSpec) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if spec.in_process else "1"
     if spec.device == "cpu":
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(spec.kv_cache_gib))))
+        if spec.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(
+                sorted(os.sched_getaffinity(0)), spec.tp)
+    envs = sys.modules.get("vllm.envs")
+    if envs is not None:  # an engine started before in this process froze vLLM's env reads
+        envs.disable_envs_cache()
+
+
+def cpu_binding(cores: Sequence[int], tp: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``tp`` CPU workers: the cores in ``tp`` equal runs.
+    vLLM's "auto" binds one worker per NUMA node, so it refuses tp > 1 on one socket."""
+    if len(cores) < tp:
+        raise ValueError(f"rollout.tp={tp} needs a core per worker; this process may use "
+                         f"{len(cores)} ({list(cores)})")
+    share = len(cores) // tp
+    return "|".join(",".join(str(c) for c in cores[k * share:(k + 1) * share])
+                    for k in range(tp))
 
 
 class RolloutEngine:
@@ -96,7 +116,10 @@ class RolloutEngine:
             seed=spec.seed,
             load_format=spec.load_format,
             worker_extension_cls=WORKER_EXTENSION,
+            tensor_parallel_size=spec.tp,
         )
+        if spec.tp > 1:  # worker processes, whatever in_process says of the engine core
+            kwargs["distributed_executor_backend"] = "mp"
         if spec.native_transfer:
             from vllm.config import WeightTransferConfig
 

@@ -26,6 +26,7 @@ def engine_spec(cfg: RunConfig, *, dummy_weights: bool = False) -> EngineSpec:
         gpu_memory_utilization=r.gpu_memory_utilization,
         enforce_eager=r.enforce_eager,
         in_process=r.in_process,
+        tp=r.tp,
         load_format="dummy" if dummy_weights else "auto",
         seed=cfg.seed,
         repetition=r.repetition,
