@@ -208,6 +208,7 @@ class LocalStack:
                 init_model(model_dir, **(model_kwargs or {}))
         cfg = (cfg or RunConfig()).model_copy(deep=True)
         cfg.model.path = str(model_dir)
+        cfg.run_dir = str(work_dir.resolve())  # the services' files stay in the work dir
         cfg.trainer.address = free_tcp_address()
         cfg.rollout.address = free_tcp_address()
         config_path = work_dir / "run.yaml"

@@ -7,11 +7,15 @@ the Mooncake transfer engine over TCP.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from k1rl.data.tasks import generate_tasks
 from k1rl.launch import LocalStack
 from k1rl.protocol import (
+    CheckpointRequest,
+    CheckpointResult,
     GenerateRequest,
     GenerateResult,
     LogprobRequest,
@@ -161,6 +165,22 @@ def test_a_stale_manifest_is_refused_and_the_engine_keeps_serving(stack):
         stack.rollout.call("update_weights", manifest, WeightUpdateResult)
     assert stack.rollout.ping().ready
     assert _sample(stack, n=1).policy_version == 3
+
+
+def test_the_trainer_reads_and_writes_checkpoints_only_inside_its_run(stack, tmp_path):
+    run_dir = Path(stack.cfg.run_dir)
+    (run_dir / "escape").symlink_to(tmp_path)
+    for action in ("save", "load", "export_hf"):
+        for path in (str(tmp_path / "ckpt"), "../outside", str(run_dir / "escape" / "ckpt")):
+            with pytest.raises(RemoteError, match="is outside the run directory"):
+                stack.trainer.call("checkpoint", CheckpointRequest(action=action, path=path),
+                                   CheckpointResult)
+    assert not any(tmp_path.iterdir())  # nothing written where the symlink leads
+    assert stack.trainer.ping().ready
+    # a relative path is taken inside the run
+    saved = stack.trainer.call("checkpoint", CheckpointRequest(action="save", path="ckpt/a"),
+                               CheckpointResult)
+    assert Path(saved.path) == run_dir.resolve() / "ckpt" / "a" and Path(saved.path).is_dir()
 
 
 def test_an_rl_iteration_on_fresh_rollouts_sees_no_trainer_vllm_mismatch(stack):

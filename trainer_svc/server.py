@@ -36,6 +36,7 @@ from k1rl.protocol import (
     WeightManifest,
     WeightReaders,
 )
+from k1rl.paths import confine
 from k1rl.rpc import RPCServer
 from k1rl.service import run_until_signalled
 from trainer_svc.losses import create as create_loss
@@ -176,13 +177,14 @@ class TrainerService:
         )
 
     def checkpoint(self, req: CheckpointRequest) -> CheckpointResult:
+        path = confine(req.path, self.cfg.run_dir)
         if req.action == "save":
-            self.trainer.save(req.path)
+            self.trainer.save(path)
         elif req.action == "load":
-            self.trainer.load(req.path)
+            self.trainer.load(path)
         else:
-            self.trainer.export_hf(req.path)
-        return CheckpointResult(path=req.path, policy_version=self.trainer.policy_version)
+            self.trainer.export_hf(path)
+        return CheckpointResult(path=str(path), policy_version=self.trainer.policy_version)
 
     def close(self) -> None:
         if self.sender is not None:

@@ -68,6 +68,8 @@ def run_sft(cfg: RunConfig, run_dir: Path, source: str = "run config") -> SFTRes
     check_paths(cfg, source, sections=("sft.data",))
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = (run_dir / "config.yaml").resolve()
+    # the trainer writes its export only inside the run it is told of
+    cfg = cfg.model_copy(update={"run_dir": str(run_dir.resolve())})
     config_path.write_text(cfg.dump_yaml())
     with console.status("tokenizing the SFT rows"):
         try:
