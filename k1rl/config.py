@@ -42,6 +42,17 @@ def check_address(address: str) -> str:
 class ServiceSection(Section):
     """A section for a service reachable over k1rl.rpc."""
 
+    max_message_mib: int = Field(
+        512, ge=1,
+        description="Largest request this service accepts, in MiB: ZMQ drops a peer that "
+        "sends a larger frame before it is decoded, and the service serves on; its clients "
+        "refuse to send one.",
+    )
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mib << 20
+
     @field_validator("address", check_fields=False)
     @classmethod
     def _address_form(cls, v: str) -> str:

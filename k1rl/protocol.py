@@ -18,6 +18,11 @@ WEIGHT_ALIGNMENT = 256
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "int64", "int32", "uint8")
 
+# Per-field limits: a request within the services' frame limit can still name absurd
+# sizes; these are refused by validation, with the field named, before any work.
+NAME_LIMIT = 256  # run ids, receiver names
+TOKEN_LIMIT = 1 << 20  # tokens one request may ask to generate per trajectory
+
 
 class Message(BaseModel):
     """Base of all wire messages: unknown fields are an error, not silently dropped."""
@@ -28,7 +33,7 @@ class Message(BaseModel):
 class RunRef(Message):
     """Which run and iteration a message belongs to (carried by every loop message)."""
 
-    run_id: str = "default"
+    run_id: str = Field("default", max_length=NAME_LIMIT)
     iteration: int = Field(0, ge=0)
 
 
@@ -49,12 +54,12 @@ class Pong(Message):
 
 
 class ErrorReply(Message):
-    """A failure travelling back to the caller, re-raised there as a typed exception."""
+    """A failure travelling back to the caller, re-raised there as a typed exception
+    (the traceback stays in the server's log)."""
 
     kind: Literal["error"] = "error"
     error_type: str
     message: str
-    traceback: str = ""
 
 
 # ------------------------------------------------------------------------ rollout
@@ -67,8 +72,8 @@ class SamplingSpec(Message):
     n: int = Field(1, ge=1, le=1024)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(64, ge=1)
-    stop: list[str] = Field(default_factory=list)
+    max_tokens: int = Field(64, ge=1, le=TOKEN_LIMIT)
+    stop: list[str] = Field(default_factory=list, max_length=64)
     seed: int | None = None
 
 
@@ -78,7 +83,7 @@ class Continuation(Message):
 
     prompt_token_ids: list[int] = Field(min_length=1)
     generated_token_ids: list[int] = Field(default_factory=list)
-    max_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1, le=TOKEN_LIMIT)
     seed: int | None = Field(
         None, description="Its sampling seed; None: sampling.seed + 1 + its index in the "
         "request (a request split over engines pins it, so any engine draws the same stream).")
@@ -313,7 +318,7 @@ class PushWeightsRequest(Message):
     kind: Literal["push_weights"] = "push_weights"
     ref: RunRef = Field(default_factory=RunRef)
     receivers: list[str] = Field(
-        default_factory=list,
+        default_factory=list, max_length=4096,
         description="Who will pull this publish (e.g. engine addresses). The trainer writes "
         "its weight region again only after each has been released (ReleaseWeights).")
 
@@ -323,7 +328,7 @@ class ReleaseWeights(Message):
 
     kind: Literal["release_weights"] = "release_weights"
     version: int = Field(ge=0)
-    receiver: str
+    receiver: str = Field(max_length=NAME_LIMIT)
     dead: bool = False
 
 
@@ -355,7 +360,7 @@ class RoundTripResult(Message):
 class CheckpointRequest(Message):
     kind: Literal["checkpoint_request"] = "checkpoint_request"
     action: Literal["save", "load", "export_hf"]
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, max_length=4096)
 
 
 class CheckpointResult(Message):

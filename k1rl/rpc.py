@@ -55,25 +55,27 @@ class RPCTimeout(RPCError, TimeoutError):
     """No reply (or no connection to the server) within the call's timeout."""
 
 
+class RequestTooLargeError(RPCError):
+    """The request frame is larger than the server accepts (it would drop the connection)."""
+
+
 class InvalidReplyError(RPCError):
     """The server answered ok, but the payload does not fit the expected response model."""
 
 
 class RemoteError(RPCError):
-    """A call failed on the server; ``error_type`` is the remote exception's class name."""
+    """A call failed on the server; ``error_type`` is the remote exception's class name.
+    The server's traceback stays in the server's log: a caller learns what failed, not
+    the server's code paths."""
 
-    def __init__(self, error_type: str, message: str, remote_traceback: str = "") -> None:
-        # all three in args so the exception survives pickling (e.g. across processes)
-        super().__init__(error_type, message, remote_traceback)
+    def __init__(self, error_type: str, message: str) -> None:
+        # both in args so the exception survives pickling (e.g. across processes)
+        super().__init__(error_type, message)
         self.error_type = error_type
         self.message = message
-        self.remote_traceback = remote_traceback
 
     def __str__(self) -> str:
-        text = f"{self.error_type}: {self.message}"
-        if self.remote_traceback:
-            text += f"\n--- remote traceback ---\n{self.remote_traceback.rstrip()}"
-        return text
+        return f"{self.error_type}: {self.message}"
 
     @staticmethod
     def from_payload(payload: dict[str, Any]) -> RemoteError:
@@ -83,7 +85,7 @@ class RemoteError(RPCError):
         except ValidationError:
             return RemoteError("BadErrorReply", f"unreadable error reply: {payload!r}")
         cls = _REMOTE_ERROR_CLASSES.get(err.error_type, RemoteError)
-        return cls(err.error_type, err.message, err.traceback)
+        return cls(err.error_type, err.message)
 
 
 class RemoteValidationError(RemoteError):
@@ -114,8 +116,8 @@ class _Envelope(BaseModel):
 
 
 class RequestEnvelope(_Envelope):
-    id: str
-    method: str = Field(min_length=1)
+    id: str = Field(max_length=64)
+    method: str = Field(min_length=1, max_length=128)
     payload: dict[str, Any]
 
 
@@ -151,8 +153,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _error_frame(req_id: str, error_type: str, message: str, tb: str = "") -> bytes:
-    err = ErrorReply(error_type=error_type, message=message, traceback=tb)
+def _error_frame(req_id: str, error_type: str, message: str) -> bytes:
+    err = ErrorReply(error_type=error_type, message=message)
     return _pack({"id": req_id, "ok": False, "payload": err.model_dump()})
 
 
@@ -195,7 +197,7 @@ class RPCServer:
     POLL_MS = 50
 
     def __init__(self, address: str, service: str, *, ready: bool = True,
-                 handler_threads: int = 1) -> None:
+                 handler_threads: int = 1, max_message_bytes: int | None = None) -> None:
         if handler_threads < 1:
             raise ValueError(f"handler_threads must be >= 1, got {handler_threads}")
         self.service = service
@@ -203,6 +205,10 @@ class RPCServer:
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.linger = 0
+        if max_message_bytes is not None:
+            # ZMQ drops the connection of a peer whose frame is larger, before anything
+            # is buffered or decoded here: ping and other callers are served on
+            self._router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         try:
             self._router.bind(address)
         except zmq.ZMQError as e:
@@ -221,6 +227,8 @@ class RPCServer:
         self._started_at = time.monotonic()
         self._ready = ready
         self._detail: dict[str, str | int | float | bool] = {}
+        if max_message_bytes is not None:
+            self._detail["max_message_bytes"] = max_message_bytes
         # methods running on handler threads now (several threads may run at once)
         self._busy: collections.Counter[str] = collections.Counter()
         self._busy_lock = threading.Lock()
@@ -402,9 +410,9 @@ class RPCServer:
                 )
             return _pack({"id": job.req_id, "ok": True, "payload": _dump(result)})
         except Exception as e:
-            tb = traceback.format_exc()
-            log.warning("%s: handler of %r failed: %s", self.service, job.method, tb)
-            return _error_frame(job.req_id, type(e).__name__, str(e), tb)
+            log.warning("%s: handler of %r failed: %s", self.service, job.method,
+                        traceback.format_exc())
+            return _error_frame(job.req_id, type(e).__name__, str(e))
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -448,11 +456,15 @@ class RPCClient:
     abandoned request is recognised by its id and dropped when it eventually arrives.
     """
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 30.0,
+                 max_message_bytes: int | None = None) -> None:
+        """``max_message_bytes``: the server's limit, so that a larger request fails here
+        with its size instead of being dropped there and timing out."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 (math.inf to wait forever), got {timeout_s}")
         self.address = address
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.linger = 0
         # Queue requests only on completed connections: a request made while the server is
@@ -519,6 +531,10 @@ class RPCClient:
         deadline = time.monotonic() + timeout
         req_id = uuid.uuid4().hex
         frame = _pack({"id": req_id, "method": method, "payload": payload})
+        if self.max_message_bytes is not None and len(frame) > self.max_message_bytes:
+            raise RequestTooLargeError(
+                f"{method!r} request is {len(frame)} bytes; {self.address} accepts at most "
+                f"{self.max_message_bytes} (max_message_mib of its config section)")
         while True:
             if not self._poll(zmq.POLLOUT, deadline):
                 raise RPCTimeout(

@@ -23,7 +23,8 @@ def serve(cfg: RunConfig, *, address: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT on ``address`` (default ``cfg.reward.address``)."""
     # answer pings (not ready) while the math-verify worker starts
     server = RPCServer(address or cfg.reward.address, service="reward", ready=False,
-                       handler_threads=cfg.reward.handler_threads)
+                       handler_threads=cfg.reward.handler_threads,
+                       max_message_bytes=cfg.reward.max_message_bytes)
     server.start_in_thread()
     service = RewardService(cfg.reward)
     try:

@@ -100,7 +100,8 @@ class Servers:
     def __init__(self, cfg: SandboxConfig, address: str | None = None) -> None:
         self.service = SandboxService(cfg)
         self.rpc = RPCServer(address or cfg.address, service="sandbox",
-                             handler_threads=cfg.workers)
+                             handler_threads=cfg.workers,
+                             max_message_bytes=cfg.max_message_bytes)
         self.rpc.register("run_code", RunCodeRequest, self.service.run_code)
         self.http: ThreadingHTTPServer | None = None
         if cfg.http_port is not None:

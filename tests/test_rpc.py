@@ -14,6 +14,7 @@ from k1rl.rpc import (
     MalformedFrameError,
     RemoteError,
     RemoteValidationError,
+    RequestTooLargeError,
     RPCClient,
     RPCServer,
     RPCTimeout,
@@ -116,15 +117,41 @@ def test_timeout_then_next_call_gets_its_own_reply_not_the_stale_one(svc, client
     assert client.stale_replies_dropped == 1
 
 
-def test_handler_exception_is_reraised_with_type_name_message_and_traceback(client):
-    with pytest.raises(RemoteError) as info:
-        client.call("fail", EchoRequest(text="x"), EchoReply)
+def test_handler_exception_is_reraised_typed_and_its_traceback_stays_in_the_server_log(
+        client, caplog):
+    with caplog.at_level("WARNING", logger="k1rl.rpc"):
+        with pytest.raises(RemoteError) as info:
+            client.call("fail", EchoRequest(text="x"), EchoReply)
     err = info.value
     assert type(err) is RemoteError
     assert err.error_type == "QuotaExceeded"
     assert err.message == "quota exceeded for 'x'"
-    assert ", in fail" in err.remote_traceback and "QuotaExceeded" in err.remote_traceback
+    assert str(err) == "QuotaExceeded: quota exceeded for 'x'"  # no server code paths
+    assert "Traceback" in caplog.text and ", in fail" in caplog.text
     assert client.call("echo", EchoRequest(text="ok"), EchoReply).text == "ok"
+
+
+def test_an_oversized_frame_is_dropped_unread_and_the_service_serves_on():
+    server = RPCServer("tcp://127.0.0.1:0", "small", max_message_bytes=4096)
+    handled = []
+    server.register("echo", EchoRequest, lambda r: handled.append(r) or EchoReply(
+        text=r.text, handled_by=""))
+    server.start_in_thread()
+    try:
+        with RPCClient(server.address, timeout_s=2.0) as blind:
+            with pytest.raises(RPCTimeout):  # its connection was dropped: no reply comes
+                blind.call("echo", EchoRequest(text="x" * 10_000), EchoReply, timeout_s=1.0)
+            assert not handled
+            # the same client, reconnected, and everyone else are served on
+            assert blind.call("echo", EchoRequest(text="ok"), EchoReply).text == "ok"
+        with RPCClient(server.address, timeout_s=2.0, max_message_bytes=4096) as told:
+            with pytest.raises(RequestTooLargeError, match=r"'echo' request is \d+ bytes; "
+                               r".* accepts at most 4096"):
+                told.call("echo", EchoRequest(text="x" * 10_000), EchoReply)
+            pong = told.ping()
+            assert pong.ready and pong.detail["max_message_bytes"] == 4096
+    finally:
+        server.stop()
 
 
 def test_handler_returning_a_non_model_is_a_remote_type_error(client):
@@ -183,7 +210,7 @@ def test_malformed_frames_each_get_an_error_reply_and_the_server_survives(svc, c
 
 def test_error_reply_without_id_surfaces_as_malformed_frame_error():
     err = RemoteError.from_payload(
-        {"kind": "error", "error_type": "MalformedFrame", "message": "m", "traceback": ""}
+        {"kind": "error", "error_type": "MalformedFrame", "message": "m"}
     )
     assert isinstance(err, MalformedFrameError) and err.message == "m"
 
@@ -306,3 +333,27 @@ def test_thread_local_clients_give_each_thread_its_own_client(svc):
     assert theirs[0] is not mine and replies == ["xx"]
     clients.close()
     assert mine.closed and theirs[0].closed
+
+
+def test_a_field_beyond_its_limit_is_refused_naming_the_field():
+    from k1rl.protocol import ReleaseWeights, SamplingSpec
+
+    server = RPCServer("tcp://127.0.0.1:0", "limits")
+    server.register("sample", SamplingSpec, lambda r: Pong(service="x", pid=0, uptime_s=0.0,
+                                                            ready=True))
+    server.register("release", ReleaseWeights, lambda r: r)
+    server.start_in_thread()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        sock.connect(server.address)
+        for method, payload, field in (
+                ("sample", {"max_tokens": 1 << 30}, "max_tokens"),
+                ("release", {"version": 1, "receiver": "r" * 100_000}, "receiver")):
+            sock.send(msgpack.packb({"id": "1", "method": method, "payload": payload}))
+            reply = msgpack.unpackb(sock.recv())
+            assert reply["ok"] is False
+            assert reply["payload"]["error_type"] == "ValidationError"
+            assert reply["payload"]["message"].split(": ", 1)[1].startswith(field)
+    finally:
+        sock.close(linger=0)
+        server.stop()

@@ -324,7 +324,8 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None,
                 if probe is not None:
                     probe.stop()
             return
-        server = RPCServer(address or cfg.trainer.address, service="trainer")
+        server = RPCServer(address or cfg.trainer.address, service="trainer",
+                           max_message_bytes=cfg.trainer.max_message_bytes)
         for method, (model, fn) in service.routes().items():
             server.register(method, model,
                             service.guarded(_collective(method, fn, service, world_size)))
@@ -349,7 +350,7 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None,
 
 
 def _probe_server(address: str, rank: int) -> RPCServer:
-    server = RPCServer(address, service="trainer")
+    server = RPCServer(address, service="trainer", max_message_bytes=1 << 16)  # ping only
     server.set_ready(True, rank=rank, follower=True)
     server.start_in_thread()
     log.info("trainer rank %d (following rank 0) answers ping on %s", rank, server.address)

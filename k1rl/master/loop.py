@@ -72,7 +72,8 @@ class Clients:
     @classmethod
     def connect(cls, cfg: RunConfig, timeout_s: float = 900.0) -> Clients:
         return cls(
-            trainer=RPCClient(cfg.trainer.address, timeout_s=timeout_s),
+            trainer=RPCClient(cfg.trainer.address, timeout_s=timeout_s,
+                              max_message_bytes=cfg.trainer.max_message_bytes),
             rollout=EnginePool(cfg.rollout.engine_addresses(), timeout_s=timeout_s),
             reward=BalancedClients(cfg.reward.addresses or [cfg.reward.address],
                                    max_in_flight=cfg.reward.handler_threads,
