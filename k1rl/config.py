@@ -472,6 +472,12 @@ class SandboxConfig(ServiceSection):
         description="Port of the JSON HTTP API (POST /run_code); 0 picks a free one, null "
         "serves ZMQ only.")
     http_host: str = Field("127.0.0.1", description="Interface the HTTP API listens on.")
+    http_token_file: str | None = Field(
+        None,
+        description="File holding the bearer token POST /run_code requires (Authorization: "
+        "Bearer TOKEN). Needed when http_host is not a loopback address; without one the "
+        "API serves this machine only.",
+    )
     workers: int = Field(2, ge=1, le=256, description="Programs run at once (one per core).")
     runner: str = Field(
         "bwrap",
@@ -499,6 +505,17 @@ class SandboxConfig(ServiceSection):
     @classmethod
     def _registered_runner(cls, v: str) -> str:
         return SANDBOX_RUNNERS.check(v)
+
+    @model_validator(mode="after")
+    def _reachable_api_needs_a_token(self) -> SandboxConfig:
+        from k1rl.auth import is_loopback
+
+        if self.http_port is not None and self.http_token_file is None \
+                and not is_loopback(self.http_host):
+            raise ValueError(f"sandbox.http_token_file: the HTTP API on {self.http_host!r} is "
+                             "reachable from other machines; give it a bearer token file "
+                             "(or listen on 127.0.0.1)")
+        return self
 
 
 _SERVICES = ("trainer", "rollout", "reward", "checkpoint_engine", "sandbox")

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pydantic import ValidationError
 
+from k1rl.auth import bearer_ok, read_secret
 from k1rl.config import SandboxConfig
 from k1rl.protocol import RunCodeRequest, RunCodeResult
 from k1rl.rpc import RPCServer
@@ -42,7 +43,7 @@ class SandboxService:
         self.pool.close()
 
 
-def _http_handler(service: SandboxService):
+def _http_handler(service: SandboxService, token: str | None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -66,6 +67,13 @@ def _http_handler(service: SandboxService):
         def do_POST(self):
             if self.path != "/run_code":
                 self._reply(404, {"error": f"no such endpoint: POST {self.path}"})
+                return
+            if token is not None and not bearer_ok(self.headers.get("Authorization"), token):
+                self.close_connection = True  # the body is never read
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Bearer realm="k1rl-sandbox"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
             try:
                 length = int(self.headers.get("Content-Length", ""))
@@ -105,8 +113,13 @@ class Servers:
         self.rpc.register("run_code", RunCodeRequest, self.service.run_code)
         self.http: ThreadingHTTPServer | None = None
         if cfg.http_port is not None:
+            token = (None if cfg.http_token_file is None
+                     else read_secret(cfg.http_token_file, "sandbox.http_token_file"))
             self.http = ThreadingHTTPServer((cfg.http_host, cfg.http_port),
-                                            _http_handler(self.service))
+                                            _http_handler(self.service, token))
+            log.info("sandbox HTTP API on %s:%d: %s", cfg.http_host, self.http.server_port,
+                     "bearer token required" if token else
+                     "no authentication (loopback only)")
             self.http.daemon_threads = True
         self.rpc.set_ready(True, **{k: v for k, v in self.service.health().items()
                                     if k != "ready"})

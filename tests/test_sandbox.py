@@ -232,6 +232,46 @@ def test_http_api(sandbox):
 
 
 @needs_bwrap
+def test_the_http_api_takes_a_bearer_token_when_given_one(tmp_path):
+    from k1rl.launch import free_tcp_address
+    from sandbox.server import Servers
+
+    (tmp_path / "token").write_text("s3cret-token\n")
+    cfg = SandboxConfig(address=free_tcp_address(), http_port=0, workers=1, uid_base=62400,
+                        http_host="0.0.0.0", http_token_file=str(tmp_path / "token"),
+                        work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}-token")
+    servers = Servers(cfg).start()
+    base = f"http://127.0.0.1:{servers.http_port}"
+    body = json.dumps({"language": "python", "source": "print(1)",
+                       "tests": [{"stdin": "", "expected": "1"}]}).encode()
+
+    def post(headers: dict[str, str]) -> int:
+        req = urllib.request.Request(f"{base}/run_code", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+        try:
+            return urllib.request.urlopen(req, timeout=60).status
+        except urllib.error.HTTPError as e:
+            assert e.code != 401 or e.headers["WWW-Authenticate"].startswith("Bearer")
+            return e.code
+
+    try:
+        assert post({}) == 401
+        assert post({"Authorization": "Bearer wrong"}) == 401
+        assert post({"Authorization": "Basic czNjcmV0LXRva2Vu"}) == 401
+        assert post({"Authorization": "Bearer s3cret-token"}) == 200
+        # probes need no token
+        assert urllib.request.urlopen(f"{base}/health", timeout=10).status == 200
+    finally:
+        servers.stop()
+
+
+def test_a_sandbox_api_reachable_from_other_machines_needs_a_token():
+    with pytest.raises(ValueError, match="sandbox.http_token_file: the HTTP API on '0.0.0.0'"):
+        SandboxConfig(http_host="0.0.0.0")
+    assert SandboxConfig(http_host="0.0.0.0", http_port=None).http_port is None  # ZMQ only
+
+
+@needs_bwrap
 def test_cli_run_prints_the_json_response(sandbox, tmp_path):
     client, servers = sandbox
     (tmp_path / "p.cpp").write_text("#include <cstdio>\nint main(){int a;scanf(\"%d\",&a);"
