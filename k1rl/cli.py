@@ -334,3 +334,23 @@ def k8s_render_cmd(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     console.print(f"wrote {len(written)} files under {out_dir}")
+
+
+keys_app = typer.Typer(help="The run's CURVE keys (ZMQ authentication).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create_cmd(
+    directory: Path = typer.Argument(..., help="New directory for run.key and run.key_secret."),
+) -> None:
+    """Create the run keypair every k1rl process of a run shares; point K1RL_CURVE_KEYS at
+    DIRECTORY in each (on Kubernetes: a Secret, see k8s/README.md)."""
+    from k1rl.auth import CURVE_KEYS_ENV, create_curve_keys
+
+    try:
+        create_curve_keys(directory)
+    except FileExistsError as e:
+        raise typer.BadParameter(str(e)) from e
+    console.print(f"wrote {directory}/run.key and run.key_secret; export "
+                  f"{CURVE_KEYS_ENV}={directory.resolve()}")

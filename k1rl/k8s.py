@@ -22,7 +22,9 @@ Topology (see k8s/README.md for the reasons):
 - The run config: a ConfigMap generated from ``run.yaml``, which is the input RunConfig
   with the cluster's addresses, paths and the ``external`` engine lifecycle.
 
-Every service binds ``tcp://*:PORT`` and is probed by ``python -m k1rl.probe``.
+Every service binds ``tcp://*:PORT`` and is probed by ``python -m k1rl.probe``. ZMQ is
+CURVE-authenticated: every container mounts the run keypair from the Secret
+``k1rl-curve-keys`` (made with ``k1rl keys create``) and names it in ``K1RL_CURVE_KEYS``.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ from typing import Any
 import yaml
 
 from k1rl import __version__
+from k1rl.auth import CURVE_KEYS_ENV
 from k1rl.config import RunConfig
 
 CONFIG_DIR = "/etc/k1rl"
 CONFIG_PATH = f"{CONFIG_DIR}/run.yaml"
+KEYS_DIR = "/etc/k1rl-keys"       # the run's CURVE keypair, from the Secret below
+KEYS_SECRET = "k1rl-curve-keys"
 DATA_DIR = "/data"
 RUN_DIR = f"{DATA_DIR}/run"
 MODEL_DIR = f"{DATA_DIR}/model"
@@ -174,7 +179,8 @@ def _env() -> list[dict[str, Any]]:
     # the root filesystem is read-only: caches and HOME go to the /tmp emptyDir
     return [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
-            {"name": "TOKENIZERS_PARALLELISM", "value": "false"}]
+            {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+            {"name": CURVE_KEYS_ENV, "value": KEYS_DIR}]
 
 
 def _container(name: str, image: str, args: list[str], *, port: int | None,
@@ -184,7 +190,7 @@ def _container(name: str, image: str, args: list[str], *, port: int | None,
         "name": name, "image": image, "imagePullPolicy": "Always", "command": args,
         "env": [*_env(), *env], "resources": resources,
         "securityContext": security or _restricted(),
-        "volumeMounts": [MOUNTS[m] for m in mounts],
+        "volumeMounts": [MOUNTS[m] for m in (*mounts, "keys")],
     }
     if port is not None:
         c["ports"] = [{"name": name[:15], "containerPort": port, "protocol": "TCP"}]
@@ -197,6 +203,7 @@ MOUNTS = {
     "data": {"name": "data", "mountPath": DATA_DIR},
     "tmp": {"name": "tmp", "mountPath": "/tmp"},
     "shm": {"name": "shm", "mountPath": "/dev/shm"},
+    "keys": {"name": "keys", "mountPath": KEYS_DIR, "readOnly": True},
 }
 
 
@@ -207,6 +214,8 @@ def _volumes(*names: str, shm_gib: int = 4) -> list[dict[str, Any]]:
         "tmp": {"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}},
         # weight staging between trainer and engine: memory-backed, counted as pod memory
         "shm": {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib}Gi"}},
+        # group-readable: the containers' fsGroup owns the files
+        "keys": {"name": "keys", "secret": {"secretName": KEYS_SECRET, "defaultMode": 0o440}},
     }
     return [known[n] for n in names]
 
@@ -218,7 +227,7 @@ def _pod_spec(containers: list[dict], volumes: list[dict], **extra: Any) -> dict
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_UID, "runAsGroup": RUN_UID,
                             "fsGroup": RUN_UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": containers,
-        "volumes": volumes,
+        "volumes": [*volumes, *_volumes("keys")],  # every container mounts the run keys
         **extra,
     }
 

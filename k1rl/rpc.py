@@ -30,6 +30,7 @@ import msgpack
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from k1rl.auth import CURVE_KEYS_ENV, CurveKeys, curve_keys, endpoint_is_local
 from k1rl.protocol import ErrorReply, Ping, Pong
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ class RPCServer:
             raise ValueError(f"handler_threads must be >= 1, got {handler_threads}")
         self.service = service
         self._handler_threads = handler_threads
+        keys = curve_keys()
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.linger = 0
@@ -209,13 +211,22 @@ class RPCServer:
             # ZMQ drops the connection of a peer whose frame is larger, before anything
             # is buffered or decoded here: ping and other callers are served on
             self._router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._authenticator = None if keys is None else self._require_curve(keys)
         try:
             self._router.bind(address)
         except zmq.ZMQError as e:
-            self._router.close()
-            self._ctx.term()
+            self._close_sockets()
             raise ValueError(f"service {service!r} cannot bind {address!r}: {e}") from e
+        if keys is None and not endpoint_is_local(address):
+            self._close_sockets()  # bound, but nothing was read
+            raise ValueError(
+                f"service {service!r} would serve {address!r} to other machines without "
+                f"authentication: set {CURVE_KEYS_ENV} to the run's keys directory (`k1rl keys "
+                "create DIR`), or bind a loopback address")
         self.address: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("%s: serving %s on %s", service,
+                 "CURVE-authenticated" if keys else "plain, unauthenticated (loopback only)",
+                 self.address)
         self._replies_ep = f"inproc://k1rl-rpc-replies-{uuid.uuid4().hex}"
         self._replies = self._ctx.socket(zmq.PULL)
         self._replies.linger = 0
@@ -382,13 +393,32 @@ class RPCServer:
             detail=detail,
         )
 
+    def _require_curve(self, keys: CurveKeys):
+        """CURVE on the ROUTER: encrypted, and a ZAP handler admitting only the public
+        certificates in the keys directory (a peer without the run's secret cannot even
+        complete the handshake, so it is never read)."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        authenticator = ThreadAuthenticator(self._ctx, log=log.getChild("zap"))
+        authenticator.start()
+        authenticator.configure_curve(domain="*", location=str(keys.directory))
+        self._router.curve_secretkey = keys.secret
+        self._router.curve_publickey = keys.public
+        self._router.curve_server = True
+        return authenticator
+
+    def _close_sockets(self) -> None:
+        self._router.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self._ctx.term()
+
     def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._router.close(linger=0)
         self._replies.close(linger=0)
-        self._ctx.term()
+        self._close_sockets()
 
     # ------------------------------------------------------------- worker thread
 
@@ -467,6 +497,11 @@ class RPCClient:
         self.max_message_bytes = max_message_bytes
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.linger = 0
+        keys = curve_keys()
+        if keys is not None:  # the run's keypair is both this client's and the server's
+            self._sock.curve_secretkey = keys.secret
+            self._sock.curve_publickey = keys.public
+            self._sock.curve_serverkey = keys.public
         # Queue requests only on completed connections: a request made while the server is
         # down then times out here instead of waiting in a buffer and running much later.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)

@@ -6,7 +6,8 @@ reward Deployment and the master Job from `k1rl k8s render`'s output and starts 
 their commands as local processes, in the pod's order (native sidecar first), gated by
 their own exec probes. Only what one machine cannot give two pods is changed: cluster DNS
 names become 127.0.0.1, pod 1's ports are moved to free ones (both pods would bind the
-same), the pod index comes from the test, and volumes become directories. The trainer
+same), the pod index comes from the test, and volumes (the run's CURVE keys Secret
+among them) become directories. The trainer
 spans both pods through torchrun's rendezvous at pod 0, the master samples from both
 pods' engines, two k1.5 iterations run, and SIGTERM stops every container within its
 grace period.
@@ -27,6 +28,7 @@ import pytest
 import yaml
 
 from k1rl import k8s
+from k1rl.auth import CURVE_KEYS_ENV, create_curve_keys
 from k1rl.config import RunConfig
 from k1rl.launch import free_tcp_address
 
@@ -50,9 +52,9 @@ class Pod:
     """Runs one pod's containers' commands as processes, with the paths of this machine and
     its own ports (``ports``: the rendered port -> the one this pod binds here)."""
 
-    def __init__(self, root: Path, config: Path, data: Path, index: int = 0,
+    def __init__(self, root: Path, config: Path, data: Path, keys: Path, index: int = 0,
                  ports: dict[int, int] | None = None, rendezvous_port: int = 0):
-        self.root, self.config, self.data = root, config, data
+        self.root, self.config, self.data, self.keys = root, config, data, keys
         self.index, self.ports, self.rendezvous_port = index, ports or {}, rendezvous_port
         self.procs: dict[str, subprocess.Popen] = {}
         (root / "home").mkdir(parents=True, exist_ok=True)
@@ -80,6 +82,8 @@ class Pod:
             assert env["MASTER_ADDR"] == k8s.RL_HOST
             env["MASTER_ADDR"] = "127.0.0.1"
             env["MASTER_PORT"] = str(self.rendezvous_port)
+        assert env[CURVE_KEYS_ENV] == k8s.KEYS_DIR  # the Secret's mount
+        env[CURVE_KEYS_ENV] = str(self.keys)
         env["HOME"] = env["XDG_CACHE_HOME"] = str(self.root / "home")
         return env
 
@@ -93,7 +97,8 @@ class Pod:
         """Run the container's exec probe until it passes, as the kubelet would."""
         command = self.local(container[kind]["exec"]["command"])
         deadline = time.monotonic() + timeout_s
-        while subprocess.run(command, capture_output=True).returncode != 0:
+        env = self.env(container)  # the kubelet execs probes in the container's environment
+        while subprocess.run(command, capture_output=True, env=env).returncode != 0:
             proc = self.procs[container["name"]]
             assert proc.poll() is None, f"{container['name']} exited:\n{self.tail(container)}"
             assert time.monotonic() < deadline, f"{container['name']} {kind} never passed"
@@ -161,9 +166,10 @@ def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gra
     assert (run.trainer.nnodes, run.trainer.dp) == (2, 2)  # one DP replica per pod
 
     rendezvous = int(free_tcp_address().rsplit(":", 1)[1])
-    pods = [Pod(tmp_path / f"pod{k}", config, data, k, ports, rendezvous)
+    keys = create_curve_keys(tmp_path / "keys")  # what the Secret k1rl-curve-keys holds
+    pods = [Pod(tmp_path / f"pod{k}", config, data, keys, k, ports, rendezvous)
             for k, ports in enumerate(pod_ports)]
-    services = Pod(tmp_path / "services", config, data)
+    services = Pod(tmp_path / "services", config, data, keys)
     c = _containers(tmp_path / "k8s/base")
     try:
         # the native sidecar first: the kubelet starts the main containers once its
@@ -199,6 +205,11 @@ def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gra
     assert [r["engines"] for r in rows] == [2, 2]
     for pod in pods:
         assert "policy v1" in pod.log("rollout"), pod.log("rollout")[-2000:]
+    # every service bound all interfaces, so each one authenticated its callers with CURVE
+    for pod in (*pods, services):
+        for name in pod.procs:
+            if name != "master":
+                assert "serving CURVE-authenticated" in pod.log(name), (pod.root, name)
     # pod 1's trainer is rank 1 of the group, answering its pod's probes
     assert "trainer rank 1 (following rank 0)" in pods[1].log("trainer")
     # the engines are the rollout containers': the sidecar never started one of its own

@@ -357,3 +357,60 @@ def test_a_field_beyond_its_limit_is_refused_naming_the_field():
     finally:
         sock.close(linger=0)
         server.stop()
+
+
+@pytest.fixture
+def run_keys(tmp_path, monkeypatch):
+    from k1rl.auth import CURVE_KEYS_ENV, create_curve_keys
+
+    keys = create_curve_keys(tmp_path / "keys")
+    monkeypatch.setenv(CURVE_KEYS_ENV, str(keys))
+    return keys
+
+
+def _echo_server(address: str) -> RPCServer:
+    server = RPCServer(address, "curve")
+    server.register("echo", EchoRequest, lambda r: EchoReply(text=r.text, handled_by=""))
+    return server.start_in_thread()
+
+
+def test_with_run_keys_only_holders_of_the_run_secret_are_served(run_keys, tmp_path,
+                                                                  monkeypatch):
+    from k1rl.auth import CURVE_KEYS_ENV, create_curve_keys
+
+    server = _echo_server("tcp://*:0")  # every interface: allowed once authenticated
+    address = server.address.replace("0.0.0.0", "127.0.0.1")
+    try:
+        with RPCClient(address, timeout_s=5.0) as member:
+            assert member.call("echo", EchoRequest(text="hi"), EchoReply).text == "hi"
+        monkeypatch.delenv(CURVE_KEYS_ENV)
+        with RPCClient(address, timeout_s=1.0) as plain:  # no CURVE: no handshake, no reply
+            with pytest.raises(RPCTimeout):
+                plain.ping()
+        monkeypatch.setenv(CURVE_KEYS_ENV, str(create_curve_keys(tmp_path / "other")))
+        with RPCClient(address, timeout_s=1.0) as stranger:  # another run's keypair
+            with pytest.raises(RPCTimeout):
+                stranger.ping()
+        monkeypatch.setenv(CURVE_KEYS_ENV, str(run_keys))
+        with RPCClient(address, timeout_s=5.0) as member:  # and the service serves on
+            assert member.ping().ready
+    finally:
+        server.stop()
+
+
+def test_without_keys_a_service_serves_loopback_only(monkeypatch):
+    from k1rl.auth import CURVE_KEYS_ENV
+
+    monkeypatch.delenv(CURVE_KEYS_ENV, raising=False)
+    with pytest.raises(ValueError, match="would serve 'tcp://\\*:0' to other machines "
+                                         "without authentication: set K1RL_CURVE_KEYS"):
+        RPCServer("tcp://*:0", "exposed")
+    _echo_server("tcp://127.0.0.1:0").stop()
+
+
+def test_unreadable_run_keys_are_a_clear_error(tmp_path, monkeypatch):
+    from k1rl.auth import CURVE_KEYS_ENV
+
+    monkeypatch.setenv(CURVE_KEYS_ENV, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="cannot read the run keypair .*k1rl keys create"):
+        RPCClient("tcp://127.0.0.1:1")
