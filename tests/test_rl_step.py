@@ -59,12 +59,18 @@ def _demo_shaped_iterations(rank, world, hf_dir):
 @pytest.mark.slow
 def test_the_step_reproduces_the_iterations_of_the_trainer_before_the_registry(tmp_path):
     """Recorded with the pre-registry ``mirror_descent_iteration`` on the same seeded model
-    (tests/data): same losses, gradient norms and alarms, to the last bit."""
+    (tests/data): same losses, gradient norms and alarms. The first iteration matches to
+    the last bit; after an optimizer step, float rounding follows the CPU's vector unit
+    (an AVX-512-FP16 Xeon differs from the recording machine in the last fp32 digits:
+    a log-prob of ~5 carries ~5e-7 of rounding), so later iterations match to 1e-5
+    relative or 1e-6 absolute, far below what any change of the step moves."""
     from conftest import trainer_write_hf_model
 
     hf_dir = trainer_write_hf_model(tmp_path / "qwen2", "qwen2", seed=0)
     got = run_distributed(_demo_shaped_iterations, 1, str(hf_dir))[0]
-    assert got == json.loads(BEFORE.read_text())["iterations"]
+    want = json.loads(BEFORE.read_text())["iterations"]
+    assert got[0] == want[0]
+    assert got == [pytest.approx(w, rel=1e-5, abs=1e-6) for w in want]
 
 
 def _samples(trainer: MegatronTrainer, offset: float = 0.0) -> list[TrainSample]:

@@ -37,12 +37,16 @@ def two_nodes(trainer_hf_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(cfg.dump_yaml())
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    nodes = [start_service(f"node{r}", "trainer_svc", ["--config", str(config)],
-                           cfg.trainer.address, tmp_path / "logs",
+    # each node its own trainer address, as each pod has: node 1's answers ping only
+    addresses = [cfg.trainer.address, free_tcp_address()]
+    nodes = [start_service(f"node{r}", "trainer_svc",
+                           ["--config", str(config), "--address", addresses[r]],
+                           addresses[r], tmp_path / "logs",
                            env={**rendezvous, "K1RL_NODE_RANK": str(r)})
              for r in (0, 1)]
     try:
-        nodes[0].wait_ready(300)
+        for node in nodes:
+            node.wait_ready(300)
         yield cfg, nodes
     finally:
         for node in nodes:
@@ -51,6 +55,9 @@ def two_nodes(trainer_hf_dir, tmp_path):
 
 def test_two_agents_serve_and_train_as_one_trainer(two_nodes):
     cfg, nodes = two_nodes
+    with RPCClient(nodes[1].address, timeout_s=30) as follower:
+        detail = follower.ping().detail
+        assert (detail["rank"], detail["follower"]) == (1, True) and "pp" not in detail
     with RPCClient(cfg.trainer.address, timeout_s=300) as trainer:
         assert trainer.ping().detail["pp"] == 2
         probe = LogprobRequest(prompt_token_ids=PROMPTS, response_token_ids=RESPONSES)

@@ -349,8 +349,12 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None,
         service.close()
 
 
-def _probe_server(address: str, rank: int) -> RPCServer:
-    server = RPCServer(address, service="trainer", max_message_bytes=1 << 16)  # ping only
+def _probe_server(address: str, rank: int) -> RPCServer | None:
+    try:
+        server = RPCServer(address, service="trainer", max_message_bytes=1 << 16)  # ping only
+    except ValueError as e:  # e.g. a second node on one machine given rank 0's address
+        log.warning("trainer rank %d answers no probes: %s", rank, e)
+        return None
     server.set_ready(True, rank=rank, follower=True)
     server.start_in_thread()
     log.info("trainer rank %d (following rank 0) answers ping on %s", rank, server.address)
