@@ -220,14 +220,18 @@ def test_a_failed_update_leaves_an_engine_that_refuses_to_sample_until_a_good_pu
 
 
 def test_tensor_parallel_trainer_service_pushes_the_same_policy_vllm_scores(tmp_path):
-    """TP=2: rank 0 serves, rank 1 replays each call; the gathered weights reach vLLM."""
+    """TP=2 on both sides. The trainer's rank 0 serves, rank 1 replays each call; the
+    gathered weights reach both of vLLM's workers (rollout.tp: two worker processes, each
+    pulling the update and keeping its shard), which then score as the trainer does."""
     from k1rl.config import RunConfig
 
     cfg = RunConfig()
     cfg.trainer.tp = 2
+    cfg.rollout.tp = 2
     with LocalStack.start(tmp_path, cfg=cfg, dummy_rollout=True) as tp2:
         assert tp2.trainer.ping().detail["tp"] == 2
-        assert _push(tp2).version == 0
+        update = _push(tp2)
+        assert update.version == 0 and update.checksum_ok
         prompts, responses, vllm_lp = _sequences(_sample(tp2, n=2))
         probe = LogprobRequest(prompt_token_ids=prompts, response_token_ids=responses)
         assert _max_diff(vllm_lp, tp2.trainer.call("logprobs", probe, LogprobResult).logprobs) <= (

@@ -168,33 +168,3 @@ def test_cores_are_shared_out_to_tensor_parallel_cpu_workers():
     assert cpu_binding([0, 1, 2, 3, 4], 2) == "0,1|2,3"
     with pytest.raises(ValueError, match="rollout.tp=4 needs a core per worker"):
         cpu_binding([0, 1], 4)
-
-
-def test_an_engine_of_two_tensor_parallel_workers_takes_a_published_policy(engine, tmp_path):
-    """rollout.tp = 2: vLLM's two worker processes each pull the whole update over the
-    transport and keep their shard; the engine then scores as the published checkpoint."""
-    from safetensors.torch import load_file
-
-    from checkpoint_engine import get_sender, plan_buckets, tensor_specs
-    from k1rl.protocol import LogprobRequest
-    from rollout_svc.engine import RolloutEngine
-
-    spec = dataclasses.replace(engine.spec, tp=2, load_format="dummy", kv_cache_gib=0.25)
-    tp2 = RolloutEngine(spec)
-    try:
-        prompts, responses = [[5, 6, 7], [9, 10]], [[11, 12, 13, 14], [15, 16]]
-        tensors = load_file(f"{spec.model_path}/model.safetensors")
-        with get_sender("shm") as sender:
-            sender.prepare(*plan_buckets(tensor_specs(tensors.items()), 1 << 20))
-            result = tp2.update_weights(sender.publish(1, tensors))
-        assert result.version == 1 and result.checksum_ok
-        scored = tp2.score(LogprobRequest(prompt_token_ids=prompts,
-                                          response_token_ids=responses)).logprobs
-        expected = _hf_logprobs(spec.model_path, prompts, responses)
-        assert max(abs(a - e) for ra, re in zip(scored, expected, strict=True)
-                   for a, e in zip(ra, re, strict=True)) < 1e-3
-        tokens = [[[c.token_ids for c in r.completions] for r in _greedy(e, max_tokens=20).results]
-                  for e in (tp2, engine)]
-        assert tokens[0] == tokens[1]  # greedy: the same text as one worker holding it all
-    finally:
-        tp2.shutdown()
