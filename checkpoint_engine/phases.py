@@ -33,7 +33,7 @@ from k1rl.protocol import (
     WeightUpdateResult,
 )
 from k1rl.rpc import RPCClient
-from k1rl.watch import call_watched
+from k1rl.watch import WatchedClient, call_watched
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class SwitchRecord:
 
 @dataclass
 class PhaseMachine:
-    trainer: RPCClient
+    trainer: RPCClient | WatchedClient
     engines: list[EngineLifecycle]
     update_timeout_s: float = 600.0
     phase: Phase = Phase.TRAIN

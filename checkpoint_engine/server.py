@@ -8,8 +8,9 @@ from pathlib import Path
 
 from k1rl.config import RunConfig
 from k1rl.protocol import PhaseCommand, PhaseStatus
-from k1rl.rpc import RPCClient, RPCServer
+from k1rl.rpc import RPCServer
 from k1rl.service import run_until_signalled
+from k1rl.watch import WatchedClient
 
 from checkpoint_engine.lifecycle import make_lifecycle
 from checkpoint_engine.phases import Phase, PhaseMachine
@@ -29,7 +30,10 @@ def build_machine(cfg: RunConfig, config_path: Path) -> PhaseMachine:
         )
         for k, address in enumerate(cfg.rollout.engine_addresses())
     ]
-    trainer = RPCClient(cfg.trainer.address, timeout_s=600.0)
+    # watched: a trainer that dies mid-publish is noticed in seconds (cfg.calls); a release
+    # is safe to repeat (the sender ignores a stale one), a push is not
+    trainer = WatchedClient.for_policy(cfg.trainer.address, cfg.calls,
+                                       idempotent=frozenset({"release_weights"}))
     return PhaseMachine(trainer=trainer, engines=engines)
 
 

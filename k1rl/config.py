@@ -540,6 +540,23 @@ class ParityConfig(Section):
         "model dtype's default.")
 
 
+class CallPolicy(Section):
+    """How the master waits on its services: a long call is watched through the service's
+    ping, so a dead service is noticed in seconds rather than at the call's timeout."""
+
+    timeout_s: float = Field(
+        900.0, gt=0, description="Longest a call may take (a train step, a rollout).")
+    ping_every_s: float = Field(
+        2.0, gt=0, description="While a call runs, the service is pinged this often.")
+    misses: int = Field(
+        3, ge=1, description="Missed pings in a row after which the service counts as gone.")
+    restart_wait_s: float = Field(
+        300.0, ge=0,
+        description="After a service is gone, how long a call that is safe to repeat (a "
+        "score, log-probs) waits for it to answer again (restarted by its launcher or the "
+        "kubelet) before it is re-sent; 0: fail at once.")
+
+
 class RunConfig(Section):
     plugins: list[str] = Field(
         default_factory=list,
@@ -570,6 +587,8 @@ class RunConfig(Section):
                            description="`k1rl sft`: its rows and schedule (k1rl/sft/).")
     parity: ParityConfig = Field(default_factory=ParityConfig,
                                  description="Trainer vs engine log-prob agreement.")
+    calls: CallPolicy = Field(default_factory=CallPolicy,
+                              description="Timeouts and liveness of the master's calls.")
 
     @model_validator(mode="before")
     @classmethod

@@ -48,6 +48,9 @@ class Pong(Message):
     kind: Literal["pong"] = "pong"
     service: str
     pid: int
+    # one per server start: a caller watching a long call tells a restarted service (which
+    # lost the call) from the one it called, whatever pid a container gives it
+    instance: str = ""
     uptime_s: float
     ready: bool = True
     detail: dict[str, str | int | float | bool] = Field(default_factory=dict)

@@ -236,6 +236,7 @@ class RPCServer:
         self._stop = threading.Event()
         self._closed = False
         self._started_at = time.monotonic()
+        self._instance = uuid.uuid4().hex
         self._ready = ready
         self._detail: dict[str, str | int | float | bool] = {}
         if max_message_bytes is not None:
@@ -388,6 +389,7 @@ class RPCServer:
         return Pong(
             service=self.service,
             pid=os.getpid(),
+            instance=self._instance,
             uptime_s=time.monotonic() - self._started_at,
             ready=self._ready,
             detail=detail,

@@ -56,29 +56,36 @@ from k1rl.protocol import (
     TrainStats,
 )
 from k1rl.rpc import RPCClient
+from k1rl.watch import WatchedClient
 
 log = logging.getLogger(__name__)
 
 FINAL_HF = "final"  # the run's policy after its last iteration, as an HF checkpoint
+# trainer verbs that change nothing: re-sent to a restarted trainer (the others change
+# the policy or its files, and a restarted trainer holds another version)
+TRAINER_IDEMPOTENT = frozenset({"logprobs", "roundtrip"})
 
 
 @dataclass
 class Clients:
-    trainer: RPCClient
+    trainer: WatchedClient
     rollout: EnginePool
     reward: BalancedClients
-    checkpoint_engine: RPCClient
+    checkpoint_engine: WatchedClient
 
     @classmethod
-    def connect(cls, cfg: RunConfig, timeout_s: float = 900.0) -> Clients:
+    def connect(cls, cfg: RunConfig) -> Clients:
+        """Every call watched (cfg.calls): a service that dies is noticed in seconds."""
+        policy = cfg.calls
         return cls(
-            trainer=RPCClient(cfg.trainer.address, timeout_s=timeout_s,
-                              max_message_bytes=cfg.trainer.max_message_bytes),
-            rollout=EnginePool(cfg.rollout.engine_addresses(), timeout_s=timeout_s),
+            trainer=WatchedClient.for_policy(
+                cfg.trainer.address, policy, idempotent=TRAINER_IDEMPOTENT,
+                max_message_bytes=cfg.trainer.max_message_bytes),
+            rollout=EnginePool(cfg.rollout.engine_addresses(), timeout_s=policy.timeout_s),
             reward=BalancedClients(cfg.reward.addresses or [cfg.reward.address],
                                    max_in_flight=cfg.reward.handler_threads,
-                                   timeout_s=timeout_s),
-            checkpoint_engine=RPCClient(cfg.checkpoint_engine.address, timeout_s=timeout_s),
+                                   timeout_s=policy.timeout_s),
+            checkpoint_engine=WatchedClient.for_policy(cfg.checkpoint_engine.address, policy),
         )
 
     def close(self) -> None:
@@ -371,7 +378,7 @@ class Master:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def in_rollout_phase(checkpoint_engine: RPCClient, ref: RunRef,
+def in_rollout_phase(checkpoint_engine: RPCClient | WatchedClient, ref: RunRef,
                      fn: Callable[[RunRef], Accuracy]) -> Accuracy:
     """``fn(ref)`` with the trainer's current weights in the rollout engine: the sidecar
     switches TRAIN -> ROLLOUT (pushing the weights), and back to TRAIN after, also when
