@@ -61,7 +61,8 @@ def handle_phase(machine: PhaseMachine, cmd: PhaseCommand) -> PhaseStatus:
 def serve(cfg: RunConfig, config_path: Path, address: str | None = None) -> None:
     machine = build_machine(cfg, config_path)
     server = RPCServer(address or cfg.checkpoint_engine.address, service="checkpoint_engine",
-                       max_message_bytes=cfg.checkpoint_engine.max_message_bytes)
+                       max_message_bytes=cfg.checkpoint_engine.max_message_bytes,
+                       metrics_port=cfg.checkpoint_engine.metrics_port)
     server.register("phase", PhaseCommand, lambda cmd: handle_phase(machine, cmd))
     server.start_in_thread()
     try:

@@ -49,6 +49,12 @@ class ServiceSection(Section):
         "refuse to send one.",
     )
 
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Serve this service's Prometheus /metrics (requests, in-flight and "
+        "queued calls per method) on this port, all interfaces; null: off.",
+    )
+
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mib << 20

@@ -43,6 +43,9 @@ from k1rl.config import RunConfig
 CONFIG_DIR = "/etc/k1rl"
 CONFIG_PATH = f"{CONFIG_DIR}/run.yaml"
 KEYS_DIR = "/etc/k1rl-keys"       # the run's CURVE keypair, from the Secret below
+# Prometheus /metrics of each process (the master's is rl.prometheus_port)
+METRICS_PORTS = {"master": 9400, "trainer": 9401, "rollout": 9402, "reward": 9403,
+                 "checkpoint_engine": 9404, "sandbox": 9405}
 KEYS_SECRET = "k1rl-curve-keys"
 DATA_DIR = "/data"
 RUN_DIR = f"{DATA_DIR}/run"
@@ -117,6 +120,12 @@ def cluster_config(cfg: RunConfig, nodes: int = 1) -> RunConfig:
         t["nnodes"] = nodes
         data["rollout"]["addresses"] = [f"tcp://{RL}-{k}.{RL}:{p['rollout']}"
                                         for k in range(nodes)]
+    for name, port in METRICS_PORTS.items():
+        if name == "master":
+            data["rl"]["prometheus_port"] = port
+            data["rl"]["metrics"] = [*dict.fromkeys([*data["rl"]["metrics"], "prometheus"])]
+        else:
+            data[name]["metrics_port"] = port
     data["reward"]["address"] = f"tcp://k1rl-reward:{p['reward']}"
     data["sandbox"]["address"] = f"tcp://k1rl-sandbox:{p['sandbox']}"
     if own_sandbox:  # another address is a sandbox running elsewhere: kept as given
@@ -185,17 +194,33 @@ def _env() -> list[dict[str, Any]]:
 
 def _container(name: str, image: str, args: list[str], *, port: int | None,
                resources: dict[str, Any], mounts: list[str], start_minutes: int = 10,
-               security: dict[str, Any] | None = None, env: list[dict] = ()) -> dict[str, Any]:
+               security: dict[str, Any] | None = None, env: list[dict] = (),
+               metrics: str | None = None) -> dict[str, Any]:
+    """``metrics``: the METRICS_PORTS entry whose /metrics this container serves."""
     c: dict[str, Any] = {
         "name": name, "image": image, "imagePullPolicy": "Always", "command": args,
         "env": [*_env(), *env], "resources": resources,
         "securityContext": security or _restricted(),
         "volumeMounts": [MOUNTS[m] for m in (*mounts, "keys")],
+        "ports": [],
     }
     if port is not None:
-        c["ports"] = [{"name": name[:15], "containerPort": port, "protocol": "TCP"}]
+        c["ports"].append({"name": name[:15], "containerPort": port, "protocol": "TCP"})
         c.update(_probes(port, start_minutes))
+    if metrics is not None:  # port names are unique per pod: m-<container>
+        c["ports"].append({"name": f"m-{name}"[:15], "containerPort": METRICS_PORTS[metrics],
+                           "protocol": "TCP"})
+    if not c["ports"]:
+        del c["ports"]
     return c
+
+
+def _template(component: str, pod: dict[str, Any], metrics: str) -> dict[str, Any]:
+    """A pod template whose annotations point annotation-based Prometheus scraping at the
+    ``metrics`` process's /metrics (one port per pod; the others' ports are m-* named)."""
+    return {"metadata": {"labels": _labels(component), "annotations": {
+        "prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
+        "prometheus.io/port": str(METRICS_PORTS[metrics])}}, "spec": pod}
 
 
 MOUNTS = {
@@ -252,6 +277,12 @@ def _policy(name: str, component: str, ingress_from: list[str] | None,
             "from": [{"podSelector": {"matchLabels": _labels(c)}} for c in ingress_from],
             "ports": [{"protocol": "TCP", "port": p} for p in ingress_ports],
         }]
+    # Prometheus, in whatever namespace it runs, scrapes every /metrics port
+    spec["ingress"].append({
+        "from": [{"namespaceSelector": {}, "podSelector": {
+            "matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+        "ports": [{"protocol": "TCP", "port": p} for p in sorted(set(METRICS_PORTS.values()))],
+    })
     if egress:
         spec["egress"] = [
             {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "k1rl"}}}]},
@@ -288,7 +319,7 @@ def rl_objects(cfg: RunConfig, nodes: int) -> list[dict[str, Any]]:
         ["python", "-m", "checkpoint_engine", *config,
          "--address", f"tcp://*:{p['checkpoint_engine']}"],
         port=p["checkpoint_engine"], resources=_resources("250m", "512Mi", "1", "1Gi"),
-        mounts=["config", "data", "tmp"], start_minutes=5)
+        mounts=["config", "data", "tmp"], start_minutes=5, metrics="checkpoint_engine")
     # native sidecar: started before the engines it switches, stopped after them
     engine["restartPolicy"] = "Always"
     rank_env = [
@@ -302,7 +333,7 @@ def rl_objects(cfg: RunConfig, nodes: int) -> list[dict[str, Any]]:
         "trainer", _image("trainer"),
         ["python", "-m", "trainer_svc", *config, "--address", f"tcp://*:{p['trainer']}"],
         port=p["trainer"], resources=_resources("1", "4Gi", "2", "8Gi"),
-        mounts=["config", "data", "tmp", "shm"], env=rank_env)
+        mounts=["config", "data", "tmp", "shm"], env=rank_env, metrics="trainer")
     trainer["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT,
                              "protocol": "TCP"})
     rollout = _container(
@@ -310,7 +341,7 @@ def rl_objects(cfg: RunConfig, nodes: int) -> list[dict[str, Any]]:
         ["python", "-m", "rollout_svc", *config, "--dummy-weights",
          "--address", f"tcp://*:{p['rollout']}"],
         port=p["rollout"], resources=_resources("1", "4Gi", "2", "8Gi"),
-        mounts=["config", "data", "tmp", "shm"])
+        mounts=["config", "data", "tmp", "shm"], metrics="rollout")
     pod = _pod_spec([trainer, rollout], _volumes("config", "data", "tmp", "shm"),
                     initContainers=[engine],
                     # SIGTERM lets the services finish the call they are in
@@ -320,7 +351,7 @@ def rl_objects(cfg: RunConfig, nodes: int) -> list[dict[str, Any]]:
         "spec": {
             "serviceName": RL, "replicas": nodes, "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": _labels("rl")},
-            "template": {"metadata": {"labels": _labels("rl")}, "spec": pod},
+            "template": _template("rl", pod, "trainer"),
         },
     }
     headless = _service(RL, "rl", {"trainer": p["trainer"], "rollout": p["rollout"],
@@ -341,13 +372,13 @@ def reward_objects(cfg: RunConfig) -> list[dict[str, Any]]:
         ["python", "-m", "reward_svc", "--config", CONFIG_PATH,
          "--address", f"tcp://*:{p['reward']}"],
         port=p["reward"], resources=_resources("500m", "1Gi", "2", "2Gi"),
-        mounts=["config", "tmp"], start_minutes=3)
+        mounts=["config", "tmp"], start_minutes=3, metrics="reward")
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _meta("k1rl-reward", "reward", [DIGEST]),
         "spec": {"replicas": 1, "selector": {"matchLabels": _labels("reward")},
-                 "template": {"metadata": {"labels": _labels("reward")},
-                              "spec": _pod_spec([reward], _volumes("config", "tmp"))}},
+                 "template": _template("reward", _pod_spec([reward], _volumes("config", "tmp")),
+                                       "reward")},
     }
     return [deployment, _service("k1rl-reward", "reward", {"rpc": p["reward"]}),
             _policy("k1rl-reward", "reward", ["master"], [p["reward"]], egress=True)]
@@ -360,15 +391,14 @@ def master_objects() -> list[dict[str, Any]]:
               f'--run-dir {RUN_DIR} --services external; fi')
     master = _container("master", _image("master"), ["sh", "-c", script], port=None,
                         resources=_resources("500m", "2Gi", "2", "4Gi"),
-                        mounts=["config", "data", "tmp"])
+                        mounts=["config", "data", "tmp"], metrics="master")
     job = {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta("k1rl-master", "master",
                                                                    [DIGEST]),
         "spec": {
             "backoffLimit": 3,
-            "template": {"metadata": {"labels": _labels("master")},
-                         "spec": _pod_spec([master], _volumes("config", "data", "tmp"),
-                                           restartPolicy="Never")},
+            "template": _template("master", _pod_spec(
+                [master], _volumes("config", "data", "tmp"), restartPolicy="Never"), "master"),
         },
     }
     return [job, _policy("k1rl-master", "master", None, [], egress=True)]
@@ -391,7 +421,7 @@ def sandbox_objects(cfg: RunConfig) -> list[dict[str, Any]]:
         ["python", "-m", "sandbox", "serve", "--config", CONFIG_PATH,
          "--address", f"tcp://*:{p['sandbox']}"],
         port=p["sandbox"], resources=_resources("2", "2Gi", "2", "4Gi"),
-        mounts=["config", "tmp"], start_minutes=2, security=security)
+        mounts=["config", "tmp"], start_minutes=2, security=security, metrics="sandbox")
     pod = _pod_spec([sandbox], _volumes("config", "tmp"),
                     nodeSelector={"k1rl.io/pool": "cpu"})
     pod["securityContext"] = {"seccompProfile": {"type": "RuntimeDefault"}}
@@ -399,7 +429,7 @@ def sandbox_objects(cfg: RunConfig) -> list[dict[str, Any]]:
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _meta("k1rl-sandbox", "sandbox", [DIGEST, *SANDBOX_SKIPS]),
         "spec": {"replicas": 2, "selector": {"matchLabels": _labels("sandbox")},
-                 "template": {"metadata": {"labels": _labels("sandbox")}, "spec": pod}},
+                 "template": _template("sandbox", pod, "sandbox")},
     }
     hpa = {
         "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",

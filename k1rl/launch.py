@@ -41,6 +41,7 @@ class ServiceProcess:
     proc: subprocess.Popen
     log_path: Path
     _log_file: object = field(repr=False, default=None)
+    _terminated: bool = field(repr=False, default=False)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -65,10 +66,16 @@ class ServiceProcess:
                 time.sleep(0.2)
         raise ServiceStartError(f"{self.name} not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        if self.proc.poll() is None:
+    def terminate(self) -> None:
+        """Ask the service to stop (SIGTERM to its process group), once; not waiting."""
+        if self.proc.poll() is None and not self._terminated:
             # SIGTERM first so the service releases its engine and transport cleanly.
             os.killpg(self.proc.pid, signal.SIGTERM)
+            self._terminated = True
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.terminate()
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -120,7 +127,12 @@ class LocalCluster:
             svc.wait_ready(timeout_s)
 
     def stop(self) -> None:
-        for svc in reversed(list(self.services.values())):
+        """SIGTERM to every service at once, then wait for each: they shut down (release
+        engines, transports) side by side, in the time of the slowest."""
+        services = list(reversed(self.services.values()))
+        for svc in services:
+            svc.terminate()
+        for svc in services:
             svc.stop()
         self.services.clear()
 

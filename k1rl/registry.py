@@ -130,7 +130,7 @@ SANDBOX_RUNNERS: Registry = Registry("sandbox runner", {
     "podman": "sandbox.podman",
 })
 METRIC_SINKS: Registry = Registry("metric sink", {
-    name: f"k1rl.metrics.{name}" for name in ("jsonl", "tensorboard", "wandb")
+    name: f"k1rl.metrics.{name}" for name in ("jsonl", "tensorboard", "wandb", "prometheus")
 })
 VERIFIERS: Registry = Registry("verifier", {
     name: f"reward_svc.verifiers.{name}" for name in ("math", "code")

@@ -68,9 +68,14 @@ class RLConfig(Section):
         default_factory=lambda: ["jsonl"],
         description="Where each iteration's metrics row goes, by registry name "
         "(k1rl/metrics/): jsonl (the run dir's metrics.jsonl), tensorboard (event files in "
-        "tensorboard/), wandb (an offline Weights & Biases run in wandb/). jsonl is always "
+        "tensorboard/), wandb (an offline Weights & Biases run in wandb/), prometheus "
+        "(gauges of the last iteration on rl.prometheus_port's /metrics). jsonl is always "
         "written, added when not listed: resume, plots and summaries read it.",
     )
+    prometheus_port: int = Field(
+        9400, ge=0, le=65535,
+        description="Port of the master's Prometheus /metrics when rl.metrics lists "
+        "prometheus (0: a free one); its watched calls' losses and re-sends are there too.")
     eval_every: int = Field(
         0,
         ge=0,

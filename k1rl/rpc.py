@@ -31,6 +31,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from k1rl.auth import CURVE_KEYS_ENV, CurveKeys, curve_keys, endpoint_is_local
+from k1rl.metrics import prometheus
 from k1rl.protocol import ErrorReply, Ping, Pong
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,8 @@ class RPCServer:
     POLL_MS = 50
 
     def __init__(self, address: str, service: str, *, ready: bool = True,
-                 handler_threads: int = 1, max_message_bytes: int | None = None) -> None:
+                 handler_threads: int = 1, max_message_bytes: int | None = None,
+                 metrics_port: int | None = None) -> None:
         if handler_threads < 1:
             raise ValueError(f"handler_threads must be >= 1, got {handler_threads}")
         self.service = service
@@ -227,6 +229,10 @@ class RPCServer:
         log.info("%s: serving %s on %s", service,
                  "CURVE-authenticated" if keys else "plain, unauthenticated (loopback only)",
                  self.address)
+        # the port /metrics is served on (the real one when 0 was asked), or None
+        self.metrics_port = None if metrics_port is None else prometheus.serve(metrics_port)
+        if self.metrics_port is not None:
+            log.info("%s: Prometheus /metrics on port %d", service, self.metrics_port)
         self._replies_ep = f"inproc://k1rl-rpc-replies-{uuid.uuid4().hex}"
         self._replies = self._ctx.socket(zmq.PULL)
         self._replies.linger = 0
@@ -359,6 +365,7 @@ class RPCServer:
             self._router.send_multipart([*prefix, self._run(job_or_error)])
         else:
             self._jobs.put(job_or_error)
+            prometheus.RPC_QUEUED.labels(self.service).set(self._jobs.qsize())
 
     def _parse(self, prefix: list[bytes], body: bytes) -> _Job | bytes:
         """The job a request frame asks for, or the error reply frame explaining why not."""
@@ -426,13 +433,23 @@ class RPCServer:
 
     def _run(self, job: _Job) -> bytes:
         """Validate, call the handler, and encode the reply frame (never raises)."""
+        started = time.perf_counter()
+        frame, outcome = self._answer(job)
+        if job.method != "ping":  # probes would drown the service's own traffic
+            prometheus.RPC_REQUESTS.labels(self.service, job.method, outcome).inc()
+            prometheus.RPC_SECONDS.labels(self.service, job.method).observe(
+                time.perf_counter() - started)
+        return frame
+
+    def _answer(self, job: _Job) -> tuple[bytes, str]:
+        """The reply frame and its outcome: ok, invalid (the request), error (the handler)."""
         route = self._routes[job.method]
         try:
             request = route.request_model.model_validate(job.payload)
         except ValidationError as e:
             model = route.request_model.__name__
             msg = f"invalid payload for {job.method!r} ({model}): {describe_validation_error(e)}"
-            return _error_frame(job.req_id, VALIDATION_ERROR, msg)
+            return _error_frame(job.req_id, VALIDATION_ERROR, msg), "invalid"
         try:
             result = route.handler(request)
             if not isinstance(result, BaseModel):
@@ -440,19 +457,23 @@ class RPCServer:
                     f"handler of {job.method!r} returned {type(result).__name__}, "
                     "expected a pydantic model"
                 )
-            return _pack({"id": job.req_id, "ok": True, "payload": _dump(result)})
+            return _pack({"id": job.req_id, "ok": True, "payload": _dump(result)}), "ok"
         except Exception as e:
             log.warning("%s: handler of %r failed: %s", self.service, job.method,
                         traceback.format_exc())
-            return _error_frame(job.req_id, type(e).__name__, str(e))
+            return _error_frame(job.req_id, type(e).__name__, str(e)), "error"
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
+            prometheus.RPC_QUEUED.labels(self.service).set(self._jobs.qsize())
+            in_flight = prometheus.RPC_IN_FLIGHT.labels(self.service, job.method)
             with self._busy_lock:
                 self._busy[job.method] += 1
+            in_flight.inc()
             try:
                 frame = self._run(job)
             finally:
+                in_flight.dec()
                 with self._busy_lock:
                     self._busy[job.method] -= 1
             self._send_from_worker([*job.prefix, frame])

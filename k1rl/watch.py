@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
+from k1rl.metrics import prometheus
 from k1rl.rpc import RPCClient, RPCTimeout
 
 T = TypeVar("T", bound=BaseModel)
@@ -106,9 +107,11 @@ class WatchedClient:
                                     ping_every_s=self.ping_every_s, misses=self.misses,
                                     max_message_bytes=self.max_message_bytes)
             except PeerGone:
+                prometheus.CALLS_LOST.labels(self.address, method).inc()
                 if method not in self.idempotent or not self._answers_again():
                     raise
                 self.resent += 1
+                prometheus.CALLS_RESENT.labels(self.address, method).inc()
 
     def _answers_again(self) -> bool:
         """Whether the service is back and ready within ``restart_wait_s``."""

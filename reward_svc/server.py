@@ -24,7 +24,8 @@ def serve(cfg: RunConfig, *, address: str | None = None) -> None:
     # answer pings (not ready) while the math-verify worker starts
     server = RPCServer(address or cfg.reward.address, service="reward", ready=False,
                        handler_threads=cfg.reward.handler_threads,
-                       max_message_bytes=cfg.reward.max_message_bytes)
+                       max_message_bytes=cfg.reward.max_message_bytes,
+                       metrics_port=cfg.reward.metrics_port)
     server.start_in_thread()
     service = RewardService(cfg.reward)
     try:

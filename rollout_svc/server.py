@@ -47,7 +47,8 @@ def serve(cfg: RunConfig, *, dummy_weights: bool = False, address: str | None = 
     # Answer pings while vLLM starts (seconds to tens of seconds), reporting not-ready,
     # so a probe can tell "starting" from "dead".
     server = RPCServer(address or cfg.rollout.address, service="rollout", ready=False,
-                       max_message_bytes=cfg.rollout.max_message_bytes)
+                       max_message_bytes=cfg.rollout.max_message_bytes,
+                       metrics_port=cfg.rollout.metrics_port)
     server.start_in_thread()
     engine = None
     try:

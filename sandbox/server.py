@@ -109,7 +109,8 @@ class Servers:
         self.service = SandboxService(cfg)
         self.rpc = RPCServer(address or cfg.address, service="sandbox",
                              handler_threads=cfg.workers,
-                             max_message_bytes=cfg.max_message_bytes)
+                             max_message_bytes=cfg.max_message_bytes,
+                             metrics_port=cfg.metrics_port)
         self.rpc.register("run_code", RunCodeRequest, self.service.run_code)
         self.http: ThreadingHTTPServer | None = None
         if cfg.http_port is not None:

@@ -199,6 +199,11 @@ def test_an_rl_iteration_on_fresh_rollouts_sees_no_trainer_vllm_mismatch(stack):
         for j, c in enumerate(r.completions)
     ]
     version = sampled.policy_version
+    # a batch from a policy this trainer does not hold (it was restarted, say) is refused
+    ahead = [s.model_copy(update={"policy_version": version + 1}) for s in samples]
+    with pytest.raises(RemoteError, match=f"this trainer holds policy v{version}, but the "
+                                          f"batch was sampled from v{version + 1}"):
+        stack.trainer.call("train", TrainBatch(samples=ahead), TrainStats, timeout_s=300)
     stats = stack.trainer.call("train", TrainBatch(samples=samples), TrainStats, timeout_s=300)
     assert stats.metrics["stale_samples"] == 0
     assert stats.metrics["rollout_logprob_diff"] <= PARITY_TOL

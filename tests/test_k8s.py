@@ -176,9 +176,15 @@ def test_the_cluster_config_is_the_source_with_cluster_addresses_and_paths():
         "tcp://k1rl-sandbox:5705"
     assert cluster.checkpoint_engine.engine_lifecycle == "external"
     assert (cluster.run_dir, cluster.model.path) == (k8s.RUN_DIR, k8s.MODEL_DIR)
+    # every process serves Prometheus metrics on its own port
+    assert cluster.rl.metrics == [*source.rl.metrics, "prometheus"]
+    assert cluster.rl.prometheus_port == k8s.METRICS_PORTS["master"]
+    for name in ("trainer", "rollout", "reward", "checkpoint_engine", "sandbox"):
+        assert getattr(cluster, name).metrics_port == k8s.METRICS_PORTS[name]
     # everything else is the source's
-    same = {k: v for k, v in cluster.rl.model_dump().items()}
-    assert same == source.rl.model_dump()
+    moved = {"metrics", "prometheus_port"}
+    assert {k: v for k, v in cluster.rl.model_dump().items() if k not in moved} == \
+        {k: v for k, v in source.rl.model_dump().items() if k not in moved}
     assert cluster.trainer.lr == source.trainer.lr and cluster.rollout.n == source.rollout.n
 
 

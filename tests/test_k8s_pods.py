@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,14 @@ class Pod:
         return codes
 
 
+def _free_port() -> int:
+    return int(free_tcp_address().rsplit(":", 1)[1])
+
+
+def _scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
 def _run_yaml(rendered: str, data: Path, pod_ports: list[dict[int, int]]) -> str:
     """The ConfigMap's run.yaml as this machine reads it: cluster DNS names resolved to
     127.0.0.1, each RL pod's address on that pod's ports."""
@@ -158,18 +168,24 @@ def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gra
     data = tmp_path / "data"
     shutil.copytree(trainer_model_dir, data / "model")
     text = _run_yaml((tmp_path / "k8s/base/run.yaml").read_text(), data, pod_ports)
-    config = tmp_path / "etc/run.yaml"
-    config.parent.mkdir()
-    config.write_text(text)
+    # every pod reads the one ConfigMap; here each gets a copy with its /metrics ports moved
+    metrics = [{p: _free_port() for p in k8s.METRICS_PORTS.values()} for _ in pod_ports]
+    configs = []
+    for k, moved in enumerate(metrics):
+        configs.append(tmp_path / f"etc/pod{k}/run.yaml")
+        configs[k].parent.mkdir(parents=True)
+        configs[k].write_text(re.sub(r"\b(metrics_port|prometheus_port): (\d+)",
+                                     lambda m, moved=moved: f"{m[1]}: {moved[int(m[2])]}",
+                                     text))
     run = RunConfig.from_yaml_text(text)
     assert run.checkpoint_engine.engine_lifecycle == "external"
     assert (run.trainer.nnodes, run.trainer.dp) == (2, 2)  # one DP replica per pod
 
     rendezvous = int(free_tcp_address().rsplit(":", 1)[1])
     keys = create_curve_keys(tmp_path / "keys")  # what the Secret k1rl-curve-keys holds
-    pods = [Pod(tmp_path / f"pod{k}", config, data, keys, k, ports, rendezvous)
+    pods = [Pod(tmp_path / f"pod{k}", configs[k], data, keys, k, ports, rendezvous)
             for k, ports in enumerate(pod_ports)]
-    services = Pod(tmp_path / "services", config, data, keys)
+    services = Pod(tmp_path / "services", configs[0], data, keys)
     c = _containers(tmp_path / "k8s/base")
     try:
         # the native sidecar first: the kubelet starts the main containers once its
@@ -190,6 +206,9 @@ def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gra
         master = services.procs["master"]
         master.wait(900)
         assert master.returncode == 0, services.tail(c["master"])
+        # each service's /metrics, on the port its pod's config gives it
+        trainer_metrics = _scrape(metrics[0][k8s.METRICS_PORTS["trainer"]])
+        engine_metrics = _scrape(metrics[1][k8s.METRICS_PORTS["rollout"]])
     finally:
         for pod in (*pods, services):
             pod.signal_all()
@@ -210,6 +229,10 @@ def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gra
         for name in pod.procs:
             if name != "master":
                 assert "serving CURVE-authenticated" in pod.log(name), (pod.root, name)
+    assert 'k1rl_rpc_requests_total{method="train",outcome="ok",service="trainer"} 2.0' \
+        in trainer_metrics
+    assert re.search(r'k1rl_rpc_requests_total\{method="generate",outcome="ok",'
+                     r'service="rollout"\} [1-9]', engine_metrics)
     # pod 1's trainer is rank 1 of the group, answering its pod's probes
     assert "trainer rank 1 (following rank 0)" in pods[1].log("trainer")
     # the engines are the rollout containers': the sidecar never started one of its own

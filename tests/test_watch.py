@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from k1rl.launch import free_tcp_address
 from k1rl.protocol import LogprobRequest, LogprobResult
@@ -83,6 +84,10 @@ def test_a_repeatable_call_waits_for_the_restarted_service_and_is_sent_again(ser
     reply = client.call("logprobs", _seconds(3), LogprobResult)
     assert reply.logprobs == [[procs[1].pid]]  # the restarted service's answer
     assert client.resent == 1
+    # what Prometheus reads of it (the master's /metrics)
+    labels = {"address": address, "method": "logprobs"}
+    assert REGISTRY.get_sample_value("k1rl_calls_peer_gone_total", labels) == 1
+    assert REGISTRY.get_sample_value("k1rl_calls_resent_total", labels) == 1
 
 
 def test_a_call_that_changes_state_is_not_sent_again_to_a_restarted_service(service):

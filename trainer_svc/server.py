@@ -97,6 +97,13 @@ class TrainerService:
 
     def train(self, batch: TrainBatch) -> TrainStats:
         """One RL iteration of the configured loss (trainer_svc.rl_step)."""
+        newest = max(s.policy_version for s in batch.samples)
+        if newest > self.trainer.policy_version:
+            # e.g. a trainer restarted from the base model (v0) mid-run: training these
+            # samples would silently fork the run from the wrong policy
+            raise ValueError(
+                f"this trainer holds policy v{self.trainer.policy_version}, but the batch was "
+                f"sampled from v{newest}: load the run's checkpoint of v{newest} first")
         t = self.cfg.trainer
         settings = StepSettings.from_config(t)
         if self._after_sft:
@@ -325,7 +332,8 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None,
                     probe.stop()
             return
         server = RPCServer(address or cfg.trainer.address, service="trainer",
-                           max_message_bytes=cfg.trainer.max_message_bytes)
+                           max_message_bytes=cfg.trainer.max_message_bytes,
+                           metrics_port=cfg.trainer.metrics_port)
         for method, (model, fn) in service.routes().items():
             server.register(method, model,
                             service.guarded(_collective(method, fn, service, world_size)))
