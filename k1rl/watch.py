@@ -32,11 +32,6 @@ def call_watched(address: str, method: str, request: BaseModel, response_model: 
     once ``misses`` pings in a row went unanswered (each waits ``ping_every_s``), or once
     another instance of the service answers (restarted: the call died with the first)."""
     outcome: dict[str, object] = {}
-    with RPCClient(address, timeout_s=ping_every_s) as pinger:
-        try:
-            called = pinger.ping().instance
-        except RPCTimeout:
-            called = None  # not up yet: the call itself waits for it
 
     def run() -> None:
         try:
@@ -46,11 +41,15 @@ def call_watched(address: str, method: str, request: BaseModel, response_model: 
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
             outcome["error"] = exc
 
-    # daemon: a call abandoned to a dead peer ends with its own timeout, not the process's
-    worker = threading.Thread(target=run, name=f"call-{method}", daemon=True)
-    worker.start()
-    missed = 0
     with RPCClient(address, timeout_s=ping_every_s) as pinger:
+        try:
+            called = pinger.ping().instance
+        except RPCTimeout:
+            called = None  # not up yet: the call itself waits for it
+        # daemon: a call abandoned to a dead peer ends with its own timeout, not the process's
+        worker = threading.Thread(target=run, name=f"call-{method}", daemon=True)
+        worker.start()
+        missed = 0
         while True:
             worker.join(ping_every_s)
             if not worker.is_alive():
