@@ -63,10 +63,20 @@ def _kill_after(proc: subprocess.Popen, seconds: float) -> None:
     threading.Timer(seconds, lambda: os.killpg(proc.pid, signal.SIGKILL)).start()
 
 
+def _kill_and_restart(address: str, procs: list, kill_at: float, restart_at: float) -> None:
+    """SIGKILL the service after ``kill_at`` s; start another on its address at ``restart_at``."""
+    _kill_after(procs[0], kill_at)
+    threading.Timer(restart_at, lambda: procs.append(_start(address))).start()
+
+
+def _client(address: str, restart_wait_s: float = 0.0) -> WatchedClient:
+    return WatchedClient(address, timeout_s=600, ping_every_s=0.5, misses=2,
+                         restart_wait_s=restart_wait_s, idempotent=frozenset({"logprobs"}))
+
+
 def test_a_service_killed_during_a_call_is_noticed_in_seconds_not_at_the_timeout(service):
     address, procs = service
-    client = WatchedClient(address, timeout_s=600, ping_every_s=0.5, misses=2,
-                           idempotent=frozenset({"logprobs"}))
+    client = _client(address)
     assert client.call("logprobs", _seconds(0), LogprobResult).logprobs == [[procs[0].pid]]
     _kill_after(procs[0], 1.0)
     started = time.monotonic()
@@ -77,10 +87,8 @@ def test_a_service_killed_during_a_call_is_noticed_in_seconds_not_at_the_timeout
 
 def test_a_repeatable_call_waits_for_the_restarted_service_and_is_sent_again(service):
     address, procs = service
-    client = WatchedClient(address, timeout_s=600, ping_every_s=0.5, misses=2,
-                           restart_wait_s=60, idempotent=frozenset({"logprobs"}))
-    _kill_after(procs[0], 1.0)
-    threading.Timer(3.0, lambda: procs.append(_start(address))).start()
+    client = _client(address, restart_wait_s=60)
+    _kill_and_restart(address, procs, kill_at=1.0, restart_at=3.0)
     reply = client.call("logprobs", _seconds(3), LogprobResult)
     assert reply.logprobs == [[procs[1].pid]]  # the restarted service's answer
     assert client.resent == 1
@@ -92,10 +100,8 @@ def test_a_repeatable_call_waits_for_the_restarted_service_and_is_sent_again(ser
 
 def test_a_call_that_changes_state_is_not_sent_again_to_a_restarted_service(service):
     address, procs = service
-    client = WatchedClient(address, timeout_s=600, ping_every_s=0.5, misses=2,
-                           restart_wait_s=60, idempotent=frozenset({"logprobs"}))
-    _kill_after(procs[0], 1.0)
-    threading.Timer(2.0, lambda: procs.append(_start(address))).start()
+    client = _client(address, restart_wait_s=60)
+    _kill_and_restart(address, procs, kill_at=1.0, restart_at=2.0)
     with pytest.raises(PeerGone):
         client.call("train", _seconds(3), LogprobResult)
     assert client.resent == 0
