@@ -62,7 +62,6 @@ class PrometheusSink(MetricSink):
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.gauges: dict[str, Gauge] = {}
 
     @classmethod
     def open(cls, cfg: RunConfig, run_dir: Path, resume_at: int) -> PrometheusSink:
@@ -71,11 +70,9 @@ class PrometheusSink(MetricSink):
     def write(self, record: IterationMetrics) -> None:
         for key, value in record.row().items():
             name = _gauge_name(key)
-            gauge = self.gauges.get(name) or _GAUGES.get(name)
-            if gauge is None:
-                gauge = _GAUGES[name] = Gauge(name, f"the last iteration's {key}")
-            self.gauges[name] = gauge
-            gauge.set(value)
+            if name not in _GAUGES:
+                _GAUGES[name] = Gauge(name, f"the last iteration's {key}")
+            _GAUGES[name].set(value)
 
 
 # one gauge per name per process: a second sink (a resumed run) reuses them
