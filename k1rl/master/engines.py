@@ -51,11 +51,14 @@ class _Part:
 class EnginePool:
     """``call`` like an RPCClient of one engine; ``generate`` is spread over them all."""
 
-    def __init__(self, addresses: list[str], timeout_s: float = 900.0):
+    def __init__(self, addresses: list[str], timeout_s: float = 900.0, *,
+                 ping_every_s: float = 2.0, misses: int = 3):
+        """Calls are watched: an engine missing ``misses`` pings of ``ping_every_s`` is gone."""
         if not addresses:
             raise ValueError("no rollout engine addresses")
         self.engines = [Engine(a) for a in dict.fromkeys(addresses)]
         self.timeout_s = timeout_s
+        self.ping_every_s, self.misses = ping_every_s, misses
 
     @property
     def live(self) -> list[Engine]:
@@ -163,7 +166,8 @@ class EnginePool:
     def _call(self, engine: Engine, method: str, request: BaseModel,
               response_model: type[T], timeout_s: float | None) -> T:
         return call_watched(engine.address, method, request, response_model,
-                            timeout_s or self.timeout_s)
+                            timeout_s or self.timeout_s, ping_every_s=self.ping_every_s,
+                            misses=self.misses)
 
     def _measure(self, engine: Engine, result: GenerateResult) -> None:
         engine.last_tokens, engine.last_s = result.decoded_tokens, result.elapsed_s

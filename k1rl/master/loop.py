@@ -81,7 +81,8 @@ class Clients:
             trainer=WatchedClient.for_policy(
                 cfg.trainer.address, policy, idempotent=TRAINER_IDEMPOTENT,
                 max_message_bytes=cfg.trainer.max_message_bytes),
-            rollout=EnginePool(cfg.rollout.engine_addresses(), timeout_s=policy.timeout_s),
+            rollout=EnginePool(cfg.rollout.engine_addresses(), timeout_s=policy.timeout_s,
+                               ping_every_s=policy.ping_every_s, misses=policy.misses),
             reward=BalancedClients(cfg.reward.addresses or [cfg.reward.address],
                                    max_in_flight=cfg.reward.handler_threads,
                                    timeout_s=policy.timeout_s),
