@@ -68,6 +68,7 @@ class EngineLifecycle(ABC):
         thread that outlives the engine."""
         if self.running:
             return False
+        self._stop()  # one that died: its log closed, its readiness forgotten
         self._spawn()
         return True
 

@@ -12,6 +12,12 @@ the engines that report exactly version v, and fails only when none does.
 to_train: rollout is over; restart mode halts vLLM so the trainer gets the devices
 back.
 
+A master that died and came back (a retried Job, an iteration redone) asks for ROLLOUT
+again while the machine is in it: that is the same switch again — the engines are made to
+hold the trainer's current policy — not an error. An engine's version is asked from the
+engine itself when this machine does not know it (it was restarted), so an engine that
+already holds the policy is not sent it again (it would refuse it as stale).
+
 Every switch is timed and kept, so the loop can report both directions.
 """
 
@@ -32,7 +38,7 @@ from k1rl.protocol import (
     WeightReaders,
     WeightUpdateResult,
 )
-from k1rl.rpc import RPCClient
+from k1rl.rpc import RPCClient, RPCTimeout
 from k1rl.watch import WatchedClient, call_watched
 
 log = logging.getLogger(__name__)
@@ -66,28 +72,36 @@ class PhaseMachine:
     trainer: RPCClient | WatchedClient
     engines: list[EngineLifecycle]
     update_timeout_s: float = 600.0
+    # an engine that misses this many pings in a row during its update is out (cfg.calls)
+    ping_every_s: float = 2.0
+    misses: int = 3
     phase: Phase = Phase.TRAIN
     policy_version: int = -1
     history: list[SwitchRecord] = field(default_factory=list)
     # the engines that hold policy_version (an engine that failed a switch is out until
     # it takes the full policy again)
     current: set[str] = field(default_factory=set)
+    # the first push of this sidecar: readers an earlier one left are abandoned
+    first_push: bool = True
     # the engines' update threads share the trainer client
     _trainer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def to_rollout(self) -> SwitchRecord:
-        """Put the trainer's current policy into every engine that can take it."""
-        self._require(Phase.TRAIN, "to_rollout")
+        """Put the trainer's current policy into every engine that can take it (from
+        TRAIN, or again from ROLLOUT: see the module docstring)."""
         started = time.perf_counter()
         ups = bring_up_all(self.engines)
         failed = {e.address: f"start: {up}" for e, up in ups.items() if isinstance(up, Exception)}
         live = [e for e in self.engines if e.address not in failed]
         if not live:
             raise PhaseError(f"no rollout engine came up: {failed}")
+        # a fresh engine holds dummy weights whatever this machine knew of its address
+        self.current -= {e.address for e, up in ups.items() if up is not False}
         engine_s = time.perf_counter() - started
-        manifest = self.trainer.call(
-            "push_weights", PushWeightsRequest(receivers=[e.address for e in live]),
-            WeightManifest)
+        request = PushWeightsRequest(receivers=[e.address for e in live],
+                                     abandon_readers=self.first_push)
+        manifest = self.trainer.call("push_weights", request, WeightManifest)
+        self.first_push = False
         pushed = time.perf_counter()
         failed |= self._update_all(live, manifest, ups)
         updated = [e.address for e in live if e.address not in failed]
@@ -150,15 +164,16 @@ class PhaseMachine:
         """Pull ``manifest`` into one engine, then release it at the trainer (declared dead
         when the update failed, so the trainer does not wait for it)."""
         result: WeightUpdateResult | Exception
-        # A persistent engine that already holds this version (no training step since the
+        # A running engine that already holds this version (no training step since the
         # last push) needs no transfer; anything else must go through the update.
-        if not fresh and manifest.version == self.policy_version and engine.address in self.current:
+        if not fresh and self._holds(engine, manifest.version):
             result = WeightUpdateResult(version=manifest.version, bytes=0, transfer_s=0.0,
                                         load_s=0.0)
         else:
             try:
                 result = call_watched(engine.address, "update_weights", manifest,
-                                      WeightUpdateResult, self.update_timeout_s)
+                                      WeightUpdateResult, self.update_timeout_s,
+                                      ping_every_s=self.ping_every_s, misses=self.misses)
             except Exception as exc:  # noqa: BLE001 - one engine's failure is recorded
                 result = exc
         release = ReleaseWeights(version=manifest.version, receiver=engine.address,
@@ -166,6 +181,16 @@ class PhaseMachine:
         with self._trainer_lock:
             self.trainer.call("release_weights", release, WeightReaders)
         return result
+
+    def _holds(self, engine: EngineLifecycle, version: int) -> bool:
+        if engine.address in self.current:
+            return version == self.policy_version
+        try:  # not known here (this sidecar was restarted): the engine says
+            with RPCClient(engine.address, timeout_s=5.0) as client:
+                pong = client.ping()
+        except RPCTimeout:  # unknown: the update finds out
+            return False
+        return pong.ready and pong.detail.get("policy_version") == version
 
     def _require(self, phase: Phase, action: str) -> None:
         if self.phase is not phase:

@@ -34,7 +34,8 @@ def build_machine(cfg: RunConfig, config_path: Path) -> PhaseMachine:
     # is safe to repeat (the sender ignores a stale one), a push is not
     trainer = WatchedClient.for_policy(cfg.trainer.address, cfg.calls,
                                        idempotent=frozenset({"release_weights"}))
-    return PhaseMachine(trainer=trainer, engines=engines)
+    return PhaseMachine(trainer=trainer, engines=engines, ping_every_s=cfg.calls.ping_every_s,
+                        misses=cfg.calls.misses)
 
 
 def handle_phase(machine: PhaseMachine, cmd: PhaseCommand) -> PhaseStatus:

@@ -324,6 +324,10 @@ class PushWeightsRequest(Message):
         default_factory=list, max_length=4096,
         description="Who will pull this publish (e.g. engine addresses). The trainer writes "
         "its weight region again only after each has been released (ReleaseWeights).")
+    abandon_readers: bool = Field(
+        False, description="Sent by a sidecar that (re)started: receivers of an earlier "
+        "publish that nobody is left to release are declared dead (a read of theirs still "
+        "running fails its checksums).")
 
 
 class ReleaseWeights(Message):

@@ -267,6 +267,10 @@ class RPCServer:
     def set_ready(self, ready: bool, **detail: str | int | float | bool) -> None:
         """Set the ``ready`` flag reported by ping, and merge ``detail`` into its detail dict."""
         self._ready = ready
+        self.set_detail(**detail)
+
+    def set_detail(self, **detail: str | int | float | bool) -> None:
+        """Merge ``detail`` into what ping reports (e.g. the policy version held)."""
         self._detail.update(detail)
 
     def register(

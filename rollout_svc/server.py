@@ -37,8 +37,18 @@ def engine_spec(cfg: RunConfig, *, dummy_weights: bool = False) -> EngineSpec:
 def register_engine(server: RPCServer, engine: RolloutEngine) -> None:
     server.register("generate", GenerateRequest, engine.generate)
     server.register("score", LogprobRequest, engine.score)
-    server.register("update_weights", WeightManifest, engine.update_weights)
+    server.register("update_weights", WeightManifest,
+                    lambda manifest: _update_weights(server, engine, manifest))
     server.register("info", EngineInfoRequest, engine.info)
+
+
+def _update_weights(server: RPCServer, engine: RolloutEngine, manifest: WeightManifest):
+    """Update, then report the version held in ping: a restarted sidecar reads it there
+    rather than pushing a version the engine already holds (refused as stale)."""
+    try:
+        return engine.update_weights(manifest)
+    finally:
+        server.set_detail(policy_version=engine.policy_version)
 
 
 def serve(cfg: RunConfig, *, dummy_weights: bool = False, address: str | None = None) -> None:

@@ -18,7 +18,7 @@ from k1rl.protocol import (
     SFTExample,
     TrainStats,
 )
-from k1rl.rpc import RemoteError, RPCClient, RPCTimeout
+from k1rl.rpc import RPCClient, RPCTimeout
 
 
 def _machine(tmp_path) -> PhaseMachine:
@@ -91,6 +91,11 @@ def _sample(cfg) -> GenerateResult:
         return rollout.call("generate", req, GenerateResult)
 
 
+def _rollout_pid(cfg) -> int:
+    with RPCClient(cfg.rollout.address, timeout_s=5.0) as rollout:
+        return rollout.ping().pid
+
+
 def _rollout_is_down(cfg) -> bool:
     with RPCClient(cfg.rollout.address, timeout_s=1.0) as rollout:
         try:
@@ -109,8 +114,13 @@ def test_restart_mode_runs_vllm_only_during_rollout_and_serves_each_new_policy(s
     assert (status.phase, status.policy_version) == ("rollout", 0)
     assert _sample(cfg).policy_version == 0
 
-    with pytest.raises(RemoteError, match="needs phase train"):
-        ce.call("phase", PhaseCommand(phase="rollout"), PhaseStatus)
+    # a master that died and came back asks again: the same switch, the same engine and
+    # policy (a retried Kubernetes Job used to be refused here)
+    engine_pid = _rollout_pid(cfg)
+    again = ce.call("phase", PhaseCommand(phase="rollout"), PhaseStatus)
+    assert (again.phase, again.policy_version) == ("rollout", 0)
+    assert again.breakdown["engine_start_s"] == 0 and _rollout_pid(cfg) == engine_pid
+    assert _sample(cfg).policy_version == 0
 
     assert ce.call("phase", PhaseCommand(phase="train"), PhaseStatus).phase == "train"
     assert _rollout_is_down(cfg)

@@ -147,6 +147,9 @@ class TrainerService:
                 pass
             return None
         self.finish_publish()
+        if req.abandon_readers and (gone := self.sender.abandon_readers()):
+            log.warning("readers of the last publish declared dead by a restarted sidecar: %s",
+                        ", ".join(gone))
         if not self._planned:
             self._plan()
         pipelined = self.cfg.weights.pipelined
@@ -335,8 +338,8 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None,
                            max_message_bytes=cfg.trainer.max_message_bytes,
                            metrics_port=cfg.trainer.metrics_port)
         for method, (model, fn) in service.routes().items():
-            server.register(method, model,
-                            service.guarded(_collective(method, fn, service, world_size)))
+            handler = service.guarded(_collective(method, fn, service, world_size))
+            server.register(method, model, _reporting_version(server, trainer, handler))
         # the sender's bookkeeping: rank 0 alone, and not behind a pipelined pack
         server.register("release_weights", ReleaseWeights, service.release_weights, inline=True)
         layout = trainer.layout
@@ -355,6 +358,17 @@ def serve_rank(cfg: RunConfig, rank: int, world_size: int, address: str | None,
             _broadcast((_STOP, None))
     finally:
         service.close()
+
+
+def _reporting_version(server: RPCServer, trainer, handler: Callable[[Any], Any]):
+    """``handler``, after which ping reports the policy version the trainer holds: the
+    master checks it after a failure (a restarted trainer holds the base model's v0)."""
+    def run(request: Any) -> Any:
+        try:
+            return handler(request)
+        finally:
+            server.set_detail(policy_version=trainer.policy_version)
+    return run
 
 
 def _probe_server(address: str, rank: int) -> RPCServer | None:

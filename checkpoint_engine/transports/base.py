@@ -236,6 +236,13 @@ class WeightSender(ABC):
         if dead:
             self.dead_receivers.add(receiver)
 
+    def abandon_readers(self) -> list[str]:
+        """Declare every receiver still reading the last publish dead; returns them."""
+        readers = self.readers
+        for receiver in readers:
+            self.release(self._readers_version, receiver, dead=True)
+        return readers
+
     @property
     def readers(self) -> list[str]:
         """Receivers still reading the last publish."""
