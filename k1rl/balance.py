@@ -5,7 +5,10 @@ with the fewest in flight, and waits when every replica is full. ``dns://HOST:PO
 entries are resolved again every ``refresh_s``, so replicas an autoscaler adds behind a
 headless service receive work as soon as they resolve. A replica that does not answer is
 set aside for ``cooldown_s`` and the request is sent to another (requests to these
-services are idempotent).
+services are idempotent). With ``ping_every_s`` a request is watched (k1rl/watch.py): a
+replica that dies under it is noticed in seconds, not at the timeout; with
+``restart_wait_s``, when no replica is left the request waits that long for one to answer
+again (restarted) and is sent to it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
+from k1rl.metrics import prometheus
 from k1rl.rpc import RPCClient, RPCTimeout
+from k1rl.watch import PeerGone, call_watched
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -51,7 +56,9 @@ class BalancedClients:
     """Thread-safe: each thread gets its own connection to each replica."""
 
     def __init__(self, entries: Sequence[str], *, max_in_flight: int = 4,
-                 timeout_s: float = 30.0, refresh_s: float = 10.0, cooldown_s: float = 30.0):
+                 timeout_s: float = 30.0, refresh_s: float = 10.0, cooldown_s: float = 30.0,
+                 ping_every_s: float | None = None, misses: int = 3,
+                 restart_wait_s: float = 0.0):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.entries = list(entries)
@@ -59,6 +66,8 @@ class BalancedClients:
         self.timeout_s = timeout_s
         self.refresh_s = refresh_s
         self.cooldown_s = cooldown_s
+        self.ping_every_s, self.misses = ping_every_s, misses
+        self.restart_wait_s = restart_wait_s
         self._cond = threading.Condition()
         self._in_flight: dict[str, int] = {}
         self._down_until: dict[str, float] = {}
@@ -76,16 +85,52 @@ class BalancedClients:
     def call(self, method: str, request: BaseModel, response_model: type[T],
              timeout_s: float | None = None) -> T:
         tried: set[str] = set()
+        deadline = time.monotonic() + self.restart_wait_s
         while True:
-            address = self._acquire(tried)
             try:
-                reply = self._client(address).call(method, request, response_model, timeout_s)
+                address = self._acquire(tried)
+            except NoReplicaError:
+                if not self._one_answers(deadline):
+                    raise
+                tried.clear()
+                prometheus.CALLS_RESENT.labels(",".join(self.entries), method).inc()
+                continue
+            try:
+                reply = self._send(address, method, request, response_model, timeout_s)
+            except PeerGone:
+                prometheus.CALLS_LOST.labels(address, method).inc()
+                self._release(address, failed=True)
+                tried.add(address)
+                continue
             except RPCTimeout:
                 self._release(address, failed=True)
                 tried.add(address)
                 continue
             self._release(address, failed=False)
             return reply
+
+    def _send(self, address: str, method: str, request: BaseModel, response_model: type[T],
+              timeout_s: float | None) -> T:
+        if self.ping_every_s is None:
+            return self._client(address).call(method, request, response_model, timeout_s)
+        return call_watched(address, method, request, response_model,
+                            timeout_s or self.timeout_s, ping_every_s=self.ping_every_s,
+                            misses=self.misses)
+
+    def _one_answers(self, deadline: float) -> bool:
+        """Wait until ``deadline`` for a replica to answer ready; it is usable again."""
+        while time.monotonic() < deadline:
+            for address in self.replicas:
+                try:
+                    with RPCClient(address, timeout_s=1.0) as client:
+                        if client.ping().ready:
+                            with self._cond:
+                                self._down_until.pop(address, None)
+                            return True
+                except RPCTimeout:
+                    pass
+            time.sleep(0.5)
+        return False
 
     def _acquire(self, tried: set[str]) -> str:
         with self._cond:

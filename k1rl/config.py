@@ -561,6 +561,14 @@ class CallPolicy(Section):
         description="After a service is gone, how long a call that is safe to repeat (a "
         "score, log-probs) waits for it to answer again (restarted by its launcher or the "
         "kubelet) before it is re-sent; 0: fail at once.")
+    max_recoveries: int = Field(
+        3, ge=0,
+        description="How many times one iteration is redone from the last completed one "
+        "after a service died in it (k1rl/master/recovery.py) before the run stops.")
+    max_restarts: int = Field(
+        5, ge=0,
+        description="Services run on this machine (`k1rl rl`): how many times the launcher "
+        "restarts each one that exits on its own.")
 
 
 class RunConfig(Section):

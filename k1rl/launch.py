@@ -6,16 +6,20 @@ end-to-end tests and the benchmarks start them here, speaking the same ZMQ proto
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from k1rl.rpc import RPCClient, RPCTimeout
+
+log = logging.getLogger(__name__)
 
 
 def _die_with_parent() -> None:
@@ -42,6 +46,15 @@ class ServiceProcess:
     log_path: Path
     _log_file: object = field(repr=False, default=None)
     _terminated: bool = field(repr=False, default=False)
+    # how it was started, to start it again
+    module: str = ""
+    args: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
+
+    @property
+    def exited(self) -> bool:
+        """The process ended without being asked to (a crash, a kill)."""
+        return self.proc.poll() is not None and not self._terminated
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -106,21 +119,63 @@ def start_service(
         start_new_session=True,  # own process group: stop() kills its children too
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
-    return ServiceProcess(name, address, proc, log_path, log_file)
+    # who runs each service, for operators and the chaos harness (bench/chaos.py)
+    (log_dir / f"{name}.pid").write_text(f"{proc.pid}\n")
+    return ServiceProcess(name, address, proc, log_path, log_file, module=module,
+                          args=tuple(args), env=env)
 
 
 class LocalCluster:
-    """A set of service processes started together and always stopped together."""
+    """A set of service processes started together and always stopped together.
+
+    With :meth:`supervise`, a service that exits on its own (a crash, a SIGKILL) is
+    started again with the same command, up to ``max_restarts`` times, as the kubelet
+    restarts a container: callers notice it gone through its ping and wait for it
+    (k1rl/watch.py, k1rl/master/recovery.py).
+    """
 
     def __init__(self, log_dir: Path):
         self.log_dir = Path(log_dir)
         self.services: dict[str, ServiceProcess] = {}
+        self.restarts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
-    def start(self, name: str, module: str, args: Sequence[str], address: str) -> ServiceProcess:
+    def start(self, name: str, module: str, args: Sequence[str], address: str,
+              env: dict[str, str] | None = None) -> ServiceProcess:
         """Start without waiting, so slow starters (vLLM, Megatron) boot in parallel."""
-        svc = start_service(name, module, args, address, self.log_dir)
-        self.services[name] = svc
+        svc = start_service(name, module, args, address, self.log_dir, env)
+        with self._lock:
+            self.services[name] = svc
         return svc
+
+    def supervise(self, max_restarts: int, poll_s: float = 0.5) -> None:
+        """Restart services that exit on their own, from a thread that lives as long as the
+        cluster (the services die with the thread that started them: PDEATHSIG)."""
+        if self._supervisor is None and max_restarts > 0:
+            self._supervisor = threading.Thread(
+                target=self._supervise, args=(max_restarts, poll_s), name="supervisor",
+                daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self, max_restarts: int, poll_s: float) -> None:
+        from k1rl.metrics.prometheus import SERVICE_RESTARTS
+
+        while not self._stopping.wait(poll_s):
+            with self._lock:
+                exited = [s for s in self.services.values() if s.exited]
+                for svc in exited:
+                    if self._stopping.is_set() or self.restarts.get(svc.name, 0) >= max_restarts:
+                        continue
+                    _kill_group(svc.proc.pid)  # what it started goes with it, as in a pod
+                    self.restarts[svc.name] = self.restarts.get(svc.name, 0) + 1
+                    log.warning("%s exited with code %s: restart %d of %d", svc.name,
+                                svc.proc.returncode, self.restarts[svc.name], max_restarts)
+                    SERVICE_RESTARTS.labels(svc.name).inc()
+                    svc.stop()  # closes its log file
+                    self.services[svc.name] = start_service(
+                        svc.name, svc.module, svc.args, svc.address, self.log_dir, svc.env)
 
     def wait_ready(self, timeout_s: float) -> None:
         for svc in self.services.values():
@@ -129,6 +184,10 @@ class LocalCluster:
     def stop(self) -> None:
         """SIGTERM to every service at once, then wait for each: they shut down (release
         engines, transports) side by side, in the time of the slowest."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
         services = list(reversed(self.services.values()))
         for svc in services:
             svc.terminate()
@@ -141,6 +200,13 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def free_tcp_address(host: str = "127.0.0.1") -> str:

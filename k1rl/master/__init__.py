@@ -13,11 +13,11 @@ from k1rl.master.evaluation import needs_local_sandbox
 from k1rl.master.loop import Clients, Master
 from k1rl.master.plots import plot_run
 from k1rl.master.problems import ProblemSet, load_problems
+from k1rl.master.recovery import wait_for_services
 from k1rl.master.state import RunState
 from k1rl.metrics.record import IterationMetrics
 from k1rl.preflight import check_paths
 from k1rl.progress import progress_bar
-from k1rl.rpc import wait_until_ready
 
 CONFIG_FILE = "config.yaml"
 
@@ -26,7 +26,8 @@ def start_local_services(cfg: RunConfig, config_path: Path, log_dir: Path,
                          problems: ProblemSet) -> LocalCluster:
     """trainer, reward and the checkpoint-engine sidecar (which owns vLLM's lifecycle), and
     the code sandbox when some of ``problems`` are code and reward.sandbox_address names
-    this run's sandbox section (another address is a sandbox service running elsewhere)."""
+    this run's sandbox section (another address is a sandbox service running elsewhere).
+    Once all are ready, one that exits is restarted (calls.max_restarts)."""
     cluster = LocalCluster(log_dir)
     try:
         args = ["--config", str(config_path)]
@@ -36,6 +37,7 @@ def start_local_services(cfg: RunConfig, config_path: Path, log_dir: Path,
         cluster.start("reward", "reward_svc", args, cfg.reward.address)
         cluster.start("checkpoint_engine", "checkpoint_engine", args, cfg.checkpoint_engine.address)
         cluster.wait_ready(900)
+        cluster.supervise(cfg.calls.max_restarts)
         return cluster
     except BaseException:
         cluster.stop()
@@ -45,8 +47,7 @@ def start_local_services(cfg: RunConfig, config_path: Path, log_dir: Path,
 def wait_for_external_services(cfg: RunConfig, timeout_s: float = 900.0) -> contextlib.nullcontext:
     """Services run by a deployment (Kubernetes): wait until the ones the master calls
     first answer ready. The rollout engine is the checkpoint-engine's to wait for."""
-    for name in ("trainer", "reward", "checkpoint_engine"):
-        wait_until_ready(getattr(cfg, name).address, timeout_s)
+    wait_for_services(cfg, timeout_s)
     return contextlib.nullcontext()
 
 

@@ -4,8 +4,9 @@
     -> k samples per prompt -> rewards -> TRAIN (vLLM halted) -> one RL iteration of
     the configured loss -> checkpoint trainer + run state -> metrics
 
-Each iteration ends with the trainer checkpointed and the run state written
-atomically, so a master killed between iterations resumes without losing one.
+Each iteration ends with the trainer checkpointed, the prompt ledger appended and the
+run state written atomically, so a master killed between iterations resumes without
+losing one; an iteration a service died in is redone from there (recovery.py).
 """
 
 from __future__ import annotations
@@ -25,11 +26,20 @@ from k1rl.data.prompts import PromptRenderer
 from k1rl.master import samplers
 from k1rl.master.engines import EnginePool
 from k1rl.master.evaluation import accuracy, by_level, score_responses
+from k1rl.master.ledger import LedgerEntry, PromptLedger
 from k1rl.master.problems import ProblemSet, load_problems
+from k1rl.master.recovery import (
+    RECOVERABLE,
+    PolicyMismatch,
+    RecoveryError,
+    align_trainer,
+    retried,
+    wait_for_services,
+)
 from k1rl.master.replay import Group, ReplayBuffer
 from k1rl.master.state import RunState
 from k1rl.master.timing import Stopwatch
-from k1rl.metrics import MetricSinks, open_sinks
+from k1rl.metrics import MetricSinks, open_sinks, prometheus
 from k1rl.metrics.record import (
     Accuracy,
     DataMetrics,
@@ -83,9 +93,11 @@ class Clients:
                 max_message_bytes=cfg.trainer.max_message_bytes),
             rollout=EnginePool(cfg.rollout.engine_addresses(), timeout_s=policy.timeout_s,
                                ping_every_s=policy.ping_every_s, misses=policy.misses),
+            # a score is safe to repeat: one lost with its replica is sent again
             reward=BalancedClients(cfg.reward.addresses or [cfg.reward.address],
                                    max_in_flight=cfg.reward.handler_threads,
-                                   timeout_s=policy.timeout_s),
+                                   timeout_s=policy.timeout_s, ping_every_s=policy.ping_every_s,
+                                   misses=policy.misses, restart_wait_s=policy.restart_wait_s),
             checkpoint_engine=WatchedClient.for_policy(cfg.checkpoint_engine.address, policy),
         )
 
@@ -104,7 +116,6 @@ class Master:
         self.problems = problems or load_problems(cfg, self.run_dir / "data")
         self.renderer = PromptRenderer(cfg.data.prompt, cfg.model.path)
         self.sampler = samplers.create(cfg.rl, self.problems.train)
-        self.sampler.load_state_dict(state.sampler_state)
         self.sinks: MetricSinks | None = None  # where metrics records go: see metric_sinks()
         r = cfg.rollout
         # Without partial rollouts every trajectory ends within its one segment, so
@@ -115,23 +126,56 @@ class Master:
             max_response_tokens=r.max_response_tokens or r.max_tokens,
             partial=r.max_response_tokens is not None,
         )
-        self.replay.load(state.replay_file)
+        self.ledger = PromptLedger(self.run_dir)
         self.heldout: list[Problem] = []  # built on the first evaluation
-        self.rng = state.rng(cfg.seed)
+        self.recoveries = 0  # iterations redone after a service died in them
+        self.trained: TrainBatch | None = None  # the iteration's batch, once sent
+        self.restore(state)
+
+    def restore(self, state: RunState) -> None:
+        """Continue from ``state``: its random state, sampler, replay buffer and ledger."""
+        self.state = state
+        self.rng = state.rng(self.cfg.seed)
+        self.sampler.load_state_dict(state.sampler_state)
+        self.replay.load(state.replay_file)
+        self.ledger.rewind(state.iterations_done)
 
     # ------------------------------------------------------------------ the loop
     def run(self, on_iteration: Callable[[IterationMetrics], None] | None = None) -> RunState:
         """Iterate until rl.iterations are done; ``on_iteration`` gets each metrics record."""
         self.restore_trainer()
         with self.metric_sinks():
+            attempts = 0
             while self.state.iterations_done < self.cfg.rl.iterations:
-                record = self.iteration(self.state.iterations_done)
+                try:
+                    record = self.iteration(self.state.iterations_done)
+                except RECOVERABLE as exc:
+                    attempts += 1
+                    self.recover(exc, attempts)
+                    continue
+                attempts = 0
                 if on_iteration is not None:
                     on_iteration(record)
             if self.cfg.rl.eval_every:
                 self.final_evaluation()
         self.export_final()
         return self.state
+
+    def recover(self, exc: BaseException, attempts: int) -> None:
+        """Back to the last completed iteration after a service died in this one (see
+        recovery.py); the caller redoes it. Gives up after calls.max_recoveries attempts."""
+        i = self.state.iterations_done
+        if attempts > self.cfg.calls.max_recoveries:
+            raise RecoveryError(f"iteration {i} failed {attempts} times; the last: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        log.warning("iteration %d failed (%s: %s): redoing it from the last completed one",
+                    i, type(exc).__name__, exc)
+        wait_for_services(self.cfg, self.cfg.calls.restart_wait_s)
+        state = (RunState.load(self.run_dir) if (self.run_dir / "state.json").exists()
+                 else RunState(run_id=self.cfg.run_id))
+        self.restore(state)
+        self.recoveries += 1
+        prometheus.RECOVERIES.inc()
 
     @contextmanager
     def metric_sinks(self) -> Iterator[MetricSinks]:
@@ -152,8 +196,10 @@ class Master:
         checkpoint. Returns the iteration's metrics record."""
         watch = Stopwatch()
         ref = RunRef(run_id=self.cfg.run_id, iteration=i)
+        self.trained = None
         with watch("iteration_s"):
-            tasks = self.sample(i)
+            self.restore_trainer()
+            tasks, no_room = self.sample(i)
             to_rollout = self.switch("rollout", ref)
             # the engine now holds policy v_i: evaluating it here needs no extra weight sync
             evaluation = self.evaluate(ref) if self._eval_due(i) else None
@@ -164,6 +210,7 @@ class Master:
             to_train = self.switch("train", ref)
             with watch("train_s"):
                 stats = self.train(groups, rewards, ref)
+            fates = self.fates(i, (tasks, no_room), groups, rewards, stats)
         record = IterationMetrics(
             iteration=i,
             policy_version=stats.policy_version if stats else self.state.policy_version,
@@ -172,7 +219,7 @@ class Master:
             reward=_reward_metrics(groups, rewards), train=_train_metrics(stats),
             eval=evaluation,
             data=self._data_metrics() if i == 0 and self.cfg.data.train else None)
-        self.checkpoint(i, record)
+        self.checkpoint(i, record, fates)
         return record
 
     def _data_metrics(self) -> DataMetrics:
@@ -182,9 +229,12 @@ class Master:
                            skipped=dict(p.skipped))
 
     # ------------------------------------------------------------------ phases
-    def sample(self, i: int) -> list[Problem]:
-        """This iteration's fresh prompts, as many as the replay buffer has room for."""
-        return self.sampler.sample(self.rng, i)[: self.replay.room() // self.cfg.rollout.n]
+    def sample(self, i: int) -> tuple[list[Problem], list[Problem]]:
+        """This iteration's fresh prompts, as many as the replay buffer has room for, and
+        the rest of the draw (dropped, and recorded so in the ledger)."""
+        drawn = self.sampler.sample(self.rng, i)
+        room = self.replay.room() // self.cfg.rollout.n
+        return drawn[:room], drawn[room:]
 
     def generate(self, tasks: list[Problem], ref: RunRef) -> tuple[list[Group], RolloutMetrics]:
         """k samples of each fresh prompt and one more segment of each parked trajectory (one
@@ -192,7 +242,10 @@ class Master:
         i = ref.iteration
         parked = self.replay.parked()
         continuations = self.replay.continuations()
-        rollout = self.rollout(tasks, ref, continuations)
+        request = self.rollout_request(tasks, ref, continuations)
+        rollout = retried(self.cfg, "generate",
+                          lambda: self.clients.rollout.call("generate", request, GenerateResult),
+                          lambda: self.switch("rollout", ref))
         for k, (task, result) in enumerate(zip(tasks, rollout.results, strict=True)):
             self.replay.start(f"{i}-{k}", task, result.prompt_token_ids, result.completions, i)
         self.replay.extend(parked, rollout.continued, i)
@@ -244,8 +297,41 @@ class Master:
             return None
         if ref.iteration == 0 and self.cfg.parity.check_first_iteration:
             self.check_parity(samples)
-        return self.clients.trainer.call("train", TrainBatch(ref=ref, samples=samples),
-                                         TrainStats)
+        batch = self.trained = TrainBatch(ref=ref, samples=samples)
+        return retried(self.cfg, "train",
+                       lambda: self.clients.trainer.call("train", batch, TrainStats),
+                       self.restore_trainer)
+
+    def fates(self, i: int, drawn: tuple[list[Problem], list[Problem]], groups: list[Group],
+              rewards: RewardResult | None, stats: TrainStats | None) -> list[LedgerEntry]:
+        """The ledger lines of iteration ``i``: its groups now complete (trained, with what
+        was left out and why, or dropped), those it started that are parked, and the
+        prompts drawn (``drawn``: started, no room) that found no room."""
+        n = self.cfg.rollout.n
+        started, no_room = drawn
+        entries = [LedgerEntry(key=f"{i}-{k}", problem=task.id, iteration=i, status="dropped",
+                               trajectories=0, reason="replay buffer full")
+                   for k, task in enumerate(no_room, start=len(started))]
+        errors = (rewards.errors if rewards else None) or [""] * (n * len(groups))
+        for g, group in enumerate(groups):
+            dropped: dict[str, int] = {}
+            for trajectory, error in zip(group.trajectories, errors[g * n:(g + 1) * n],
+                                         strict=True):
+                # as train() leaves them out
+                why = ("empty response" if not trajectory.token_ids
+                       else "reward error" if error else None)
+                if why:
+                    dropped[why] = dropped.get(why, 0) + 1
+            trained = len(group.trajectories) - sum(dropped.values())
+            entries.append(LedgerEntry(
+                key=group.key, problem=group.task.id, iteration=i,
+                status="trained" if stats and trained else "dropped",
+                trajectories=len(group.trajectories), trained=trained if stats else 0,
+                dropped=dropped, reason="" if stats and trained else "nothing to train on"))
+        entries += [LedgerEntry(key=g.key, problem=g.task.id, iteration=i, status="parked",
+                                trajectories=len(g.trajectories))
+                    for g in self.replay.groups if g.started == i]
+        return entries
 
     def check_parity(self, samples: list[TrainSample]) -> None:
         """Before the first step: the trainer must score the engine's samples as the engine
@@ -314,6 +400,9 @@ class Master:
     def switch(self, phase: str, ref: RunRef) -> PhaseStatus:
         """The sidecar's switch; into rollout, sampling then uses the engines it updated."""
         status = self._switch(phase, ref)
+        if phase == "rollout" and status.policy_version != self.state.policy_version:
+            raise PolicyMismatch(f"the engines got policy v{status.policy_version}, the run "
+                                 f"is at v{self.state.policy_version}")
         if status.engines:
             self.clients.rollout.use(status.engines)
         return status
@@ -326,25 +415,28 @@ class Master:
         """Iteration ``i``'s token budget per trajectory (rl.schedule, else rollout's)."""
         return self.cfg.rl.schedule.at(i).max_tokens or self.cfg.rollout.max_tokens
 
-    def rollout(self, tasks: list[Problem], ref: RunRef,
-                continuations: list[Continuation] = ()) -> GenerateResult:
+    def rollout_request(self, tasks: list[Problem], ref: RunRef,
+                        continuations: list[Continuation] = ()) -> GenerateRequest:
+        """k samples of each task, seeded (sent again as it is after an engine died)."""
         r = self.cfg.rollout
         sampling = SamplingSpec(
             n=r.n, temperature=r.temperature, top_p=r.top_p,
             max_tokens=self._budget(ref.iteration),
             seed=self.rng.randrange(2**31),
         )
-        req = GenerateRequest(ref=ref, sampling=sampling, continuations=list(continuations),
-                              **(self.renderer.request_fields(tasks) if tasks else {}))
-        return self.clients.rollout.call("generate", req, GenerateResult)
+        return GenerateRequest(ref=ref, sampling=sampling, continuations=list(continuations),
+                               **(self.renderer.request_fields(tasks) if tasks else {}))
 
-    def checkpoint(self, i: int, record: IterationMetrics) -> None:
-        """Trainer weights first, then the metrics record and the replay buffer, then the
-        state that points at them."""
+    def checkpoint(self, i: int, record: IterationMetrics, fates: list[LedgerEntry]) -> None:
+        """Trainer weights first, then the metrics record, the ledger and the replay
+        buffer, then the state that points at them."""
         path = self.run_dir / "checkpoints" / f"iter_{i:05d}"
         req = CheckpointRequest(action="save", path=str(path.resolve()))
-        self.clients.trainer.call("checkpoint", req, CheckpointResult)
+        retried(self.cfg, "checkpoint",
+                lambda: self.clients.trainer.call("checkpoint", req, CheckpointResult),
+                self.train_again)
         self._write(record)
+        self.ledger.append(fates)
         self.state.iterations_done = i + 1
         self.state.policy_version = record.policy_version
         self.state.trainer_checkpoint = str(path.resolve())
@@ -359,6 +451,13 @@ class Master:
             if old.resolve() != replay.resolve():
                 old.unlink()
 
+    def train_again(self) -> None:
+        """A trainer that died after this iteration's step lost it: back to the run state's
+        policy, and the same batch again."""
+        self.restore_trainer()
+        if self.trained is not None:
+            self.clients.trainer.call("train", self.trained, TrainStats)
+
     def export_final(self) -> Path:
         """The trainer's policy as an HF checkpoint in ``final/``: what `k1rl eval`, vLLM or
         transformers load, and what the next stage (another RL run, long2short) starts from."""
@@ -368,10 +467,11 @@ class Master:
         return path
 
     def restore_trainer(self) -> None:
-        """On resume: the trainer goes back to the last completed iteration's weights."""
-        if self.state.trainer_checkpoint:
-            req = CheckpointRequest(action="load", path=self.state.trainer_checkpoint)
-            self.clients.trainer.call("checkpoint", req, CheckpointResult)
+        """The trainer holds the last completed iteration's policy (on resume, after a
+        failure, and before every iteration: see recovery.py), loaded from its checkpoint
+        when it holds another."""
+        if done := align_trainer(self.clients.trainer, self.state):
+            log.warning("%s", done)
 
     def _prune_checkpoints(self) -> None:
         ckpts = sorted((self.run_dir / "checkpoints").glob("iter_*"))

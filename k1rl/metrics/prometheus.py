@@ -36,6 +36,13 @@ CALLS_LOST = Counter("k1rl_calls_peer_gone_total",
                      ["address", "method"])
 CALLS_RESENT = Counter("k1rl_calls_resent_total",
                        "Calls sent again to a service that came back", ["address", "method"])
+STEPS_RETRIED = Counter("k1rl_steps_retried_total",
+                        "Iteration steps sent again after their service died", ["step"])
+RECOVERIES = Counter("k1rl_iterations_redone_total",
+                     "Iterations redone from the last completed one after a service died")
+SERVICE_RESTARTS = Counter("k1rl_service_restarts_total",
+                           "Services restarted by the local launcher after they exited",
+                           ["service"])
 
 _served: dict[int, object] = {}
 _lock = threading.Lock()

@@ -51,8 +51,11 @@ class CodeVerifier(Verifier):
         self.reward = reward
         self.concurrency = concurrency
         self.timeout_s = timeout_s
+        # watched: a replica that dies under a program is noticed in seconds and the
+        # program sent to another, or to it once restarted (within 30 s, or the timeout)
         self._clients = BalancedClients(self.addresses, max_in_flight=in_flight,
-                                        timeout_s=timeout_s)
+                                        timeout_s=timeout_s, ping_every_s=2.0, misses=3,
+                                        restart_wait_s=min(30.0, timeout_s))
 
     @classmethod
     def from_config(cls, config: RewardConfig) -> CodeVerifier:
