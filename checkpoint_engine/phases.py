@@ -103,7 +103,7 @@ class PhaseMachine:
         manifest = self.trainer.call("push_weights", request, WeightManifest)
         self.first_push = False
         pushed = time.perf_counter()
-        failed |= self._update_all(live, manifest, ups)
+        failed |= self._update_all(live, manifest)
         updated = [e.address for e in live if e.address not in failed]
         if not updated:
             raise PhaseError(f"no engine took policy v{manifest.version}: {failed}")
@@ -127,12 +127,12 @@ class PhaseMachine:
             )
         )
 
-    def _update_all(self, live: list[EngineLifecycle], manifest: WeightManifest,
-                    ups: dict[EngineLifecycle, bool | Exception]) -> dict[str, str]:
+    def _update_all(self, live: list[EngineLifecycle],
+                    manifest: WeightManifest) -> dict[str, str]:
         """Every live engine pulls ``manifest`` at the same time; why each that did not
         end up holding it failed."""
         with ThreadPoolExecutor(max_workers=len(live)) as pool:
-            results = list(pool.map(lambda e: self._update(e, manifest, ups[e] is True), live))
+            results = list(pool.map(lambda e: self._update(e, manifest), live))
         failed = {}
         for engine, result in zip(live, results, strict=True):
             if isinstance(result, Exception):
@@ -159,14 +159,15 @@ class PhaseMachine:
             )
         )
 
-    def _update(self, engine: EngineLifecycle, manifest: WeightManifest,
-                fresh: bool) -> WeightUpdateResult | Exception:
+    def _update(self, engine: EngineLifecycle,
+                manifest: WeightManifest) -> WeightUpdateResult | Exception:
         """Pull ``manifest`` into one engine, then release it at the trainer (declared dead
         when the update failed, so the trainer does not wait for it)."""
         result: WeightUpdateResult | Exception
-        # A running engine that already holds this version (no training step since the
-        # last push) needs no transfer; anything else must go through the update.
-        if not fresh and self._holds(engine, manifest.version):
+        # An engine that already holds this version (no training step since the last
+        # push; an external engine this sidecar restarted beside) needs no transfer;
+        # anything else must go through the update.
+        if self._holds(engine, manifest.version):
             result = WeightUpdateResult(version=manifest.version, bytes=0, transfer_s=0.0,
                                         load_s=0.0)
         else:

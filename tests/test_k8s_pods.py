@@ -90,7 +90,7 @@ class Pod:
         return env
 
     def start(self, container: dict) -> None:
-        log = open(self.root / f"{container['name']}.log", "wb")
+        log = open(self.root / f"{container['name']}.log", "ab")  # a restart appends
         self.procs[container["name"]] = subprocess.Popen(
             self.local(container["command"]), stdout=log, stderr=subprocess.STDOUT,
             env=self.env(container), start_new_session=True)
@@ -111,6 +111,11 @@ class Pod:
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str) -> None:
+        """The container dies (SIGKILL to everything in it)."""
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(30)
 
     def signal_all(self) -> None:
         for proc in self.procs.values():
@@ -148,8 +153,7 @@ def _run_yaml(rendered: str, data: Path, pod_ports: list[dict[int, int]]) -> str
     return rendered.replace(f"{k8s.DATA_DIR}/", f"{data}/")
 
 
-def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gracefully(
-        tmp_path, trainer_model_dir):
+def _config(iterations: int) -> RunConfig:
     cfg = RunConfig(run_id="k8s-local", seed=0)
     for section in (cfg.trainer, cfg.rollout, cfg.reward, cfg.checkpoint_engine, cfg.sandbox):
         section.address = free_tcp_address()
@@ -157,51 +161,85 @@ def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gra
     cfg.rollout.n = 4
     cfg.rollout.max_tokens = 16
     cfg.rollout.kv_cache_gib = 0.25
-    cfg.rl.iterations = 2
+    cfg.rl.iterations = iterations
     cfg.rl.prompts_per_iteration = 4
     cfg.rl.pool_size = 50
-    k8s.render(cfg, tmp_path / "k8s", nodes=2)
+    return cfg
 
-    rl_ports = list(k8s.ports(cfg)[name] for name in ("trainer", "rollout", "checkpoint_engine"))
-    pod_ports = [{p: p for p in rl_ports},
-                 {p: int(free_tcp_address().rsplit(":", 1)[1]) for p in rl_ports}]
-    data = tmp_path / "data"
-    shutil.copytree(trainer_model_dir, data / "model")
-    text = _run_yaml((tmp_path / "k8s/base/run.yaml").read_text(), data, pod_ports)
-    # every pod reads the one ConfigMap; here each gets a copy with its /metrics ports moved
-    metrics = [{p: _free_port() for p in k8s.METRICS_PORTS.values()} for _ in pod_ports]
-    configs = []
-    for k, moved in enumerate(metrics):
-        configs.append(tmp_path / f"etc/pod{k}/run.yaml")
-        configs[k].parent.mkdir(parents=True)
-        configs[k].write_text(re.sub(r"\b(metrics_port|prometheus_port): (\d+)",
-                                     lambda m, moved=moved: f"{m[1]}: {moved[int(m[2])]}",
-                                     text))
-    run = RunConfig.from_yaml_text(text)
-    assert run.checkpoint_engine.engine_lifecycle == "external"
-    assert (run.trainer.nnodes, run.trainer.dp) == (2, 2)  # one DP replica per pod
 
-    rendezvous = int(free_tcp_address().rsplit(":", 1)[1])
-    keys = create_curve_keys(tmp_path / "keys")  # what the Secret k1rl-curve-keys holds
-    pods = [Pod(tmp_path / f"pod{k}", configs[k], data, keys, k, ports, rendezvous)
-            for k, ports in enumerate(pod_ports)]
-    services = Pod(tmp_path / "services", configs[0], data, keys)
-    c = _containers(tmp_path / "k8s/base")
-    try:
-        # the native sidecar first: the kubelet starts the main containers once its
-        # startup probe passes
-        for pod in pods:
+class Deployment:
+    """A render of ``cfg`` for ``nodes`` RL pods, as Pods on this machine: ``pods`` (the RL
+    pods), ``services`` (reward and the master Job), ``c`` (container specs by name),
+    ``data`` (the data volume, the model and the run in it), ``metrics`` (per RL pod: the
+    rendered /metrics port -> this machine's)."""
+
+    def __init__(self, tmp_path: Path, model_dir: Path, cfg: RunConfig, nodes: int):
+        k8s.render(cfg, tmp_path / "k8s", nodes=nodes)
+        rl_ports = [k8s.ports(cfg)[name] for name in ("trainer", "rollout", "checkpoint_engine")]
+        pod_ports = [{p: p for p in rl_ports}] + [
+            {p: _free_port() for p in rl_ports} for _ in range(nodes - 1)]
+        self.data = tmp_path / "data"
+        shutil.copytree(model_dir, self.data / "model")
+        text = _run_yaml((tmp_path / "k8s/base/run.yaml").read_text(), self.data, pod_ports)
+        # every pod reads the one ConfigMap; here each gets a copy with its /metrics ports
+        # moved
+        self.metrics = [{p: _free_port() for p in k8s.METRICS_PORTS.values()}
+                        for _ in pod_ports]
+        configs = []
+        for k, moved in enumerate(self.metrics):
+            configs.append(tmp_path / f"etc/pod{k}/run.yaml")
+            configs[k].parent.mkdir(parents=True)
+            configs[k].write_text(re.sub(r"\b(metrics_port|prometheus_port): (\d+)",
+                                         lambda m, moved=moved: f"{m[1]}: {moved[int(m[2])]}",
+                                         text))
+        self.run = RunConfig.from_yaml_text(text)
+        rendezvous = _free_port()
+        keys = create_curve_keys(tmp_path / "keys")  # what the Secret k1rl-curve-keys holds
+        self.pods = [Pod(tmp_path / f"pod{k}", configs[k], self.data, keys, k, ports,
+                         rendezvous) for k, ports in enumerate(pod_ports)]
+        self.services = Pod(tmp_path / "services", configs[0], self.data, keys)
+        self.c = _containers(tmp_path / "k8s/base")
+
+    def start(self) -> None:
+        """Every container but the master's, in the kubelet's order, gated by its probes:
+        the native sidecar first, the main containers once its startup probe passes."""
+        c = self.c
+        for pod in self.pods:
             pod.start(c["checkpoint-engine"])
-        for pod in pods:
+        for pod in self.pods:
             pod.probe(c["checkpoint-engine"], "startupProbe", 120)
-        for pod in pods:
+        for pod in self.pods:
             for name in ("trainer", "rollout"):
                 pod.start(c[name])
-        services.start(c["reward"])
-        for pod, name in [(p, n) for p in pods for n in ("trainer", "rollout")] + [
-                (services, "reward")]:
+        self.services.start(c["reward"])
+        for pod, name in [(p, n) for p in self.pods for n in ("trainer", "rollout")] + [
+                (self.services, "reward")]:
             pod.probe(c[name], "startupProbe", 600)
             pod.probe(c[name], "readinessProbe", 600)
+
+    def stop(self) -> dict[str, int | None]:
+        """SIGTERM to every container; each one's exit code (None: still running after its
+        grace period, then killed)."""
+        everyone = (*self.pods, self.services)
+        for pod in everyone:
+            pod.signal_all()
+        return {f"{pod.root.name}/{name}": code for pod in everyone
+                for name, code in pod.wait_all(grace_s=60).items()}
+
+    def rows(self) -> list[dict]:
+        path = self.data / "run/metrics.jsonl"
+        return ([json.loads(line) for line in path.read_text().splitlines()]
+                if path.exists() else [])
+
+
+def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gracefully(
+        tmp_path, trainer_model_dir):
+    d = Deployment(tmp_path, trainer_model_dir, _config(iterations=2), nodes=2)
+    assert d.run.checkpoint_engine.engine_lifecycle == "external"
+    assert (d.run.trainer.nnodes, d.run.trainer.dp) == (2, 2)  # one DP replica per pod
+    pods, services, c, data, metrics = d.pods, d.services, d.c, d.data, d.metrics
+    try:
+        d.start()
         services.start(c["master"])
         master = services.procs["master"]
         master.wait(900)
@@ -210,14 +248,11 @@ def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gra
         trainer_metrics = _scrape(metrics[0][k8s.METRICS_PORTS["trainer"]])
         engine_metrics = _scrape(metrics[1][k8s.METRICS_PORTS["rollout"]])
     finally:
-        for pod in (*pods, services):
-            pod.signal_all()
-        codes = {f"{pod.root.name}/{name}": code for pod in (*pods, services)
-                 for name, code in pod.wait_all(grace_s=60).items()}
+        codes = d.stop()
 
     state = json.loads((data / "run/state.json").read_text())
     assert state["iterations_done"] == 2
-    rows = [json.loads(line) for line in (data / "run/metrics.jsonl").read_text().splitlines()]
+    rows = d.rows()
     assert [r["iteration"] for r in rows] == [0, 1]
     assert rows[1]["policy_version_rollout"] == rows[0]["policy_version"]
     # one publish reached both pods' engines and the master sampled from both
@@ -240,3 +275,57 @@ def test_the_rendered_pods_of_two_nodes_run_k15_iterations_together_and_stop_gra
     # SIGTERM: every long-running container stopped by itself within the grace period
     assert all(code is not None for name, code in codes.items()
                if not name.endswith("master")), codes
+
+
+def _wait(condition, what: str, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.2)
+
+
+def test_the_three_restarts_that_stopped_a_run_on_kubernetes_now_resume_it(
+        tmp_path, trainer_model_dir):
+    """Replayed as the kubelet and the Job controller would, in one run of 4 iterations:
+    (a) the master Job's pod dies while the sidecar is in ROLLOUT, and the Job retries it;
+    (b) the sidecar container restarts while its engine holds the iteration's policy, which
+    the redone iteration pushes again; (c) the trainer container restarts between
+    iterations and comes back with the base model (v0)."""
+    d = Deployment(tmp_path, trainer_model_dir, _config(iterations=4), nodes=1)
+    pod, services, c = d.pods[0], d.services, d.c
+
+    def switches() -> int:
+        return pod.log("checkpoint-engine").count("to_rollout: ")
+
+    try:
+        d.start()
+        services.start(c["master"])
+        _wait(lambda: len(d.rows()) == 1 and switches() == 2, "iteration 1 in ROLLOUT")
+        services.kill("master")  # (a)
+        services.start(c["master"])  # the Job's retry: resumes the run on the volume
+        _wait(lambda: len(d.rows()) == 2 and switches() >= 4, "iteration 2 in ROLLOUT")
+        pod.kill("checkpoint-engine")  # (b)
+        pod.start(c["checkpoint-engine"])
+        pod.probe(c["checkpoint-engine"], "startupProbe", 120)
+        _wait(lambda: len(d.rows()) == 3, "iteration 2 done")
+        pod.kill("trainer")  # (c)
+        pod.start(c["trainer"])
+        pod.probe(c["trainer"], "startupProbe", 600)
+        master = services.procs["master"]
+        master.wait(900)
+        assert master.returncode == 0, services.tail(c["master"])
+    finally:
+        d.stop()
+
+    rows = d.rows()
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    # every iteration sampled from the run's policy and trained it one step further: no
+    # iteration from the base model after the trainer's restart
+    assert [(r["policy_version_rollout"], r["policy_version"]) for r in rows] == [
+        (0, 1), (1, 2), (2, 3), (3, 4)]
+    # (b): the restarted sidecar never pushed the engine the version it held (refused as
+    # stale); (c) may have the engine refuse the restarted trainer's v0, as it should
+    assert not re.search(r"engine has version (\d+), manifest carries \1\b", pod.log("rollout"))
+    master_log = services.log("master")
+    assert "trainer held v0: loaded v3" in master_log, master_log[-3000:]
+    assert "redoing it from the last completed one" in master_log  # (b)

@@ -92,3 +92,56 @@ def test_the_code_task_family_is_judged_by_running_its_programs(sandbox_address,
         r = service.score(RewardRequest(items=items))
     assert r.correct == [True, True, False]
     assert r.errors == []
+
+
+def test_a_program_lost_with_its_sandbox_is_run_again_by_the_restarted_one(tmp_path):
+    """The sandbox is SIGKILLed while it runs a program; its launcher restarts it and the
+    program is sent again: a right answer, not a sandbox error."""
+    import threading
+
+    from k1rl.config import RunConfig
+    from k1rl.launch import LocalCluster, free_tcp_address
+
+    cfg = RunConfig()
+    metrics_port = int(free_tcp_address().rsplit(":", 1)[1])
+    cfg.sandbox = SandboxConfig(address=free_tcp_address(), http_port=None, workers=2,
+                                metrics_port=metrics_port, uid_base=62400,
+                                work_root=f"/tmp/k1rl-sandbox-restart-{os.getpid()}")
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.dump_yaml())
+    slow_task = json.dumps({"language": "python", "time_limit_s": 20,
+                            "tests": [{"stdin": "2 3\n", "expected": "5"}]})
+    slow = "```python\nimport time\ntime.sleep(3)\nprint(sum(map(int, input().split())))\n```"
+    with LocalCluster(tmp_path / "logs") as cluster:
+        first = cluster.start("sandbox", "sandbox", ["serve", "--config", str(config)],
+                              cfg.sandbox.address)
+        cluster.wait_ready(120)
+        cluster.supervise(max_restarts=1, poll_s=0.2)
+        threading.Thread(target=_kill_while_running, args=(metrics_port, first.proc.pid),
+                         daemon=True).start()
+        config_ = RewardConfig(sandbox_address=cfg.sandbox.address, length_penalty_weight=0.0)
+        item = RewardItem(group_id=0, response=slow, answer=slow_task, response_tokens=10,
+                          verifier="code")
+        with RewardService(config_) as service:
+            result = service.score(RewardRequest(items=[item]))
+        assert cluster.restarts == {"sandbox": 1}
+    assert result.errors in ([], [""]) and result.correct == [True]
+
+
+def _kill_while_running(metrics_port: int, pid: int) -> None:
+    """SIGKILL ``pid``'s group once its /metrics shows a run_code request in flight."""
+    import signal
+    import time
+    import urllib.request
+
+    running = 'k1rl_rpc_in_flight{method="run_code",service="sandbox"} 1.0'
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            if running in urllib.request.urlopen(url, timeout=1).read().decode():
+                os.killpg(pid, signal.SIGKILL)
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
