@@ -16,7 +16,9 @@ A master that died and came back (a retried Job, an iteration redone) asks for R
 again while the machine is in it: that is the same switch again — the engines are made to
 hold the trainer's current policy — not an error. An engine's version is asked from the
 engine itself when this machine does not know it (it was restarted), so an engine that
-already holds the policy is not sent it again (it would refuse it as stale).
+already holds the policy is not sent it again (it would refuse it as stale). A sidecar's
+first push declares the readers of its predecessor's last publish dead, or the trainer
+would wait for releases nobody is left to send.
 
 Every switch is timed and kept, so the loop can report both directions.
 """

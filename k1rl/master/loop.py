@@ -115,7 +115,6 @@ class Master:
         self.state = state
         self.problems = problems or load_problems(cfg, self.run_dir / "data")
         self.renderer = PromptRenderer(cfg.data.prompt, cfg.model.path)
-        self.sampler = samplers.create(cfg.rl, self.problems.train)
         self.sinks: MetricSinks | None = None  # where metrics records go: see metric_sinks()
         r = cfg.rollout
         # Without partial rollouts every trajectory ends within its one segment, so
@@ -128,7 +127,6 @@ class Master:
         )
         self.ledger = PromptLedger(self.run_dir)
         self.heldout: list[Problem] = []  # built on the first evaluation
-        self.recoveries = 0  # iterations redone after a service died in them
         self.trained: TrainBatch | None = None  # the iteration's batch, once sent
         self.restore(state)
 
@@ -136,6 +134,7 @@ class Master:
         """Continue from ``state``: its random state, sampler, replay buffer and ledger."""
         self.state = state
         self.rng = state.rng(self.cfg.seed)
+        self.sampler = samplers.create(self.cfg.rl, self.problems.train)
         self.sampler.load_state_dict(state.sampler_state)
         self.replay.load(state.replay_file)
         self.ledger.rewind(state.iterations_done)
@@ -174,7 +173,6 @@ class Master:
         state = (RunState.load(self.run_dir) if (self.run_dir / "state.json").exists()
                  else RunState(run_id=self.cfg.run_id))
         self.restore(state)
-        self.recoveries += 1
         prometheus.RECOVERIES.inc()
 
     @contextmanager

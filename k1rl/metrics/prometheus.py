@@ -8,6 +8,9 @@ from ``/metrics``.
   (:data:`RPC_REQUESTS`, ...), and every watched call the services it lost and the calls
   it sent again (:data:`CALLS_LOST`, :data:`CALLS_RESENT`); a service serves them when its
   config section sets ``metrics_port``.
+- The master counts what it survived: iterations redone, steps retried, and the local
+  services its launcher restarted (:data:`RECOVERIES`, :data:`STEPS_RETRIED`,
+  :data:`SERVICE_RESTARTS`).
 
 The metrics live in prometheus-client's default registry, one per process.
 """
