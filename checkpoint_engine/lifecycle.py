@@ -3,7 +3,9 @@
 k1.5 terminates vLLM after every rollout and restarts it with dummy weights, because
 CUDA graphs and NCCL buffers keep memory that an offload cannot release; the new
 weights then arrive over the transfer engine. ``restart`` does exactly that with a
-rollout_svc process. ``persistent`` keeps one engine alive across phases (vLLM's
+rollout_svc process, and starts the next one as soon as the last is gone, on standby:
+interpreter and vLLM imported while the trainer trains, the engine (and its device
+memory) created only when the next rollout begins. ``persistent`` keeps one engine alive across phases (vLLM's
 sleep mode is refused on CPU, so here it simply stays resident; on GPU that is where
 sleep/wake would go). ``external`` leaves starting and stopping the engine to its
 deployment (the Kubernetes RL pod's rollout container).
@@ -16,7 +18,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from k1rl.launch import ServiceProcess, start_service
-from k1rl.rpc import wait_until_ready
+from k1rl.protocol import Ack, StartEngine
+from k1rl.rpc import RPCClient, RPCError, wait_until_ready
 
 
 class EngineLifecycle(ABC):
@@ -37,9 +40,11 @@ class EngineLifecycle(ABC):
     def running(self) -> bool:
         return self._proc is not None and self._proc.proc.poll() is None
 
-    def _spawn(self) -> None:
-        """Start rollout_svc with dummy weights (not waiting for it)."""
+    def _spawn(self, standby: bool = False) -> None:
+        """Start rollout_svc with dummy weights (not waiting for it); ``standby``: it makes
+        no engine until told to (:class:`RestartLifecycle`)."""
         args = ["--config", str(self.config_path), "--address", self.address, "--dummy-weights"]
+        args += ["--standby"] if standby else []
         self._proc = start_service("rollout", "rollout_svc", args, self.address, self.log_dir)
 
     def wait_up(self) -> None:
@@ -89,8 +94,32 @@ class EngineLifecycle(ABC):
 class RestartLifecycle(EngineLifecycle):
     name = "restart"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._standby = False  # the running process waits for start_engine
+
+    def start(self) -> bool:
+        """The standby process halt() left is told to make its engine; without one (the
+        first rollout, or it died) a process is started as before."""
+        if self._standby and self.running:
+            self._standby = False
+            try:
+                with RPCClient(self.address, timeout_s=self.ready_timeout_s) as client:
+                    client.call("start_engine", StartEngine(), Ack)
+                return True
+            except RPCError:  # unusable: replaced by a plain start below
+                self._stop()
+        self._standby = False
+        return super().start()
+
     def halt(self) -> None:
         self._stop()
+        self._spawn(standby=True)
+        self._standby = True
+
+    def close(self) -> None:
+        self._standby = False
+        super().close()
 
 
 class PersistentLifecycle(EngineLifecycle):

@@ -139,6 +139,16 @@ class EngineInfoRequest(Message):
     kind: Literal["engine_info_request"] = "engine_info_request"
 
 
+class StartEngine(Message):
+    """To a rollout_svc on standby (vLLM imported, no engine yet): create the engine."""
+
+    kind: Literal["start_engine"] = "start_engine"
+
+
+class Ack(Message):
+    kind: Literal["ack"] = "ack"
+
+
 class EngineInfo(Message):
     """What the running engine serves and when it stops, as vLLM itself resolved them."""
 

@@ -1,4 +1,4 @@
-"""python -m rollout_svc --config run.yaml [--dummy-weights] [--address tcp://...]"""
+"""python -m rollout_svc --config run.yaml [--dummy-weights] [--address tcp://...] [--standby]"""
 
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ def main(
         False, help="start with random weights and wait for the trainer's first push"
     ),
     address: str = typer.Option(None, help="override rollout.address"),
+    standby: bool = typer.Option(
+        False, help="import vLLM and answer pings (not ready), but create the engine only "
+        "when called `start_engine` (the restart lifecycle's next engine)"),
 ) -> None:
     setup_logging()
     from rollout_svc.server import serve
 
-    serve(load_config(config), dummy_weights=dummy_weights, address=address)
+    serve(load_config(config), dummy_weights=dummy_weights, address=address, standby=standby)
 
 
 if __name__ == "__main__":

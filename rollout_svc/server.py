@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from k1rl.config import RunConfig
-from k1rl.protocol import EngineInfoRequest, GenerateRequest, LogprobRequest, WeightManifest
+from k1rl.protocol import (
+    Ack,
+    EngineInfoRequest,
+    GenerateRequest,
+    LogprobRequest,
+    StartEngine,
+    WeightManifest,
+)
 from k1rl.rpc import RPCServer
-from k1rl.service import run_until_signalled
+from k1rl.service import run_until_signalled, wait_unless_signalled
 
 from rollout_svc.engine import EngineSpec, RolloutEngine
 
@@ -51,7 +59,24 @@ def _update_weights(server: RPCServer, engine: RolloutEngine, manifest: WeightMa
         server.set_detail(policy_version=engine.policy_version)
 
 
-def serve(cfg: RunConfig, *, dummy_weights: bool = False, address: str | None = None) -> None:
+def _stand_by(server: RPCServer) -> bool:
+    """Import vLLM, then wait for ``start_engine`` (True) or a stop signal (False). The
+    restart lifecycle starts the next rollout's process this way while the trainer trains
+    (no engine, so no device memory), and the switch to ROLLOUT pays only the engine's
+    own start, not the seconds of interpreter start and imports."""
+    go = threading.Event()
+    server.register("start_engine", StartEngine, lambda _: (go.set(), Ack())[1])
+    server.set_detail(standby=True)
+    import vllm  # noqa: F401 - what this process was started early for
+
+    log.info("standing by on %s (vLLM imported)", server.address)
+    started = wait_unless_signalled(go)
+    server.set_detail(standby=False)
+    return started
+
+
+def serve(cfg: RunConfig, *, dummy_weights: bool = False, address: str | None = None,
+          standby: bool = False) -> None:
     from checkpoint_engine.options import transport_options
 
     # Answer pings while vLLM starts (seconds to tens of seconds), reporting not-ready,
@@ -62,6 +87,8 @@ def serve(cfg: RunConfig, *, dummy_weights: bool = False, address: str | None = 
     server.start_in_thread()
     engine = None
     try:
+        if standby and not _stand_by(server):
+            return
         engine = RolloutEngine(
             engine_spec(cfg, dummy_weights=dummy_weights),
             transport_options=transport_options(cfg.weights, role="receiver"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from checkpoint_engine.lifecycle import RestartLifecycle, make_lifecycle
@@ -96,19 +98,31 @@ def _rollout_pid(cfg) -> int:
         return rollout.ping().pid
 
 
-def _rollout_is_down(cfg) -> bool:
+def _rollout(cfg) -> str:
+    """"down" (no process), "standby" (the next rollout's process: vLLM imported, no
+    engine) or "ready" (an engine serves)."""
     with RPCClient(cfg.rollout.address, timeout_s=1.0) as rollout:
         try:
-            rollout.ping()
+            pong = rollout.ping()
         except RPCTimeout:
-            return True
-    return False
+            return "down"
+    if pong.ready:
+        return "ready"
+    return "standby" if pong.detail.get("standby") else "starting"
+
+
+def _standby_when_ready(cfg) -> str:
+    """What the rollout address holds once its process has finished importing."""
+    deadline = time.monotonic() + 120
+    while (state := _rollout(cfg)) in ("down", "starting") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return state
 
 
 @pytest.mark.slow
 def test_restart_mode_runs_vllm_only_during_rollout_and_serves_each_new_policy(sidecar):
     cfg, ce, trainer = sidecar
-    assert _rollout_is_down(cfg)
+    assert _rollout(cfg) == "down"
 
     status = ce.call("phase", PhaseCommand(phase="rollout"), PhaseStatus)
     assert (status.phase, status.policy_version) == ("rollout", 0)
@@ -123,13 +137,16 @@ def test_restart_mode_runs_vllm_only_during_rollout_and_serves_each_new_policy(s
     assert _sample(cfg).policy_version == 0
 
     assert ce.call("phase", PhaseCommand(phase="train"), PhaseStatus).phase == "train"
-    assert _rollout_is_down(cfg)
+    # the engine is gone (its memory with it); the next rollout's process waits, no engine
+    assert _standby_when_ready(cfg) == "standby" and _rollout_pid(cfg) != engine_pid
 
     ex = SFTExample(prompt_token_ids=[5, 6, 7], response_token_ids=[8, 9])
     assert trainer.call("sft_step", SFTBatch(examples=[ex]), TrainStats).policy_version == 1
 
+    standby_pid = _rollout_pid(cfg)
     status = ce.call("phase", PhaseCommand(phase="rollout"), PhaseStatus)
     assert status.policy_version == 1 and status.switch_s > 0
+    assert _rollout_pid(cfg) == standby_pid  # the standby process made the engine
     assert _sample(cfg).policy_version == 1
     ce.call("phase", PhaseCommand(phase="train"), PhaseStatus)
-    assert _rollout_is_down(cfg)
+    assert _standby_when_ready(cfg) == "standby"

@@ -461,7 +461,10 @@ class Master:
         transformers load, and what the next stage (another RL run, long2short) starts from."""
         path = (self.run_dir / FINAL_HF).resolve()
         req = CheckpointRequest(action="export_hf", path=str(path))
-        self.clients.trainer.call("checkpoint", req, CheckpointResult)
+        # a trainer restarted meanwhile exports once it holds the run's last policy again
+        retried(self.cfg, "export", lambda: self.clients.trainer.call("checkpoint", req,
+                                                                      CheckpointResult),
+                self.restore_trainer)
         return path
 
     def restore_trainer(self) -> None:

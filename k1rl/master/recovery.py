@@ -24,7 +24,8 @@ Three steps are retried on their own first (:func:`retried`), keeping what the i
 has made so far: a rollout whose engine died is sent again, with the same seed, once the
 sidecar has given a restarted engine the policy again; a train step whose trainer died is
 sent again, with the same batch, once the trainer holds the run state's policy again; a
-checkpoint whose trainer died is saved again after that train step is redone the same way. A
+checkpoint whose trainer died is saved again after that train step is redone the same way
+(and the final HF export, once the trainer holds the run's last policy again). A
 call that is safe to repeat as it is (a score, log-probs) is re-sent by its client once
 the service is back (k1rl/watch.py, k1rl/balance.py).
 """
