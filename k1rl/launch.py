@@ -168,14 +168,15 @@ class LocalCluster:
                 for svc in exited:
                     if self._stopping.is_set() or self.restarts.get(svc.name, 0) >= max_restarts:
                         continue
-                    _kill_group(svc.proc.pid)  # what it started goes with it, as in a pod
                     self.restarts[svc.name] = self.restarts.get(svc.name, 0) + 1
                     log.warning("%s exited with code %s: restart %d of %d", svc.name,
                                 svc.proc.returncode, self.restarts[svc.name], max_restarts)
                     SERVICE_RESTARTS.labels(svc.name).inc()
-                    svc.stop()  # closes its log file
-                    self.services[svc.name] = start_service(
-                        svc.name, svc.module, svc.args, svc.address, self.log_dir, svc.env)
+                    try:
+                        self.services[svc.name] = _restarted(svc, self.log_dir)
+                    except Exception:  # noqa: BLE001 - this thread ending would take every
+                        # service it restarted with it (PDEATHSIG): log, try next time
+                        log.exception("could not restart %s", svc.name)
 
     def wait_ready(self, timeout_s: float) -> None:
         for svc in self.services.values():
@@ -200,6 +201,12 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _restarted(svc: ServiceProcess, log_dir: Path) -> ServiceProcess:
+    _kill_group(svc.proc.pid)  # what it started goes with it, as in a pod
+    svc.stop()  # closes its log file
+    return start_service(svc.name, svc.module, svc.args, svc.address, log_dir, svc.env)
 
 
 def _kill_group(pid: int) -> None:
