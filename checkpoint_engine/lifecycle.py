@@ -5,10 +5,10 @@ CUDA graphs and NCCL buffers keep memory that an offload cannot release; the new
 weights then arrive over the transfer engine. ``restart`` does exactly that with a
 rollout_svc process, and starts the next one as soon as the last is gone, on standby:
 interpreter and vLLM imported while the trainer trains, the engine (and its device
-memory) created only when the next rollout begins. ``persistent`` keeps one engine alive across phases (vLLM's
-sleep mode is refused on CPU, so here it simply stays resident; on GPU that is where
-sleep/wake would go). ``external`` leaves starting and stopping the engine to its
-deployment (the Kubernetes RL pod's rollout container).
+memory) created only when the next rollout begins. ``persistent`` keeps one engine
+alive across phases (vLLM's sleep mode is refused on CPU, so here it simply stays
+resident; on GPU that is where sleep/wake would go). ``external`` leaves starting and
+stopping the engine to its deployment (the Kubernetes RL pod's rollout container).
 """
 
 from __future__ import annotations
@@ -101,15 +101,14 @@ class RestartLifecycle(EngineLifecycle):
     def start(self) -> bool:
         """The standby process halt() left is told to make its engine; without one (the
         first rollout, or it died) a process is started as before."""
-        if self._standby and self.running:
-            self._standby = False
+        standby, self._standby = self._standby, False
+        if standby and self.running:
             try:
                 with RPCClient(self.address, timeout_s=self.ready_timeout_s) as client:
                     client.call("start_engine", StartEngine(), Ack)
                 return True
             except RPCError:  # unusable: replaced by a plain start below
                 self._stop()
-        self._standby = False
         return super().start()
 
     def halt(self) -> None:

@@ -22,7 +22,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from k1rl.metrics import prometheus
-from k1rl.rpc import RPCClient, RPCTimeout
+from k1rl.rpc import RPCClient, RPCTimeout, wait_until_ready
 from k1rl.watch import PeerGone, call_watched
 
 T = TypeVar("T", bound=BaseModel)
@@ -122,14 +122,12 @@ class BalancedClients:
         while time.monotonic() < deadline:
             for address in self.replicas:
                 try:
-                    with RPCClient(address, timeout_s=1.0) as client:
-                        if client.ping().ready:
-                            with self._cond:
-                                self._down_until.pop(address, None)
-                            return True
+                    wait_until_ready(address, timeout_s=1.0)
                 except RPCTimeout:
-                    pass
-            time.sleep(0.5)
+                    continue
+                with self._cond:
+                    self._down_until.pop(address, None)
+                return True
         return False
 
     def _acquire(self, tried: set[str]) -> str:

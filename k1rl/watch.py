@@ -10,13 +10,12 @@ is given up on after a few missed pings, and the caller gets :class:`PeerGone` a
 from __future__ import annotations
 
 import threading
-import time
 from typing import TypeVar
 
 from pydantic import BaseModel
 
 from k1rl.metrics import prometheus
-from k1rl.rpc import RPCClient, RPCTimeout
+from k1rl.rpc import RPCClient, RPCTimeout, wait_until_ready
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -114,16 +113,11 @@ class WatchedClient:
 
     def _answers_again(self) -> bool:
         """Whether the service is back and ready within ``restart_wait_s``."""
-        deadline = time.monotonic() + self.restart_wait_s
-        with RPCClient(self.address, timeout_s=self.ping_every_s) as pinger:
-            while time.monotonic() < deadline:
-                try:
-                    if pinger.ping().ready:
-                        return True
-                except RPCTimeout:
-                    continue
-                time.sleep(self.ping_every_s)
-        return False
+        try:
+            wait_until_ready(self.address, self.restart_wait_s)
+        except RPCTimeout:
+            return False
+        return True
 
     def ping(self, timeout_s: float | None = None):
         with RPCClient(self.address, timeout_s=timeout_s or self.ping_every_s) as client:
