@@ -237,6 +237,41 @@ def sft_cmd(
                   f"{result.final_loss:.4f}{val}; HF checkpoint {result.checkpoint}")
 
 
+@app.command("curate")
+def curate_cmd(
+    config: Path = typer.Option(..., help="RunConfig YAML: curate (data, drop rules, "
+                                "hack_filter, difficulty, tags), rollout, reward, data.prompt."),
+    out: Path = typer.Option(..., help="Directory for curated.jsonl, dropped.jsonl, "
+                             "funnel.json and the services' logs."),
+    model: Path = typer.Option(None, help="The SFT model that answers (default: model.path)."),
+    overrides: list[str] = typer.Option(
+        None, "--set", help="KEY=VALUE over the config (repeatable), e.g. "
+        "curate.hack_filter.tries=8."),
+) -> None:
+    """Build an RL prompt set as k1.5 does: drop multiple-choice, true/false and proof
+    questions, drop prompts the SFT model guesses with no chain of thought, label difficulty
+    by its pass rate, balance the tags. The last line is the funnel as JSON."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from k1rl.config import load_config
+    from k1rl.curate.run import CURATED, run_curate
+
+    cfg = load_config(config, overrides or [])
+    try:
+        funnel = run_curate(cfg, out, model)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    table = Table(title=f"k1rl curate: {funnel.line()}")
+    table.add_column("stage")
+    table.add_column("prompts", justify="right")
+    for stage in funnel.stages:
+        table.add_row(stage.stage, str(stage.prompts))
+    console.print(table)
+    for reason, n in sorted(funnel.dropped.items()):
+        console.print(f"dropped {n}: {reason}")
+    console.print(f"curated set: {out / CURATED}")
+    print(funnel.model_dump_json(), flush=True)
+
+
 @app.command("rl")
 def rl_cmd(
     config: Path = typer.Option(None, help="RunConfig YAML of a new run."),

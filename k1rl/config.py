@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from k1rl.curate.config import CurateConfig
 from k1rl.data.sources import DataConfig
 from k1rl.registry import LOSSES, SANDBOX_RUNNERS, import_plugins
 from k1rl.rl_config import RLConfig
@@ -599,6 +600,8 @@ class RunConfig(Section):
                              description="Your datasets (k1rl/data/sources.py).")
     sft: SFTConfig = Field(default_factory=SFTConfig,
                            description="`k1rl sft`: its rows and schedule (k1rl/sft/).")
+    curate: CurateConfig = Field(default_factory=CurateConfig,
+                                 description="`k1rl curate`: the RL prompt set (k1rl/curate/).")
     parity: ParityConfig = Field(default_factory=ParityConfig,
                                  description="Trainer vs engine log-prob agreement.")
     calls: CallPolicy = Field(default_factory=CallPolicy,

@@ -39,7 +39,8 @@ def test_a_plain_prompt_row_with_the_default_field_names(tmp_path):
                             "tags": ["add", "easy"], "difficulty": 1, "response": " 5"}])
     assert p == {"id": "q1", "prompt": "What is 2+3?", "messages": [], "answer": "5",
                  "verifier": "math", "tags": ["add", "easy"], "difficulty": 1.0,
-                 "response": " 5", "origin": f"{tmp_path / 'data.jsonl'}:1"}
+                 "pass_rate": None, "response": " 5",
+                 "origin": f"{tmp_path / 'data.jsonl'}:1"}
 
 
 def test_chat_messages_and_a_nested_answer_as_verl_stores_them(tmp_path):
@@ -159,6 +160,8 @@ BAD_ROWS = [
     ({"prompt": "p", "verifier": "code"}, "tests", "needs tests"),
     ({"prompt": "p", "answer": "1", "difficulty": "hard"}, "difficulty", "must be a number"),
     ({"prompt": "p", "answer": "1", "tags": [1]}, "tags", "list of strings"),
+    ({"prompt": "p", "answer": "1", "pass_rate": 1.5}, "pass_rate", "in \\[0, 1\\]"),
+    ({"prompt": "p", "answer": "1", "pass_rate": "0.5"}, "pass_rate", "in \\[0, 1\\]"),
     ({"prompt": "p", "answer": "1", "verifier": "chess"}, "verifier",
      "unknown verifier 'chess' \\(registered: code, math\\)"),
 ]

@@ -41,6 +41,8 @@ class Problem(BaseModel):
     verifier: str = "math"
     tags: list[str] = Field(default_factory=list)
     difficulty: float | None = None
+    pass_rate: float | None = Field(None, description="The share of samples the SFT model "
+                                    "got right when the set was curated (`k1rl curate`).")
     response: str | None = Field(None, description="A reference response (SFT).")
     level: str = ""
 
@@ -138,4 +140,5 @@ def pool_values(pool: Sequence[Problem], name: str) -> list:
         return pool.column(name)
     if isinstance(pool, ChainedPool):
         return [v for part in pool.pools for v in pool_values(part, name)]
-    return [getattr(p, name) for p in pool]
+    # a pool of synthetic Tasks (run states of older versions) has no curation fields
+    return [getattr(p, name, None) for p in pool]

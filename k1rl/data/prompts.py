@@ -50,21 +50,25 @@ class PromptRenderer:
     def messages(self, problem: Problem) -> list[dict]:
         return conversation(self.cfg, problem)
 
-    def token_ids(self, problem: Problem) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
+    def token_ids(self, problem: Problem, prefill: str = "") -> list[int]:
+        ids = list(self.tokenizer.apply_chat_template(
             self.messages(problem), add_generation_prompt=True, tokenize=True,
-            return_dict=False, **self.cfg.template_kwargs)
-        return list(ids)
+            return_dict=False, **self.cfg.template_kwargs))
+        if prefill:
+            ids += self.tokenizer.encode(prefill, add_special_tokens=False)
+        return ids
 
-    def request_fields(self, problems: Sequence[Problem]) -> dict:
-        """``prompts`` (raw) or ``prompt_token_ids`` (chat) of a GenerateRequest."""
+    def request_fields(self, problems: Sequence[Problem], prefill: str = "") -> dict:
+        """``prompts`` (raw) or ``prompt_token_ids`` (chat) of a GenerateRequest;
+        ``prefill``: the start of every response, written for the model (after the chat
+        template's generation prompt)."""
         if self.tokenizer is not None:
-            return {"prompt_token_ids": [self.token_ids(p) for p in problems]}
+            return {"prompt_token_ids": [self.token_ids(p, prefill) for p in problems]}
         chat = [p.id for p in problems if p.messages]
         if chat:
             raise ValueError(f"problem {chat[0]} has chat messages but data.prompt.template "
                              "is raw: set data.prompt.template: chat")
-        return {"prompts": [p.prompt for p in problems]}
+        return {"prompts": [p.prompt + prefill for p in problems]}
 
 
 def conversation(cfg: PromptConfig, problem: Problem) -> list[dict]:

@@ -14,6 +14,7 @@ columns:
                 "code" when the row has tests, else "math")
     tags        the row's tags plus the source's
     difficulty  a number, or null
+    pass_rate   the share of the SFT model's samples that were right (`k1rl curate`), or null
     response    a reference response (SFT data), or null
     origin      file:line of the row, for messages about it
 
@@ -60,6 +61,8 @@ class FieldMap(Section):
     verifier: str | None = Field("verifier", description="The reward_svc verifier's name.")
     tags: str | None = Field("tags", description="A tag or a list of tags.")
     difficulty: str | None = Field("difficulty", description="A number (curriculum).")
+    pass_rate: str | None = Field("pass_rate", description="A number in [0, 1]: the "
+                                  "curated pass rate (prioritized sampling's prior).")
     id: str | None = Field("id", description="Stable id (hash split, prioritized sampling).")
 
 
@@ -147,7 +150,8 @@ def _features():
         "id": Value("string"), "prompt": Value("string"),
         "messages": List({"role": Value("string"), "content": Value("string")}),
         "answer": Value("string"), "verifier": Value("string"), "tags": List(Value("string")),
-        "difficulty": Value("float64"), "response": Value("string"), "origin": Value("string"),
+        "difficulty": Value("float64"), "pass_rate": Value("float64"),
+        "response": Value("string"), "origin": Value("string"),
     })
 
 
@@ -268,6 +272,7 @@ def problem(row: dict | BadRow, source: DataSource, origin: str, default_id: str
         "prompt": prompt, "messages": messages, "answer": answer, "verifier": verifier,
         "tags": [*_tags(_get(row, m.tags), origin, m.tags), *source.tags],
         "difficulty": _difficulty(_get(row, m.difficulty), origin, m.difficulty),
+        "pass_rate": _pass_rate(_get(row, m.pass_rate), origin, m.pass_rate),
         # a response is kept as written: its leading space is part of the tokens
         "response": _text(row, m.response, origin, strip=False) or None, "origin": origin,
     }
@@ -391,6 +396,14 @@ def _difficulty(value: Any, origin: str, where: str | None) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         raise BadRow(origin, where, f"difficulty must be a number, not {value!r}") from None
+
+
+def _pass_rate(value: Any, origin: str, where: str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise BadRow(origin, where, f"pass_rate must be a number in [0, 1], not {value!r}")
+    return float(value)
 
 
 @dataclass

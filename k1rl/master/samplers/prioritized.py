@@ -1,8 +1,9 @@
 """Prioritized sampling (k1.5): problem i is drawn with probability proportional to
 max(1 - s_i, ``rl.priority_floor``), s_i its tracked success rate (the mean reward
-correctness of its samples so far; unseen problems count as unsolved), without
-replacement within an iteration. The floor keeps solved problems in rotation.
-``rl.task_weights`` fixes how many prompts each level gets, as for uniform sampling.
+correctness of its samples so far; an unseen problem counts as its curated pass rate
+(`k1rl curate`), else as unsolved), without replacement within an iteration. The floor
+keeps solved problems in rotation. ``rl.task_weights`` fixes how many prompts each level
+gets, as for uniform sampling.
 """
 
 from __future__ import annotations
@@ -27,19 +28,19 @@ class Prioritized(PromptSampler):
 
     def weight(self, problem: Problem) -> float:
         """A problem's sampling weight: max(1 - success rate, floor)."""
-        return self._weight(problem.id)
+        return self._weight(problem.id, getattr(problem, "pass_rate", None))
 
-    def _weight(self, problem_id: str) -> float:
+    def _weight(self, problem_id: str, prior: float | None) -> float:
         correct, seen = self.stats.get(problem_id, (0, 0))
-        success = correct / seen if seen else 0.0
+        success = correct / seen if seen else (prior or 0.0)
         return max(1.0 - success, self.cfg.priority_floor)
 
     def _draw(self, rng: random.Random, pool: Sequence[Problem], k: int) -> list[Problem]:
         # Weighted sampling without replacement (Efraimidis-Spirakis): the k largest keys
         # u^(1/w), compared as log(u)/w.
-        ids = pool_values(pool, "id")
-        keys = [(math.log(1.0 - rng.random()) / self._weight(pid), i)
-                for i, pid in enumerate(ids)]
+        ids, priors = pool_values(pool, "id"), pool_values(pool, "pass_rate")
+        keys = [(math.log(1.0 - rng.random()) / self._weight(pid, prior), i)
+                for i, (pid, prior) in enumerate(zip(ids, priors))]
         keys.sort(reverse=True)
         return [pool[i] for _, i in keys[:k]]
 

@@ -1,0 +1,189 @@
+"""`k1rl curate`: an RL prompt set as k1.5 builds one (§2.1), from any data source.
+
+    loaded        every row of curate.data (default: data.train); tag rules add tags
+    evaluable     multiple-choice, true/false and proof questions dropped (curate.drop)
+    not guessable the hack filter: answered with no chain of thought, right within N tries
+    difficulty    pass rate of 10 samples at a high temperature from the SFT model
+                  (model.path); optionally a pass-rate band
+    balanced      per-tag caps and proportions (curate.tags)
+
+The SFT model is served by rollout_svc and judged by reward_svc, the services and verifiers
+of the RL loop. The output directory gets ``curated.jsonl`` (a data source in the default
+field names, with ``difficulty`` and ``pass_rate`` for the curriculum and prioritized
+samplers), ``dropped.jsonl`` (every prompt left out, with the reason: nothing is lost),
+``funnel.json`` and the services' logs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from k1rl.config import RunConfig
+from k1rl.curate.difficulty import difficulty, pass_rate
+from k1rl.curate.evaluability import not_evaluable
+from k1rl.curate.hack_filter import guessed, no_thinking
+from k1rl.curate.tags import balance, tag_counts, tagged
+from k1rl.data.problem import DatasetPool, Problem
+from k1rl.master.responses import Draw, Responder, responder
+
+CURATED = "curated.jsonl"
+DROPPED = "dropped.jsonl"
+FUNNEL = "funnel.json"
+# the two sampling stages draw with the run seed plus these: independent of each other
+HACK_SEED_OFFSET = 101
+DIFFICULTY_SEED_OFFSET = 202
+
+
+class FunnelStage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    prompts: int
+
+
+class Funnel(BaseModel):
+    """What `k1rl curate` kept at each stage and why it dropped the rest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    stages: list[FunnelStage]
+    dropped: dict[str, int]
+    skipped_rows: dict[str, int]
+    tags_before: dict[str, int]
+    tags_after: dict[str, int]
+    pass_rates: dict[str, int]
+    seconds: float
+
+    def line(self) -> str:
+        """The report's form: ``1000 → 614 → 463 → 323``."""
+        return " → ".join(str(s.prompts) for s in self.stages)
+
+
+def run_curate(cfg: RunConfig, out_dir: Path, model: Path | None = None) -> Funnel:
+    """Curate ``cfg.curate.data`` with the policy in ``model`` (default ``model.path``) into
+    ``out_dir`` (see the module docstring)."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if (out_dir / CURATED).exists():
+        raise FileExistsError(f"{out_dir} holds a curated set already: pick another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = Path(model or cfg.model.path).resolve()
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.path = str(model)  # the chat template and the engine both come from it
+    c = cfg.curate
+    problems, skipped = candidates(cfg, out_dir / "data")
+    problems = [tagged(p, c.tags) for p in problems]
+    stages = [FunnelStage(stage="loaded", prompts=len(problems))]
+    dropped: list[tuple[Problem, str]] = []
+    kept = _keep(problems, lambda p: not_evaluable(p, c.drop), dropped)
+    stages.append(FunnelStage(stage="evaluable", prompts=len(kept)))
+    rates: dict[str, float] = {}
+    if kept and (c.hack_filter.enabled or c.difficulty.enabled):
+        with responder(cfg, model, out_dir / "services", kept) as policy:
+            kept = sampled_stages(policy, kept, cfg, dropped, stages, rates)
+    kept = [p.model_copy(update={"pass_rate": rates[p.id], "difficulty": difficulty(rates[p.id])})
+            if p.id in rates else p for p in kept]
+    balanced, over = balance(kept, c.tags, cfg.seed)
+    dropped += over
+    stages.append(FunnelStage(stage="balanced", prompts=len(balanced)))
+    funnel = Funnel(
+        model=str(model), stages=stages, dropped=dict(Counter(r for _, r in dropped)),
+        skipped_rows=dict(skipped), tags_before=tag_counts(problems),
+        tags_after=tag_counts(balanced),
+        pass_rates=dict(sorted(Counter(f"{r:.2f}" for r in rates.values()).items())),
+        seconds=round(time.perf_counter() - started, 1))
+    write_rows(out_dir / CURATED, (row(p) for p in balanced))
+    write_rows(out_dir / DROPPED, ({"id": p.id, "level": p.level, "reason": reason,
+                                    "pass_rate": rates.get(p.id)} for p, reason in dropped))
+    (out_dir / FUNNEL).write_text(funnel.model_dump_json(indent=2) + "\n")
+    return funnel
+
+
+def sampled_stages(policy: Responder, kept: list[Problem], cfg: RunConfig,
+               dropped: list, stages: list[FunnelStage], rates: dict[str, float]) -> list[Problem]:
+    """The hack filter and the difficulty stage, with the policy in the engine."""
+    c = cfg.curate
+    if c.hack_filter.enabled:
+        h = c.hack_filter
+        tries = policy.draw([no_thinking(p, h) for p in kept], Draw(
+            n=h.tries, temperature=h.temperature, max_tokens=h.max_tokens, prefill=h.prefill,
+            seed=cfg.seed + HACK_SEED_OFFSET))
+        hackable = {p.id for p, rs in zip(kept, tries) if guessed([r.correct for r in rs], h.tries)}
+        kept = _keep(kept, lambda p: "guessable" if p.id in hackable else None, dropped)
+        stages.append(FunnelStage(stage="not guessable", prompts=len(kept)))
+    if c.difficulty.enabled and kept:
+        d = c.difficulty
+        samples = policy.draw(kept, Draw(
+            n=d.samples, temperature=d.temperature,
+            max_tokens=d.max_tokens or cfg.rollout.max_tokens,
+            seed=cfg.seed + DIFFICULTY_SEED_OFFSET))
+        rates.update((p.id, pass_rate([r.correct for r in rs])) for p, rs in zip(kept, samples))
+
+        def out_of_band(p: Problem) -> str | None:
+            if rates[p.id] < d.min_pass_rate:
+                return "pass_rate_below_min"
+            return "pass_rate_above_max" if rates[p.id] > d.max_pass_rate else None
+
+        kept = _keep(kept, out_of_band, dropped)
+        stages.append(FunnelStage(stage="difficulty", prompts=len(kept)))
+    return kept
+
+
+def _keep(problems: list[Problem], reason_to_drop, dropped: list) -> list[Problem]:
+    kept = []
+    for p in problems:
+        reason = reason_to_drop(p)
+        if reason is None:
+            kept.append(p)
+        else:
+            dropped.append((p, reason))
+    return kept
+
+
+def candidates(cfg: RunConfig, cache_dir: Path) -> tuple[list[Problem], Counter]:
+    """The prompts to curate: every row of curate.data (else data.train), each source a
+    level, read with data.on_bad_row; and the rows left out, by reason."""
+    from k1rl.data.sources import load_each
+
+    sources = cfg.curate.data or cfg.data.train
+    if not sources:
+        raise ValueError("curate: no prompts: set curate.data (or data.train)")
+    pools, skipped = load_each(sources, cfg.data.on_bad_row, Path(cache_dir), "curate")
+    problems = [p for label, ds in pools for p in DatasetPool(ds, label)]
+    ids = Counter(p.id for p in problems)
+    twice = [i for i, n in ids.items() if n > 1]
+    if twice:  # stages and the funnel track prompts by id
+        raise ValueError(f"curate: problem id {twice[0]!r} occurs {ids[twice[0]]} times: "
+                         "give the rows distinct ids (fields.id)")
+    return problems, skipped
+
+
+def row(p: Problem) -> dict:
+    """``p`` as a data-source row in the default field names (what `k1rl gen-tasks`
+    writes), so the curated file is read back as it was curated."""
+    out: dict = {"id": p.id}
+    if p.messages:
+        out["messages"] = [m.model_dump() for m in p.messages]
+    else:
+        out["prompt"] = p.prompt
+    out["tests" if p.verifier == "code" else "answer"] = p.answer
+    out |= {"verifier": p.verifier, "tags": p.tags, "difficulty": p.difficulty,
+            "pass_rate": p.pass_rate}
+    if p.response is not None:
+        out["response"] = p.response
+    return out
+
+
+def write_rows(path: Path, rows) -> int:
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
