@@ -283,24 +283,33 @@ def rl_cmd(
     overrides: list[str] = typer.Option(
         None, "--set", help="KEY=VALUE over the config of a new run, dotted, value in "
         "YAML (repeatable): --set rl.iterations=2 --set 'trainer.loss={name: grpo}'."),
+    preset: str = typer.Option(
+        None, help="long2short: the length penalty on from the start and rollout.max_tokens "
+        "sharply cut (long2short.rl says how much), for RL from a long-CoT model."),
 ) -> None:
     """Run the k1.5 RL loop from the config's model and data with local services, or
     resume a stopped run."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from k1rl import master
     from k1rl.config import load_config
+    from k1rl.long2short.preset import PRESETS
 
     if services not in ("local", "external"):
         raise typer.BadParameter(f"--services must be local or external, not {services!r}")
+    if preset is not None and preset not in PRESETS:
+        raise typer.BadParameter(f"--preset must be one of {sorted(PRESETS)}, not {preset!r}")
     local = services == "local"
     if (config is None) == (resume is None):
         raise typer.BadParameter("give exactly one of --config (new run) or --resume RUN_DIR")
     if resume is not None:
-        if overrides:
-            raise typer.BadParameter("--set changes a new run's config, not a resumed one")
+        if overrides or preset:
+            raise typer.BadParameter("--set and --preset change a new run's config, not a "
+                                     "resumed one")
         state = master.run(None, resume, resume=True, local_services=local)
     else:
         cfg = load_config(config, overrides or [])
+        if preset is not None:
+            cfg = PRESETS[preset](cfg)
         state = master.run(cfg, run_dir or Path(cfg.run_dir), local_services=local,
                            source=str(config))
     console.print(f"run done: {state.iterations_done} iterations, policy v{state.policy_version}")
@@ -342,6 +351,80 @@ def doctor_cmd(
         console.print(f"[bold red]failed:[/bold red] {', '.join(report.failed)}")
     print(report.model_dump_json())
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command("merge")
+def merge_cmd(
+    models: list[Path] = typer.Argument(..., help="HF checkpoints of one architecture."),
+    out: Path = typer.Option(..., help="Directory for the merged HF checkpoint."),
+    weights: list[float] = typer.Option(
+        None, "--weights", help="One per model, positive, summing to 1 (repeatable; "
+        "default: equal)."),
+) -> None:
+    """Model merging (k1.5 long2short): the weighted average of checkpoints, e.g. a
+    long-CoT and a short-CoT model fine-tuned from one base."""
+    from k1rl.long2short.merge import merge_checkpoints
+
+    try:
+        done = merge_checkpoints(models, weights, out)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    console.print(f"merged {len(models)} models ({done['tensors']} tensors, weights "
+                  f"{done['weights']}) -> {out}")
+
+
+l2s_app = typer.Typer(help="Long2short (k1.5 §2.4): shortest rejection sampling, DPO.",
+                      no_args_is_help=True)
+app.add_typer(l2s_app, name="long2short")
+
+
+@l2s_app.command("sample")
+def l2s_sample_cmd(
+    config: Path = typer.Option(..., help="RunConfig YAML: long2short (data, samples, "
+                                "length_ratio), rollout, reward, data.prompt."),
+    out: Path = typer.Option(..., help="Directory for sft.jsonl, pairs.jsonl, groups.jsonl "
+                             "and report.json."),
+    model: Path = typer.Option(None, help="The model that samples (default: model.path)."),
+    overrides: list[str] = typer.Option(None, "--set", help="KEY=VALUE over the config."),
+) -> None:
+    """Shortest rejection sampling: n samples per prompt; the shortest correct one is an SFT
+    row, and DPO pairs it against the wrong ones and the correct ones >= 1.5x longer. The
+    last line is the report as JSON."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from k1rl.config import load_config
+    from k1rl.long2short.rejection import run_sample
+
+    cfg = load_config(config, overrides or [])
+    try:
+        report = run_sample(cfg, out, model)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    console.print(f"{report.sft_rows} SFT rows ({out / 'sft.jsonl'}), {report.pairs} DPO "
+                  f"pairs; mean tokens {report.mean_tokens} sampled, "
+                  f"{report.mean_tokens_kept} kept")
+    print(report.model_dump_json(), flush=True)
+
+
+@l2s_app.command("dpo")
+def l2s_dpo_cmd(
+    config: Path = typer.Option(..., help="RunConfig YAML: trainer, long2short.dpo."),
+    samples: Path = typer.Option(..., help="The --out directory of `k1rl long2short sample`."),
+    run_dir: Path = typer.Option(..., help="Run directory; the result in RUN_DIR/final."),
+    overrides: list[str] = typer.Option(None, "--set", help="KEY=VALUE over the config."),
+) -> None:
+    """DPO of the model that drew SAMPLES on its long2short pairs (the trainer's `dpo`
+    loss, the sampling model as reference); the result is an HF checkpoint."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from k1rl.config import load_config
+    from k1rl.long2short.dpo import run_dpo
+
+    cfg = load_config(config, overrides or [])
+    try:
+        result = run_dpo(cfg, samples, run_dir, source=str(config))
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    console.print(f"dpo done: {result.steps} steps in {result.seconds:.0f} s, loss "
+                  f"{result.final_loss:.4f}; HF checkpoint {result.checkpoint}")
 
 
 # `run` was the command's name before `rl`: scripts and run directories' notes still use it

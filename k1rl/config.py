@@ -18,6 +18,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from k1rl.curate.config import CurateConfig
 from k1rl.data.sources import DataConfig
+from k1rl.long2short.config import Long2ShortConfig
 from k1rl.registry import LOSSES, SANDBOX_RUNNERS, import_plugins
 from k1rl.rl_config import RLConfig
 from k1rl.sft.config import SFTConfig
@@ -602,6 +603,9 @@ class RunConfig(Section):
                            description="`k1rl sft`: its rows and schedule (k1rl/sft/).")
     curate: CurateConfig = Field(default_factory=CurateConfig,
                                  description="`k1rl curate`: the RL prompt set (k1rl/curate/).")
+    long2short: Long2ShortConfig = Field(
+        default_factory=Long2ShortConfig,
+        description="Shortest rejection sampling, DPO, the RL preset (k1rl/long2short/).")
     parity: ParityConfig = Field(default_factory=ParityConfig,
                                  description="Trainer vs engine log-prob agreement.")
     calls: CallPolicy = Field(default_factory=CallPolicy,

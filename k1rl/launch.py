@@ -13,7 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,6 +202,18 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def trainer_service(address: str, config_path: Path, log_dir: Path,
+                    ready_timeout_s: float = 900.0) -> Iterator[RPCClient]:
+    """trainer_svc alone, started on ``config_path`` as a local process (SFT and DPO need
+    no engine); yields its client and stops it after."""
+    with LocalCluster(log_dir) as cluster:
+        cluster.start("trainer", "trainer_svc", ["--config", str(config_path)], address)
+        cluster.wait_ready(ready_timeout_s)
+        with RPCClient(address, timeout_s=ready_timeout_s) as client:
+            yield client
 
 
 def _restarted(svc: ServiceProcess, log_dir: Path) -> ServiceProcess:

@@ -14,9 +14,10 @@ from k1rl.curate.config import CurateConfig, TagBalance
 from k1rl.curate.difficulty import difficulty, pass_rate
 from k1rl.curate.evaluability import not_evaluable
 from k1rl.curate.hack_filter import guessed, no_thinking
-from k1rl.curate.run import FunnelStage, row, sampled_stages
+from k1rl.curate.run import FunnelStage, sampled_stages
 from k1rl.curate.tags import balance, quotas, tag_counts, tagged
 from k1rl.data.problem import ChatMessage, Problem
+from k1rl.data.rows import problem_row
 from k1rl.master.responses import Draw, Response
 
 RULES = CurateConfig().drop
@@ -197,7 +198,7 @@ def test_a_curated_row_reads_back_as_the_same_problem(tmp_path):
             Problem(id="b", messages=[ChatMessage(role="user", content="hi")], answer="1"),
             problem("Read n, print n+1", answer=code, verifier="code", id="c")]
     path = tmp_path / "curated.jsonl"
-    path.write_text("".join(json.dumps(row(p)) + "\n" for p in rows))
+    path.write_text("".join(json.dumps(problem_row(p)) + "\n" for p in rows))
     back = list(DatasetPool(load_sources([DataSource(path=str(path))]).problems, ""))
     assert back[0] == rows[0] and back[1] == rows[1]
     assert json.loads(back[2].answer)["tests"][0]["stdin"] == "1\n"

@@ -65,6 +65,9 @@ class HackFilter(Section):
     max_tokens: int = Field(32, ge=1, description="An answer with no reasoning is short; "
                             "this also keeps a model that reasons anyway from getting far.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature of the tries.")
+    verifiers: list[str] = Field(
+        default_factory=lambda: ["math"], description="Prompts judged by these verifiers are "
+        "tried (an answer can be guessed; a program that passes tests cannot).")
 
 
 class DifficultyRule(Section):

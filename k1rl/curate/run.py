@@ -16,7 +16,6 @@ samplers), ``dropped.jsonl`` (every prompt left out, with the reason: nothing is
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,7 +27,8 @@ from k1rl.curate.difficulty import difficulty, pass_rate
 from k1rl.curate.evaluability import not_evaluable
 from k1rl.curate.hack_filter import guessed, no_thinking
 from k1rl.curate.tags import balance, tag_counts, tagged
-from k1rl.data.problem import DatasetPool, Problem
+from k1rl.data.problem import Problem
+from k1rl.data.rows import problem_row, read_problems, write_rows
 from k1rl.master.responses import Draw, Responder, responder
 
 CURATED = "curated.jsonl"
@@ -98,7 +98,7 @@ def run_curate(cfg: RunConfig, out_dir: Path, model: Path | None = None) -> Funn
         tags_after=tag_counts(balanced),
         pass_rates=dict(sorted(Counter(f"{r:.2f}" for r in rates.values()).items())),
         seconds=round(time.perf_counter() - started, 1))
-    write_rows(out_dir / CURATED, (row(p) for p in balanced))
+    write_rows(out_dir / CURATED, (problem_row(p) for p in balanced))
     write_rows(out_dir / DROPPED, ({"id": p.id, "level": p.level, "reason": reason,
                                     "pass_rate": rates.get(p.id)} for p, reason in dropped))
     (out_dir / FUNNEL).write_text(funnel.model_dump_json(indent=2) + "\n")
@@ -111,10 +111,12 @@ def sampled_stages(policy: Responder, kept: list[Problem], cfg: RunConfig,
     c = cfg.curate
     if c.hack_filter.enabled:
         h = c.hack_filter
-        tries = policy.draw([no_thinking(p, h) for p in kept], Draw(
+        asked = [p for p in kept if p.verifier in h.verifiers]
+        tries = policy.draw([no_thinking(p, h) for p in asked], Draw(
             n=h.tries, temperature=h.temperature, max_tokens=h.max_tokens, prefill=h.prefill,
-            seed=cfg.seed + HACK_SEED_OFFSET))
-        hackable = {p.id for p, rs in zip(kept, tries) if guessed([r.correct for r in rs], h.tries)}
+            seed=cfg.seed + HACK_SEED_OFFSET)) if asked else []
+        hackable = {p.id for p, rs in zip(asked, tries)
+                    if guessed([r.correct for r in rs], h.tries)}
         kept = _keep(kept, lambda p: "guessable" if p.id in hackable else None, dropped)
         stages.append(FunnelStage(stage="not guessable", prompts=len(kept)))
     if c.difficulty.enabled and kept:
@@ -149,41 +151,7 @@ def _keep(problems: list[Problem], reason_to_drop, dropped: list) -> list[Proble
 def candidates(cfg: RunConfig, cache_dir: Path) -> tuple[list[Problem], Counter]:
     """The prompts to curate: every row of curate.data (else data.train), each source a
     level, read with data.on_bad_row; and the rows left out, by reason."""
-    from k1rl.data.sources import load_each
-
     sources = cfg.curate.data or cfg.data.train
     if not sources:
         raise ValueError("curate: no prompts: set curate.data (or data.train)")
-    pools, skipped = load_each(sources, cfg.data.on_bad_row, Path(cache_dir), "curate")
-    problems = [p for label, ds in pools for p in DatasetPool(ds, label)]
-    ids = Counter(p.id for p in problems)
-    twice = [i for i, n in ids.items() if n > 1]
-    if twice:  # stages and the funnel track prompts by id
-        raise ValueError(f"curate: problem id {twice[0]!r} occurs {ids[twice[0]]} times: "
-                         "give the rows distinct ids (fields.id)")
-    return problems, skipped
-
-
-def row(p: Problem) -> dict:
-    """``p`` as a data-source row in the default field names (what `k1rl gen-tasks`
-    writes), so the curated file is read back as it was curated."""
-    out: dict = {"id": p.id}
-    if p.messages:
-        out["messages"] = [m.model_dump() for m in p.messages]
-    else:
-        out["prompt"] = p.prompt
-    out["tests" if p.verifier == "code" else "answer"] = p.answer
-    out |= {"verifier": p.verifier, "tags": p.tags, "difficulty": p.difficulty,
-            "pass_rate": p.pass_rate}
-    if p.response is not None:
-        out["response"] = p.response
-    return out
-
-
-def write_rows(path: Path, rows) -> int:
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+    return read_problems(sources, cfg.data.on_bad_row, cache_dir, "curate")

@@ -233,16 +233,11 @@ def _shuffled_passes(n: int, seed: int) -> Iterator[int]:
 def _trainer(cfg: RunConfig, config_path: Path, log_dir: Path) -> Iterator[tuple[Any, None]]:
     """trainer_svc started on ``config_path`` as a local process; yields its client (and
     no validation)."""
-    from k1rl.launch import LocalCluster
-    from k1rl.rpc import RPCClient
+    from k1rl.launch import trainer_service
 
-    with LocalCluster(log_dir) as cluster:
-        with console.status("starting trainer_svc (megatron-core)"):
-            cluster.start("trainer", "trainer_svc", ["--config", str(config_path)],
-                          cfg.trainer.address)
-            cluster.wait_ready(900)
-        with RPCClient(cfg.trainer.address, timeout_s=900) as client:
-            yield client, None
+    console.print("starting trainer_svc (megatron-core)")
+    with trainer_service(cfg.trainer.address, config_path, log_dir) as client:
+        yield client, None
 
 
 @contextmanager

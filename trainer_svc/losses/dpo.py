@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from k1rl.long2short.pairs import dpo_pairs
 from k1rl.registry import LOSSES
 from trainer_svc.losses.base import Loss, LossConfig, MiniBatch, Tokens
 
@@ -37,17 +38,15 @@ class DPOConfig(LossConfig):
 
 def long2short_pairs(batch: MiniBatch, correct_reward: float,
                      length_ratio: float) -> list[tuple[int, int]]:
-    """(chosen, rejected) sample indices of every group (see the module docstring)."""
+    """(chosen, rejected) sample indices of every group, by k1rl.long2short.pairs' rule
+    (the one `k1rl long2short sample` writes its pairs with)."""
     pairs = []
     rewards, lengths = batch.rewards.tolist(), batch.lengths.tolist()
     for g in range(batch.num_groups):
         members = (batch.group == g).nonzero().flatten().tolist()
-        correct = [i for i in members if rewards[i] >= correct_reward]
-        if not correct:
-            continue
-        chosen = min(correct, key=lambda i: (lengths[i], i))
-        pairs += [(chosen, i) for i in members if i != chosen and (
-            rewards[i] < correct_reward or lengths[i] >= length_ratio * lengths[chosen])]
+        local = dpo_pairs([rewards[i] >= correct_reward for i in members],
+                          [lengths[i] for i in members], length_ratio)
+        pairs += [(members[c], members[r]) for c, r in local]
     return pairs
 
 
