@@ -18,6 +18,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from k1rl.curate.config import CurateConfig
 from k1rl.data.sources import DataConfig
+from k1rl.judge import JudgeConfig
 from k1rl.long2short.config import Long2ShortConfig
 from k1rl.registry import LOSSES, SANDBOX_RUNNERS, import_plugins
 from k1rl.rl_config import RLConfig
@@ -430,6 +431,9 @@ class RewardConfig(ServiceSection):
         "dns:// entries as for sandbox_addresses.")
     handler_threads: int = Field(
         4, ge=1, description="Score requests one reward_svc serves at once.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The CoT reward "
+                               "model (k1rl/judge.py): off, backing up or replacing a rule "
+                               "verifier.")
     code_reward: Literal["all_pass", "fraction"] = Field(
         "all_pass",
         description="Code task reward: 1 when every test passes (k1.5), or the fraction passed.")

@@ -50,6 +50,7 @@ KEYS_SECRET = "k1rl-curve-keys"
 DATA_DIR = "/data"
 RUN_DIR = f"{DATA_DIR}/run"
 MODEL_DIR = f"{DATA_DIR}/model"
+JUDGE_DIR = f"{DATA_DIR}/judge"   # the CoT reward model's checkpoint (reward.judge.model)
 RUN_UID = 10001                   # every non-root container runs as this uid
 RENDEZVOUS_PORT = 29500           # torch.distributed across RL pods
 RL = "k1rl-rl"                    # StatefulSet and its headless Service
@@ -130,6 +131,10 @@ def cluster_config(cfg: RunConfig, nodes: int = 1) -> RunConfig:
     data["sandbox"]["address"] = f"tcp://k1rl-sandbox:{p['sandbox']}"
     if own_sandbox:  # another address is a sandbox running elsewhere: kept as given
         data["reward"]["sandbox_address"] = data["sandbox"]["address"]
+    if cfg.reward.judge.mode != "off":
+        judge = data["reward"]["judge"]
+        judge["address"] = f"tcp://k1rl-judge:{_port(cfg.reward.judge.address, 'reward.judge')}"
+        judge["addresses"], judge["model"] = [], JUDGE_DIR
     return RunConfig.model_validate(data)
 
 
@@ -384,6 +389,27 @@ def reward_objects(cfg: RunConfig) -> list[dict[str, Any]]:
             _policy("k1rl-reward", "reward", ["master"], [p["reward"]], egress=True)]
 
 
+def judge_objects(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The CoT reward model: a rollout_svc in judge mode serving reward.judge.model (on the
+    run volume), reachable from reward_svc only."""
+    port = _port(cfg.reward.judge.address, "reward.judge")
+    judge = _container(
+        "judge", _image("rollout"),
+        ["python", "-m", "rollout_svc", "--config", CONFIG_PATH, "--judge",
+         "--address", f"tcp://*:{port}"],
+        port=port, resources=_resources("1", "4Gi", "2", "8Gi"),
+        mounts=["config", "data", "tmp", "shm"], start_minutes=10, metrics="rollout")
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta("k1rl-judge", "judge", [DIGEST]),
+        "spec": {"replicas": 1, "selector": {"matchLabels": _labels("judge")},
+                 "template": _template("judge", _pod_spec(
+                     [judge], _volumes("config", "data", "tmp", "shm")), "rollout")},
+    }
+    return [deployment, _service("k1rl-judge", "judge", {"rpc": port}),
+            _policy("k1rl-judge", "judge", ["reward"], [port], egress=False)]
+
+
 def master_objects() -> list[dict[str, Any]]:
     # a new run, or the run on the volume resumed when the Job's pod is retried
     script = (f'if [ -f {RUN_DIR}/state.json ]; then exec k1rl rl --resume {RUN_DIR} '
@@ -520,17 +546,32 @@ def gpu_overlay(gpu_cfg: RunConfig, gpus_per_node: int) -> dict[str, Any]:
             "name": "gpus", "deviceClassName": "gpu.nvidia.com",
             "allocationMode": "ExactCount", "count": gpus_per_node}]}}},
     }
+    judge = gpu_cfg.reward.judge.mode != "off"
     return {
         "kustomization.yaml": _kustomization(
             namespace="k1rl", resources=["namespace.yaml", "../../base", "gpu-claim.yaml"],
-            images=_images("cuda"), patches=[{"path": "rl-gpus.yaml"}],
+            images=_images("cuda"), patches=[{"path": "rl-gpus.yaml"},
+                                             *([{"path": "judge-gpu.yaml"}] if judge else [])],
             configMapGenerator=[{"name": "k1rl-run", "behavior": "replace",
                                  "files": ["run.yaml"]}]),
         "namespace.yaml": _namespace(),
         "gpu-claim.yaml": template,
         "rl-gpus.yaml": patch,
+        **({"judge-gpu.yaml": _judge_gpu()} if judge else {}),
         "run.yaml": gpu_cfg,
     }
+
+
+def _judge_gpu() -> dict[str, Any]:
+    """The judge's engine on one GPU of the GPU pool (not the RL pods' claim)."""
+    gpu = {"nvidia.com/gpu": 1}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "k1rl-judge"},
+            "spec": {"template": {"spec": {
+                "nodeSelector": {"k1rl.io/pool": "gpu"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                 "effect": "NoSchedule"}],
+                "containers": [{"name": "judge", "resources": {"requests": gpu,
+                                                               "limits": gpu}}]}}}}
 
 
 def _dump(obj: Any) -> str:
@@ -545,16 +586,20 @@ def render(cfg: RunConfig, out_dir: Path, nodes: int = 1, gpus_per_node: int = 8
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError("nodes and gpus_per_node must be at least 1")
     cluster = cluster_config(cfg, nodes)
+    judge = cfg.reward.judge.mode != "off"
+    resources = ["common.yaml", "rl.yaml", "reward.yaml", "master.yaml", "sandbox.yaml",
+                 *(["judge.yaml"] if judge else [])]
     tree: dict[str, Any] = {
         "base/kustomization.yaml": _kustomization(
-            resources=["common.yaml", "rl.yaml", "reward.yaml", "master.yaml", "sandbox.yaml"],
-            configMapGenerator=[{"name": "k1rl-run", "files": ["run.yaml"]}]),
+            resources=resources, configMapGenerator=[{"name": "k1rl-run",
+                                                      "files": ["run.yaml"]}]),
         "base/run.yaml": cluster,
         "base/common.yaml": common_objects(),
         "base/rl.yaml": rl_objects(cluster, nodes),
         "base/reward.yaml": reward_objects(cluster),
         "base/master.yaml": master_objects(),
         "base/sandbox.yaml": sandbox_objects(cluster),
+        **({"base/judge.yaml": judge_objects(cluster)} if judge else {}),
         **{f"overlays/cpu/{k}": v for k, v in cpu_overlay().items()},
         **{f"overlays/gpu/{k}": v
            for k, v in gpu_overlay(gpu_config(cfg, nodes), gpus_per_node).items()},

@@ -402,6 +402,8 @@ class RewardItem(Message):
     group_id: int
     response: str
     answer: str
+    prompt: str = Field("", max_length=1 << 20, description="The problem as the policy read "
+                        "it (a generative judge reads it; rule verifiers do not).")
     response_tokens: int = Field(ge=0)
     verifier: str = Field("math", min_length=1, description="registry name of the verifier")
     repeated: bool = Field(False, description="stopped for repetition (finish_reason): "

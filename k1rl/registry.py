@@ -133,5 +133,5 @@ METRIC_SINKS: Registry = Registry("metric sink", {
     name: f"k1rl.metrics.{name}" for name in ("jsonl", "tensorboard", "wandb", "prometheus")
 })
 VERIFIERS: Registry = Registry("verifier", {
-    name: f"reward_svc.verifiers.{name}" for name in ("math", "code")
+    name: f"reward_svc.verifiers.{name}" for name in ("math", "code", "cot_rm")
 })

@@ -86,6 +86,12 @@ class RewardService:
 
         checks: list[Check | None] = [None] * len(items)
         todo = [i for i in range(len(items)) if not items[i].repeated]
+        for checker in {id(checkers[i]): checkers[i] for i in todo}.values():
+            if checker.batched:  # one call for all its items (a judge model batches them)
+                mine = [i for i in todo if checkers[i] is checker]
+                for i, result in zip(mine, checker.check_items([items[i] for i in mine])):
+                    checks[i] = result
+        todo = [i for i in todo if checks[i] is None]
         parallel = [i for i in todo if checkers[i].concurrency > 1]
         for i in todo:
             if checkers[i].concurrency == 1:
@@ -109,6 +115,9 @@ class RewardService:
         self.close()
 
     def _verifier(self, name: str) -> Verifier:
+        judge = self.config.judge
+        if judge.mode != "off" and name == judge.rule_verifier:
+            name = "cot_rm"  # the judge backs up or replaces this rule verifier
         with self._creating:
             if name not in self._verifiers:
                 self._verifiers[name] = verifiers.create(name, self.config)

@@ -1,4 +1,5 @@
-"""python -m rollout_svc --config run.yaml [--dummy-weights] [--address tcp://...] [--standby]"""
+"""python -m rollout_svc --config run.yaml [--dummy-weights] [--address tcp://...] [--standby]
+[--judge]"""
 
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ def main(
     standby: bool = typer.Option(
         False, help="import vLLM and answer pings (not ready), but create the engine only "
         "when called `start_engine` (the restart lifecycle's next engine)"),
+    judge: bool = typer.Option(
+        False, help="serve the CoT reward model (reward.judge.model at reward.judge.address) "
+        "instead of the policy"),
 ) -> None:
     setup_logging()
     from rollout_svc.server import serve
 
-    serve(load_config(config), dummy_weights=dummy_weights, address=address, standby=standby)
+    serve(load_config(config), dummy_weights=dummy_weights, address=address, standby=standby,
+          judge=judge)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,18 @@ from rollout_svc.engine import EngineSpec, RolloutEngine
 log = logging.getLogger(__name__)
 
 
-def engine_spec(cfg: RunConfig, *, dummy_weights: bool = False) -> EngineSpec:
+def engine_spec(cfg: RunConfig, *, dummy_weights: bool = False,
+                judge: bool = False) -> EngineSpec:
+    """The policy's engine, or with ``judge`` the CoT reward model's (reward.judge: its
+    own checkpoint and context length; the rest of the engine settings are rollout's)."""
     r = cfg.rollout
+    if judge and not cfg.reward.judge.model:
+        raise ValueError("rollout_svc --judge needs reward.judge.model (the judge's checkpoint)")
     return EngineSpec(
-        model_path=cfg.model.path,
+        model_path=cfg.reward.judge.model if judge else cfg.model.path,
         device=r.device,
         dtype=cfg.model.dtype,
-        max_model_len=r.max_model_len,
+        max_model_len=cfg.reward.judge.max_model_len if judge else r.max_model_len,
         kv_cache_gib=r.kv_cache_gib,
         max_num_seqs=r.max_num_seqs,
         gpu_memory_utilization=r.gpu_memory_utilization,
@@ -42,11 +47,12 @@ def engine_spec(cfg: RunConfig, *, dummy_weights: bool = False) -> EngineSpec:
     )
 
 
-def register_engine(server: RPCServer, engine: RolloutEngine) -> None:
+def register_engine(server: RPCServer, engine: RolloutEngine, judge: bool = False) -> None:
     server.register("generate", GenerateRequest, engine.generate)
     server.register("score", LogprobRequest, engine.score)
-    server.register("update_weights", WeightManifest,
-                    lambda manifest: _update_weights(server, engine, manifest))
+    if not judge:  # a judge serves its own fixed checkpoint: nothing pushes weights to it
+        server.register("update_weights", WeightManifest,
+                        lambda manifest: _update_weights(server, engine, manifest))
     server.register("info", EngineInfoRequest, engine.info)
 
 
@@ -76,12 +82,16 @@ def _stand_by(server: RPCServer) -> bool:
 
 
 def serve(cfg: RunConfig, *, dummy_weights: bool = False, address: str | None = None,
-          standby: bool = False) -> None:
+          standby: bool = False, judge: bool = False) -> None:
+    """Serve the policy's engine; with ``judge`` the CoT reward model's instead (at
+    reward.judge.address unless ``address``)."""
     from checkpoint_engine.options import transport_options
 
+    spec = engine_spec(cfg, dummy_weights=dummy_weights, judge=judge)
+    default = cfg.reward.judge.address if judge else cfg.rollout.address
     # Answer pings while vLLM starts (seconds to tens of seconds), reporting not-ready,
     # so a probe can tell "starting" from "dead".
-    server = RPCServer(address or cfg.rollout.address, service="rollout", ready=False,
+    server = RPCServer(address or default, service="judge" if judge else "rollout", ready=False,
                        max_message_bytes=cfg.rollout.max_message_bytes,
                        metrics_port=cfg.rollout.metrics_port)
     server.start_in_thread()
@@ -90,10 +100,8 @@ def serve(cfg: RunConfig, *, dummy_weights: bool = False, address: str | None = 
         if standby and not _stand_by(server):
             return
         engine = RolloutEngine(
-            engine_spec(cfg, dummy_weights=dummy_weights),
-            transport_options=transport_options(cfg.weights, role="receiver"),
-        )
-        register_engine(server, engine)
+            spec, transport_options=transport_options(cfg.weights, role="receiver"))
+        register_engine(server, engine, judge=judge)
         server.set_ready(True, policy_version=engine.policy_version, start_s=engine.start_s)
         log.info("rollout engine ready in %.1f s on %s", engine.start_s, server.address)
         run_until_signalled(server)

@@ -163,7 +163,7 @@ BAD_ROWS = [
     ({"prompt": "p", "answer": "1", "pass_rate": 1.5}, "pass_rate", "in \\[0, 1\\]"),
     ({"prompt": "p", "answer": "1", "pass_rate": "0.5"}, "pass_rate", "in \\[0, 1\\]"),
     ({"prompt": "p", "answer": "1", "verifier": "chess"}, "verifier",
-     "unknown verifier 'chess' \\(registered: code, math\\)"),
+     "unknown verifier 'chess' \\(registered: code, cot_rm, math\\)"),
 ]
 
 

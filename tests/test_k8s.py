@@ -238,3 +238,31 @@ def test_several_nodes_render_one_trainer_across_the_pods_and_every_pod_engine()
     assert env["K1RL_NNODES"]["value"] == "2"
     assert "pod-index" in env["K1RL_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert env["MASTER_ADDR"]["value"] == "k1rl-rl-0.k1rl-rl"
+
+
+def test_a_cot_judge_gets_its_own_deployment_reachable_from_reward_only(tmp_path):
+    cfg = load_config(SOURCE)
+    cfg.reward.judge.mode = "backup"
+    cfg.reward.judge.model = "/home/me/judge"
+    k8s.render(cfg, tmp_path)
+    run = RunConfig.from_yaml_text((tmp_path / "base/run.yaml").read_text(), "run.yaml", [])
+    assert run.reward.judge.address == "tcp://k1rl-judge:5711"
+    assert run.reward.judge.model == k8s.JUDGE_DIR  # on the run volume
+    for overlay in OVERLAYS:
+        built = tmp_path / f"{overlay}.yaml"
+        built.write_text(_run(_tool("kubectl"), "kustomize",
+                              str(tmp_path / "overlays" / overlay)).stdout)
+        done = _run(_tool("kubernetes-validate"), "--strict", "-k", KUBERNETES, "--quiet",
+                    str(built), check=False)
+        assert done.returncode == 0, f"{overlay}:\n{done.stdout}{done.stderr}"
+        objects = _objects(built)
+        judge = _find(objects, "Deployment", "k1rl-judge")["spec"]["template"]["spec"]
+        command = judge["containers"][0]["command"]
+        assert command[:3] == ["python", "-m", "rollout_svc"] and "--judge" in command
+        policy = _find(objects, "NetworkPolicy", "k1rl-judge")["spec"]
+        assert policy["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "k1rl", "app.kubernetes.io/component": "reward"}}}]
+        assert policy["egress"] == []
+        if overlay == "gpu":
+            assert judge["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert not _checkov(built, "kubernetes")["failed"], overlay

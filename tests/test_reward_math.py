@@ -185,5 +185,6 @@ def test_registry_creates_math_from_config():
         assert isinstance(v, MathVerifier) and v.worker.timeout_s == 1.5
     finally:
         v.close()
-    with pytest.raises(verifiers.UnknownVerifierError, match="'chess'.*registered: code, math"):
+    with pytest.raises(verifiers.UnknownVerifierError,
+                       match="'chess'.*registered: code, cot_rm, math"):
         verifiers.create("chess", RewardConfig())

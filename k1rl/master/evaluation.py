@@ -143,12 +143,17 @@ def score_responses(reward: RPCClient, responses: list[tuple], n: int, ref: RunR
     ``length_penalty_weight`` overrides the reward service's (rl.schedule)."""
     items = [
         RewardItem(group_id=j // n, response=text, answer=task.answer,
-                   response_tokens=tokens, verifier=task.verifier,
+                   prompt=problem_text(task), response_tokens=tokens, verifier=task.verifier,
                    repeated=finish == "repetition")
         for j, (task, text, tokens, finish) in enumerate(responses)
     ]
     request = RewardRequest(ref=ref, items=items, length_penalty_weight=length_penalty_weight)
     return reward.call("score", request, RewardResult)
+
+
+def problem_text(problem: Problem) -> str:
+    """The problem as a judge reads it: the raw prompt, or the chat turns one per line."""
+    return problem.prompt or "\n".join(f"{m.role}: {m.content}" for m in problem.messages)
 
 
 def by_level(tasks: list[Problem], correct: list[bool], n: int) -> dict[str, float]:

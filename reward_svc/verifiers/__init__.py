@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from k1rl.config import RewardConfig
+from k1rl.protocol import RewardItem
 from k1rl.registry import VERIFIERS
 
 
@@ -55,6 +56,13 @@ class Verifier(ABC):
     def check(self, response: str, answer: str) -> Check:
         ok = self.verify(response, answer)
         return Check(correct=ok, score=float(ok))
+
+    # a verifier that judges many items in one go (a model) sets this and check_items
+    batched: bool = False
+
+    def check_items(self, items: list[RewardItem]) -> list[Check]:
+        """Every item's check in one go (batched verifiers; they also read item.prompt)."""
+        return [self.check(item.response, item.answer) for item in items]
 
     def start(self) -> None:
         """Acquire expensive resources now rather than on the first call."""
