@@ -26,7 +26,8 @@ def main() -> None:
     try:
         app(prog_name="k1rl")
     except (ConfigError, FileExistsError, ParityError) as e:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {e}",
+                                                   highlight=False)
         raise SystemExit(2) from None
 
 
@@ -351,6 +352,33 @@ def doctor_cmd(
         console.print(f"[bold red]failed:[/bold red] {', '.join(report.failed)}")
     print(report.model_dump_json())
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command("train-rm")
+def train_rm_cmd(
+    config: Path = typer.Option(..., help="RunConfig YAML: reward_model (data, samples, "
+                                "base, stages), reward (the labelling rules, judge.rubric)."),
+    run_dir: Path = typer.Option(..., help="Run directory; the judge in RUN_DIR/sft/final."),
+    examples: Path = typer.Option(
+        None, help="JSONL of verified examples (prompt or messages, answer, response, "
+        "optional correct); default: the policy in model.path samples reward_model.data."),
+    overrides: list[str] = typer.Option(None, "--set", help="KEY=VALUE over the config."),
+) -> None:
+    """Train a chain-of-thought reward model: SFT on problem, reference answer and policy
+    response, with a chain of thought and the rule verifier's verdict as the target."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from k1rl.config import load_config
+    from k1rl.train_rm import run_train_rm
+
+    cfg = load_config(config, overrides or [])
+    try:
+        result = run_train_rm(cfg, run_dir, examples, source=str(config))
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    console.print(f"train-rm: {result.examples} examples ({result.correct} correct), "
+                  f"{result.train_rows} trained on, {result.heldout_rows} held out{val}; "
+                  f"judge {result.judge} (reward.judge.model)")
 
 
 @app.command("merge")

@@ -18,7 +18,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from k1rl.curate.config import CurateConfig
 from k1rl.data.sources import DataConfig
-from k1rl.judge import JudgeConfig
+from k1rl.judge import JudgeConfig, TrainRMConfig
 from k1rl.long2short.config import Long2ShortConfig
 from k1rl.registry import LOSSES, SANDBOX_RUNNERS, import_plugins
 from k1rl.rl_config import RLConfig
@@ -607,6 +607,9 @@ class RunConfig(Section):
                            description="`k1rl sft`: its rows and schedule (k1rl/sft/).")
     curate: CurateConfig = Field(default_factory=CurateConfig,
                                  description="`k1rl curate`: the RL prompt set (k1rl/curate/).")
+    reward_model: TrainRMConfig = Field(
+        default_factory=TrainRMConfig,
+        description="`k1rl train-rm`: the CoT reward model's training (k1rl/judge.py).")
     long2short: Long2ShortConfig = Field(
         default_factory=Long2ShortConfig,
         description="Shortest rejection sampling, DPO, the RL preset (k1rl/long2short/).")

@@ -21,6 +21,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from k1rl.data.prompts import PromptConfig
+from k1rl.data.sources import DataSource
+from k1rl.sft.config import SFTStage
 from k1rl.yaml_config import Section
 
 # The judge's output is read from the end: it reasons first, the verdict comes last.
@@ -71,6 +73,25 @@ class JudgeConfig(Section):
         return self.addresses or [self.address]
 
 
+class TrainRMConfig(Section):
+    """`k1rl train-rm`: SFT a judge on verified examples (problem, reference, a policy
+    response; the target a chain of thought and the verdict of the rule verifier)."""
+
+    data: list[DataSource] = Field(default_factory=list, description="Problems the policy "
+                                   "(model.path) answers (default: data.train); or give "
+                                   "`--examples` with the responses already written.")
+    samples: int = Field(4, ge=1, description="Policy responses per problem.")
+    temperature: float = Field(1.0, ge=0, description="Their sampling temperature: varied "
+                               "responses, right and wrong.")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Problems (by id hash) "
+                                    "whose examples are kept out of training, for the "
+                                    "judge's validation.")
+    base: str | None = Field(None, description="The judge's starting checkpoint (default: "
+                             "model.path).")
+    stages: list[SFTStage] = Field(default_factory=list, description="The SFT schedule "
+                                   "(default: sft.stages).")
+
+
 class Verdict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -107,6 +128,30 @@ def judge_prompt(problem: str, reference: str, response: str,
         + "Reason step by step, then end with one line of JSON: "
         + '{"correct": true or false' + scores + "}\n"
         "Judgement:")
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def stated_answer(response: str) -> str | None:
+    """What a response's final answer looks like to a reader who knows no format: its last
+    number. (The teacher's chain of thought names it; the judge learns to find it.)"""
+    found = _NUMBER.findall(response)
+    return found[-1].rstrip(",") if found else None
+
+
+def judge_cot(reference: str, response: str, correct: bool) -> str:
+    """The chain of thought and verdict a judge is taught to write for a response a rule
+    verifier labelled ``correct``: the reference, the response's answer, the comparison."""
+    stated = reference.strip() if correct else stated_answer(response)
+    if not correct and stated is not None and stated.replace(",", "") == reference.strip():
+        stated = None  # the number is there but not as a checkable final answer
+    said = f"The response's final answer is {stated}." if stated else (
+        "The response states no final answer.")
+    compare = "They match." if correct else (
+        "They differ." if stated else "Nothing to compare.")
+    return (f" The reference answer is {reference.strip()}. {said} {compare} "
+            f"{verdict_json(correct)}")
 
 
 def verdict_json(correct: bool, scores: dict[str, float] | None = None) -> str:

@@ -4,6 +4,8 @@ reward of 0 or 1."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from k1rl.judge import (
@@ -165,3 +167,77 @@ def test_the_judge_engine_serves_its_own_checkpoint_and_takes_no_weights(trainer
     assert engine_spec(cfg).model_path == "/policy"
     with pytest.raises(ValueError, match="reward.judge.model"):
         engine_spec(RunConfig(), judge=True)
+
+
+# ------------------------------------------------------------------------ train-rm
+
+
+def test_the_teacher_chain_names_the_reference_and_the_responses_answer():
+    from k1rl.judge import judge_cot
+
+    right = judge_cot("123", " 34 + 89: ... result 123.", True)
+    assert right == (' The reference answer is 123. The response\'s final answer is 123. '
+                     'They match. {"correct": true}')
+    wrong = judge_cot("123", " ... result 122. The answer is 1,122.", False)
+    assert "final answer is 1,122. They differ." in wrong
+    assert parse_verdict(wrong) == Verdict(correct=False)
+    assert "states no final answer" in judge_cot("7", " I do not know.", False)
+    # the reference's number is there but the rules did not find it as the answer: the
+    # chain must not say "the final answer is 7 ... they differ"
+    assert "states no final answer" in judge_cot("7", " so it is 7", False)
+
+
+def test_examples_are_read_with_their_line_named_when_bad(tmp_path):
+    from k1rl.train_rm import read_examples
+
+    good = tmp_path / "ok.jsonl"
+    good.write_text(json.dumps({"prompt": "2+3?", "answer": 5, "response": "5"}) + "\n"
+                    + json.dumps({"id": "x", "messages": [{"role": "user", "content": "hi"}],
+                                  "answer": "1", "response": "1", "correct": True}) + "\n")
+    first, second = read_examples(good)
+    assert (first.id, first.answer, first.correct) == ("ok:1", "5", None)
+    assert (second.problem, second.correct) == ("user: hi", True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "2+3?", "answer": "5"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: not an example"):
+        read_examples(bad)
+
+
+@pytest.mark.slow
+def test_k1rl_train_rm_labels_with_the_rules_and_sfts_a_judge(tmp_path, trainer_model_dir):
+    import subprocess
+    import sys
+
+    from k1rl.config import RunConfig
+
+    examples = tmp_path / "examples.jsonl"
+    rows = [{"id": f"q{a}", "prompt": f"What is {a} + 1?", "answer": str(a + 1),
+             "response": f" {a} + 1 = {a + d}. The answer is {a + d}."}
+            for a in range(6) for d in (1, 2)]
+    rows.append({"id": "given", "prompt": "What is 9 + 1?", "answer": "10",
+                 "response": " ten", "correct": True})  # a label given is kept
+    examples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig.model_validate({
+        "model": {"path": str(trainer_model_dir)}, "trainer": {"seq_length": 512},
+        "reward_model": {"heldout_fraction": 0.2,
+                         "stages": [{"steps": 3, "lr": 1.0e-3}]}})
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.dump_yaml())
+    out = subprocess.run(
+        [sys.executable, "-m", "k1rl", "train-rm", "--config", str(config), "--run-dir",
+         str(tmp_path / "rm"), "--examples", str(examples)],
+        capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "rm" / "sft" / "final" / "config.json").is_file()
+    labelled = [json.loads(x) for x in (tmp_path / "rm" / "examples.jsonl").read_text()
+                .splitlines()]
+    assert [e["correct"] for e in labelled] == [True, False] * 6 + [True]
+    trained = [json.loads(x) for x in (tmp_path / "rm" / "judge_train.jsonl").read_text()
+               .splitlines()]
+    held = [json.loads(x) for x in (tmp_path / "rm" / "judge_heldout.jsonl").read_text()
+            .splitlines()]
+    assert len(trained) + len(held) == 13 and trained
+    for row in trained + held:
+        assert row["prompt"].endswith("Judgement:")
+        assert parse_verdict(row["response"]) == Verdict(
+            correct=json.loads(row["answer"])["correct"])
