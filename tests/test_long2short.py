@@ -261,3 +261,31 @@ def test_k1rl_long2short_dpo_prefers_the_short_correct_answer(tmp_path, trainer_
 
     for (long0, wrong0), (long1, wrong1) in zip(margins(base), margins(tuned)):
         assert long1 > long0 and wrong1 > wrong0
+
+
+@pytest.mark.slow
+def test_k1rl_rl_preset_long2short_trains_with_the_penalty_on_and_the_length_cut(
+        tmp_path, trainer_model_dir):
+    from k1rl.launch import free_tcp_address
+
+    cfg = RunConfig(run_id="l2s", seed=0)
+    cfg.model.path = str(trainer_model_dir)
+    for section in (cfg.trainer, cfg.rollout, cfg.reward, cfg.checkpoint_engine):
+        section.address = free_tcp_address()
+    cfg.rollout.n, cfg.rollout.max_tokens = 4, 16
+    cfg.rl.iterations, cfg.rl.prompts_per_iteration, cfg.rl.pool_size = 1, 4, 20
+    cfg.reward.length_penalty_weight, cfg.reward.length_penalty_warmup_iters = 0.0, 5
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.dump_yaml())
+    out = subprocess.run(
+        [sys.executable, "-m", "k1rl", "rl", "--config", str(config), "--run-dir",
+         str(tmp_path / "run"), "--preset", "long2short"],
+        capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    [row] = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert (row["max_tokens"], row["length_penalty_weight"]) == (8, 0.5)
+    assert row["response_tokens_mean"] <= 8
+    bad = subprocess.run([sys.executable, "-m", "k1rl", "rl", "--config", str(config),
+                          "--preset", "shorter"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "long2short" in bad.stdout + bad.stderr
