@@ -46,26 +46,52 @@ def run(
     memory_mb: int = typer.Option(256, help="memory limit in MB"),
     address: str = typer.Option(None, help="sandbox service (default: sandbox.address)"),
     config: str = typer.Option(None, help="RunConfig YAML giving sandbox.address"),
-    timeout_s: float = typer.Option(300.0, help="how long to wait for the service"),
+    timeout_s: float = typer.Option(300.0, help="how long to wait for the program's result"),
+    local: bool = typer.Option(False, help="run it here, under the same isolation as the "
+                               "service (one worker of the config's sandbox), no service"),
 ) -> None:
-    """Run one program through a sandbox service and print its JSON response.
+    """Run one program through a sandbox service (or --local) and print its JSON response.
 
-    Exit code 0 when the service answered (whatever the verdict), 2 for a request the
-    service refused, 1 when it could not be reached.
+    Exit code 0 when the sandbox answered (whatever the verdict), 2 for a request it
+    refused, 1 when no service answers at the address (said within PING_S seconds).
     """
-    from k1rl.protocol import RunCodeRequest, RunCodeResult, TestCase
+    from k1rl.protocol import RunCodeRequest, TestCase
+
+    try:
+        req = RunCodeRequest(
+            language=language, source=source.read_text(),
+            tests=[TestCase(stdin=stdin.read_text() if stdin else "",
+                            expected=expected.read_text() if expected else None)],
+            time_limit_s=time_limit, memory_limit_mb=memory_mb,
+        )
+    except ValueError as e:
+        typer.echo(json.dumps({"error": str(e)}), err=True)
+        raise typer.Exit(2) from None
+    cfg = _config(config)
+    result = (_run_here(cfg, req) if local
+              else _run_remote(address or cfg.address, req, timeout_s))
+    typer.echo(json.dumps(result.model_dump(), indent=2))
+
+
+# a running service answers a ping in milliseconds, even while its workers are busy
+PING_S = 2.0
+
+
+def _run_remote(addr: str, req, timeout_s: float):
+    from k1rl.protocol import RunCodeResult
     from k1rl.rpc import RemoteError, RPCClient, RPCTimeout
 
-    req = RunCodeRequest(
-        language=language, source=source.read_text(),
-        tests=[TestCase(stdin=stdin.read_text() if stdin else "",
-                        expected=expected.read_text() if expected else None)],
-        time_limit_s=time_limit, memory_limit_mb=memory_mb,
-    )
-    addr = address or _config(config).address
     client = RPCClient(addr, timeout_s=timeout_s)
     try:
-        result = client.call("run_code", req, RunCodeResult, timeout_s=timeout_s)
+        try:
+            client.ping(timeout_s=PING_S)
+        except (RPCTimeout, OSError):
+            typer.echo(json.dumps({"error": (
+                f"nothing answers at {addr} within {PING_S:.0f} s: start a sandbox service "
+                "there (`python -m sandbox serve --address ...`), point --address or "
+                "--config at one, or run the program here with --local")}), err=True)
+            raise typer.Exit(1) from None
+        return client.call("run_code", req, RunCodeResult, timeout_s=timeout_s)
     except RemoteError as e:
         typer.echo(json.dumps({"error": str(e)}), err=True)
         raise typer.Exit(2) from None
@@ -74,7 +100,21 @@ def run(
         raise typer.Exit(1) from None
     finally:
         client.close()
-    typer.echo(json.dumps(result.model_dump(), indent=2))
+
+
+def _run_here(cfg: SandboxConfig, req):
+    """The request on a one-worker pool of this process: the service's isolation, runner
+    and limits, without the service."""
+    from sandbox.pool import WorkerPool
+
+    pool = WorkerPool(SandboxConfig.model_validate({**cfg.model_dump(), "workers": 1}))
+    try:
+        return pool.run(req)
+    except ValueError as e:
+        typer.echo(json.dumps({"error": str(e)}), err=True)
+        raise typer.Exit(2) from None
+    finally:
+        pool.close()
 
 
 @app.command("build-tests")

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -284,10 +285,31 @@ def test_cli_run_prints_the_json_response(sandbox, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["verdict"] == "accepted"
-    # a service that is not there: exit code 1 and a message, not a traceback
-    dead = [*cmd[:-1], "tcp://127.0.0.1:1", "--timeout-s", "2"]
+    # a service that is not there: said at once (the default wait for a result is 300 s),
+    # with how to start one or run without one; exit code 1, not a traceback
+    dead = [*cmd[:-1], "tcp://127.0.0.1:1"]
+    started = time.monotonic()
     done = subprocess.run(dead, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "no answer from the sandbox" in done.stderr
+    assert time.monotonic() - started < 30
+    assert done.returncode == 1
+    assert "nothing answers at tcp://127.0.0.1:1" in done.stderr
+    assert "python -m sandbox serve" in done.stderr and "--local" in done.stderr
+
+
+@needs_bwrap
+def test_cli_run_local_runs_the_program_here_under_the_same_isolation(tmp_path):
+    (tmp_path / "p.py").write_text("import os, socket\nprint(int(input()) * 2)\n"
+                                   "print(os.getuid() != 0)\n"
+                                   "socket.create_connection(('1.1.1.1', 53), timeout=1)\n")
+    (tmp_path / "in").write_text("21")
+    cmd = [sys.executable, "-m", "sandbox", "run", "--language", "python", "--local",
+           "--source", str(tmp_path / "p.py"), "--stdin", str(tmp_path / "in"),
+           "--address", "tcp://127.0.0.1:1"]  # never asked
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [test] = json.loads(done.stdout)["tests"]
+    assert test["stdout"] == "42\nTrue\n"  # ran, not as root
+    assert test["verdict"] == "runtime_error"  # and had no network
 
 
 def test_the_container_runner_gets_the_same_seccomp_rules_as_bwrap():
