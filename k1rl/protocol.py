@@ -520,6 +520,10 @@ class RunCodeRequest(Message):
     checker: Checker = Field(default_factory=Checker)
     stop_on_first_failure: bool = Field(
         False, description="skip the remaining tests once one is not accepted")
+    compile_time_limit_s: float | None = Field(
+        None, gt=0, le=300, description="CPU seconds for compiling (default: the language's)")
+    shown_output_kb: int = Field(4, ge=1, le=65536, description="stdout and stderr kept in "
+                                 "the response per test (the check reads all of stdout)")
 
     @property
     def wall_limit(self) -> float:
@@ -530,6 +534,7 @@ class CompileOutcome(Message):
     ok: bool
     exit_code: int | None = None
     time_s: float = 0.0
+    timed_out: bool = False
     output: str = Field("", description="compiler stdout+stderr, truncated")
 
 

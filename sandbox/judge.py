@@ -23,8 +23,8 @@ from sandbox.checkers import compare
 from sandbox.isolation import Execution, Limits, Slot
 from sandbox.runners import Runner
 
-SHOWN_CHARS = 4096          # stdout/stderr kept in a response, per test
 COMPILER_OUTPUT_CHARS = 16384
+CHECKER_OUTPUT_BYTES = 4096  # a checker's message, not data
 CHECKER_DIR = "checker"
 _MEMORY_ERRORS = (b"MemoryError", b"std::bad_alloc", b"Cannot allocate memory",
                   b"out of memory")
@@ -45,7 +45,8 @@ class Judge:
         self.slot.write(lang.source_file, req.source.encode())
         result = RunCodeResult(verdict="accepted", runner=self.runner.name)
         if lang.compile:
-            result.compile, result.error = self._compile(lang, req.compile_options)
+            result.compile, result.error = self._compile(lang, req.compile_options,
+                                                         time_s=req.compile_time_limit_s)
             if not result.compile.ok:
                 result.verdict = "sandbox_error" if result.error else "compile_error"
                 result.skipped = len(req.tests)
@@ -72,27 +73,31 @@ class Judge:
             open_files=self.cfg.max_open_files, scratch_mb=self.cfg.scratch_mb,
         )
 
-    def _compile_limits(self, lang: languages.Language) -> Limits:
-        return Limits(cpu_s=lang.compile_time_s, wall_s=2 * lang.compile_time_s,
+    def _compile_limits(self, lang: languages.Language, time_s: float) -> Limits:
+        return Limits(cpu_s=time_s, wall_s=2 * time_s,
                       memory_mb=lang.compile_memory_mb, output_bytes=COMPILER_OUTPUT_CHARS,
                       processes=self.cfg.max_processes, open_files=256,
                       scratch_mb=max(self.cfg.scratch_mb, 256))
 
-    def _compile(self, lang: languages.Language, options: list[str],
-                 cwd: str = "") -> tuple[CompileOutcome, str]:
+    def _compile(self, lang: languages.Language, options: list[str], cwd: str = "",
+                 time_s: float | None = None) -> tuple[CompileOutcome, str]:
         """The compile outcome, and the sandbox's own failure ("" when it ran)."""
+        time_s = time_s or lang.compile_time_s
         ex = self.runner.execute(self.slot, lang.compile_argv(options), stdin=b"",
-                                 limits=self._compile_limits(lang), writable_code=True, cwd=cwd)
+                                 limits=self._compile_limits(lang, time_s), writable_code=True,
+                                 cwd=cwd)
         if ex.start_error:
             return CompileOutcome(ok=False, output=f"sandbox error: {ex.start_error}"), \
                 ex.start_error
         text = (ex.stdout + ex.stderr).decode("utf-8", "replace")[:COMPILER_OUTPUT_CHARS]
-        if ex.wall_timeout or ex.signal == signal.SIGXCPU:
-            text = f"compilation exceeded {lang.compile_time_s:g} s\n{text}"
+        timed_out = ex.wall_timeout or ex.signal == signal.SIGXCPU
+        if timed_out:
+            text = f"compilation exceeded {time_s:g} s\n{text}"
         elif ex.oom_killed:
             text = f"compilation exceeded {lang.compile_memory_mb} MB\n{text}"
         ok = ex.exit_code == 0 and not ex.wall_timeout
-        return CompileOutcome(ok=ok, exit_code=ex.exit_code, time_s=ex.wall_s, output=text), ""
+        return CompileOutcome(ok=ok, exit_code=ex.exit_code, time_s=ex.wall_s, output=text,
+                              timed_out=timed_out), ""
 
     def _prepare_checker(self, lang: languages.Language, source: str) -> str | None:
         """Compile the custom checker into code/checker/; None when it is ready, else why not."""
@@ -112,8 +117,8 @@ class Judge:
         outcome = TestOutcome(
             verdict="accepted", exit_code=ex.exit_code, signal=ex.signal, cpu_s=ex.cpu_s,
             wall_s=ex.wall_s, memory_kb=ex.memory_kb,
-            stdout=ex.stdout[:SHOWN_CHARS].decode("utf-8", "replace"),
-            stderr=ex.stderr[:SHOWN_CHARS].decode("utf-8", "replace"),
+            stdout=ex.stdout[:req.shown_output_kb << 10].decode("utf-8", "replace"),
+            stderr=ex.stderr[:req.shown_output_kb << 10].decode("utf-8", "replace"),
         )
         verdict, detail = classify(ex, limits)
         if verdict is None and test.expected is not None:
@@ -136,7 +141,8 @@ class Judge:
                            ("expected.txt", (test.expected or "").encode()),
                            ("output.txt", output)):
             self.slot.write(f"{CHECKER_DIR}/{name}", data)
-        limits = Limits(cpu_s=10, wall_s=20, memory_mb=1024, output_bytes=SHOWN_CHARS,
+        limits = Limits(cpu_s=10, wall_s=20, memory_mb=1024,
+                        output_bytes=CHECKER_OUTPUT_BYTES,
                         processes=self.cfg.max_processes, open_files=64,
                         scratch_mb=self.cfg.scratch_mb)
         ex = self.runner.execute(

@@ -3,7 +3,10 @@
 HTTP, for tools outside k1rl:
     POST /run_code   body: a RunCodeRequest as JSON (``kind`` may be omitted)
                      200 + RunCodeResult; 400 + {"error": ...} for a bad request
+                     or a body in SandboxFusion's schema (``code``, no ``source``):
+                     answered in SandboxFusion's shape (sandbox/fusion.py)
     GET  /health     200 + {"ready": true, "workers": N, "runner": ..., "cgroups": ...}
+    GET  /v1/ping    200 + "pong" (SandboxFusion's health check)
 """
 
 from __future__ import annotations
@@ -35,6 +38,27 @@ class SandboxService:
     def run_code(self, req: RunCodeRequest) -> RunCodeResult:
         return self.pool.run(req)
 
+    def run_fusion(self, payload: dict) -> tuple[int, dict]:
+        """(HTTP status, body) for a request in SandboxFusion's schema (sandbox/fusion.py):
+        422 for a request it would refuse too, else 200 with the outcome."""
+        from sandbox.fusion import FusionRequest, FusionResponse, fusion_response, native_request
+        from sandbox.languages import LANGUAGES
+
+        try:
+            req = FusionRequest.model_validate(payload)
+        except ValidationError as e:
+            return 422, {"detail": json.loads(e.json())}
+        native = native_request(req, {lang.name for lang in LANGUAGES.values()})
+        if isinstance(native, str):
+            return 200, FusionResponse(status="SandboxError", message=native).model_dump()
+        try:
+            result = self.run_code(native)
+        except Exception as e:  # noqa: BLE001 - SandboxFusion answers any failure this way
+            log.exception("run_code (SandboxFusion schema) failed")
+            return 200, FusionResponse(status="SandboxError",
+                                       message=f"{type(e).__name__}: {e}").model_dump()
+        return 200, fusion_response(result).model_dump()
+
     def health(self) -> dict:
         return {"ready": True, "workers": self.cfg.workers, "runner": self.cfg.runner,
                 "cgroups": self.pool.cgroups, "worker_restarts": self.pool.restarts}
@@ -61,6 +85,8 @@ def _http_handler(service: SandboxService, token: str | None):
         def do_GET(self):
             if self.path == "/health":
                 self._reply(200, service.health())
+            elif self.path == "/v1/ping":  # SandboxFusion's health check
+                self._reply(200, "pong")
             else:
                 self._reply(404, {"error": f"no such endpoint: GET {self.path}"})
 
@@ -86,12 +112,17 @@ def _http_handler(service: SandboxService, token: str | None):
             raw = self.rfile.read(length)
             try:
                 payload = json.loads(raw)
+            except json.JSONDecodeError as e:
+                self._reply(400, {"error": f"body is not JSON: {e}"})
+                return
+            if isinstance(payload, dict) and "code" in payload and "source" not in payload:
+                self._reply(*service.run_fusion(payload))  # SandboxFusion's schema
+                return
+            try:
                 if isinstance(payload, dict):
                     payload.setdefault("kind", "run_code")
                 req = RunCodeRequest.model_validate(payload)
                 result = service.run_code(req)
-            except json.JSONDecodeError as e:
-                self._reply(400, {"error": f"body is not JSON: {e}"})
             except ValidationError as e:
                 self._reply(400, {"error": "invalid request", "details": json.loads(e.json())})
             except ValueError as e:
