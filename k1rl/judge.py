@@ -142,16 +142,29 @@ def stated_answer(response: str) -> str | None:
 
 def judge_cot(reference: str, response: str, correct: bool) -> str:
     """The chain of thought and verdict a judge is taught to write for a response a rule
-    verifier labelled ``correct``: the reference, the response's answer, the comparison."""
-    stated = reference.strip() if correct else stated_answer(response)
-    if not correct and stated is not None and stated.replace(",", "") == reference.strip():
+    verifier labelled ``correct``: the reference, the response's answer, the comparison
+    (digit by digit for numbers: a small judge compares adjacent digits far more reliably
+    than whole numbers), then the verdict."""
+    ref = reference.strip()
+    stated = ref if correct else stated_answer(response)
+    if not correct and stated is not None and stated.replace(",", "") == ref:
         stated = None  # the number is there but not as a checkable final answer
-    said = f"The response's final answer is {stated}." if stated else (
-        "The response states no final answer.")
-    compare = "They match." if correct else (
-        "They differ." if stated else "Nothing to compare.")
-    return (f" The reference answer is {reference.strip()}. {said} {compare} "
-            f"{verdict_json(correct)}")
+    if stated is None:
+        said, compare = "The response states no final answer.", "Nothing to compare."
+    else:
+        said, compare = f"The response's final answer is {stated}.", _comparison(ref, stated)
+    return f" The reference answer is {ref}. {said} {compare} {verdict_json(correct)}"
+
+
+def _comparison(reference: str, stated: str) -> str:
+    a, b = reference.replace(",", ""), stated.replace(",", "")
+    same = "They match." if a == b else "They differ."
+    if not (_NUMBER.fullmatch(a) and _NUMBER.fullmatch(b)) or max(len(a), len(b)) > 12:
+        return same
+    if len(a) != len(b):
+        return f"{b} has {len(b)} characters, {a} has {len(a)}. {same}"
+    steps = ", ".join(f"{x}={y}" if x == y else f"{x}!={y}" for x, y in zip(a, b))
+    return f"Digit by digit: {steps}. {same}"
 
 
 def verdict_json(correct: bool, scores: dict[str, float] | None = None) -> str:

@@ -151,7 +151,10 @@ def run_train_rm(cfg: RunConfig, run_dir: Path, examples_path: Path | None = Non
     rm = cfg.reward_model
     train, held = [], []
     for k, e in enumerate(examples):
-        (held if is_heldout(e.id, rm.heldout_fraction) else train).append(judge_row(e, k, cfg))
+        # salted: a data set split with the same hash (gen-tasks' train side) has no ids
+        # below the plain hash's fraction, and would hold nothing out
+        held_out = is_heldout(f"train-rm:{e.id}", rm.heldout_fraction)
+        (held if held_out else train).append(judge_row(e, k, cfg))
     if not train:
         raise ValueError("train-rm: every example is held out: lower "
                          "reward_model.heldout_fraction")

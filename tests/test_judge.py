@@ -177,9 +177,13 @@ def test_the_teacher_chain_names_the_reference_and_the_responses_answer():
 
     right = judge_cot("123", " 34 + 89: ... result 123.", True)
     assert right == (' The reference answer is 123. The response\'s final answer is 123. '
-                     'They match. {"correct": true}')
+                     'Digit by digit: 1=1, 2=2, 3=3. They match. {"correct": true}')
     wrong = judge_cot("123", " ... result 122. The answer is 1,122.", False)
-    assert "final answer is 1,122. They differ." in wrong
+    assert "final answer is 1,122. 1122 has 4 characters, 123 has 3. They differ." in wrong
+    assert "Digit by digit: 1=1, 2=2, 3!=2. They differ." in judge_cot(
+        "123", " The answer is 122.", False)
+    # a reference that is no number: no digit-by-digit comparison
+    assert "final answer is 2. They differ." in judge_cot("x+1", " so it is x+2", False)
     assert parse_verdict(wrong) == Verdict(correct=False)
     assert "states no final answer" in judge_cot("7", " I do not know.", False)
     # the reference's number is there but the rules did not find it as the answer: the
