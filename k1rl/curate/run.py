@@ -29,7 +29,7 @@ from k1rl.curate.hack_filter import guessed, no_thinking
 from k1rl.curate.tags import balance, tag_counts, tagged
 from k1rl.data.problem import Problem
 from k1rl.data.rows import problem_row, read_problems, write_rows
-from k1rl.master.responses import Draw, Responder, responder
+from k1rl.master.responses import Draw, Responder, responder, stage_inputs
 
 CURATED = "curated.jsonl"
 DROPPED = "dropped.jsonl"
@@ -69,13 +69,7 @@ def run_curate(cfg: RunConfig, out_dir: Path, model: Path | None = None) -> Funn
     """Curate ``cfg.curate.data`` with the policy in ``model`` (default ``model.path``) into
     ``out_dir`` (see the module docstring)."""
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    if (out_dir / CURATED).exists():
-        raise FileExistsError(f"{out_dir} holds a curated set already: pick another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = Path(model or cfg.model.path).resolve()
-    cfg = cfg.model_copy(deep=True)
-    cfg.model.path = str(model)  # the chat template and the engine both come from it
+    out_dir, model, cfg = stage_inputs(cfg, out_dir, CURATED, model, "a curated set")
     c = cfg.curate
     problems, skipped = candidates(cfg, out_dir / "data")
     problems = [tagged(p, c.tags) for p in problems]

@@ -23,7 +23,7 @@ from k1rl.config import RunConfig
 from k1rl.data.problem import Problem
 from k1rl.data.rows import problem_row, read_problems, write_rows
 from k1rl.long2short.pairs import dpo_pairs, shortest_correct
-from k1rl.master.responses import Draw, Response, responder
+from k1rl.master.responses import Draw, Response, responder, stage_inputs
 
 SFT_ROWS = "sft.jsonl"
 PAIRS = "pairs.jsonl"
@@ -57,13 +57,7 @@ def run_sample(cfg: RunConfig, out_dir: Path, model: Path | None = None) -> Samp
     """Sample long2short.data (else data.train) with ``model`` (default model.path) and
     write the files of the module docstring into ``out_dir``."""
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    if (out_dir / REPORT).exists():
-        raise FileExistsError(f"{out_dir} holds long2short samples already: pick another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = Path(model or cfg.model.path).resolve()
-    cfg = cfg.model_copy(deep=True)
-    cfg.model.path = str(model)
+    out_dir, model, cfg = stage_inputs(cfg, out_dir, REPORT, model, "long2short samples")
     c = cfg.long2short
     sources = c.data or cfg.data.train
     if not sources:

@@ -92,6 +92,22 @@ class Responder:
         return [responses[i:i + draw.n] for i in range(0, len(responses), draw.n)]
 
 
+def stage_inputs(cfg: RunConfig, out_dir: Path, done_marker: str, model: Path | None,
+                 what: str) -> tuple[Path, Path, RunConfig]:
+    """Where an offline stage (curation, rejection sampling) starts: its output directory,
+    made, and refused when it holds ``done_marker`` (a finished run of it); the model that
+    answers (default: model.path), resolved; ``cfg`` with that model (its chat template and
+    engine come from it)."""
+    out_dir = Path(out_dir)
+    if (out_dir / done_marker).exists():
+        raise FileExistsError(f"{out_dir} holds {what} already: pick another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = Path(model or cfg.model.path).resolve()
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.path = str(model)
+    return out_dir, model, cfg
+
+
 @contextmanager
 def responder(cfg: RunConfig, model_dir: Path, work_dir: Path, problems: Sequence[Problem],
               *, ready_timeout_s: float = 900.0) -> Iterator[Responder]:
