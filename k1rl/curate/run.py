@@ -99,8 +99,8 @@ def run_curate(cfg: RunConfig, out_dir: Path, model: Path | None = None) -> Funn
     return funnel
 
 
-def sampled_stages(policy: Responder, kept: list[Problem], cfg: RunConfig,
-               dropped: list, stages: list[FunnelStage], rates: dict[str, float]) -> list[Problem]:
+def sampled_stages(policy: Responder, kept: list[Problem], cfg: RunConfig, dropped: list,
+                   stages: list[FunnelStage], rates: dict[str, float]) -> list[Problem]:
     """The hack filter and the difficulty stage, with the policy in the engine."""
     c = cfg.curate
     if c.hack_filter.enabled:
