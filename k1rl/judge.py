@@ -46,8 +46,9 @@ class JudgeConfig(Section):
         "``cot_rm`` verifier themselves.")
     rule_verifier: str = Field("math", description="The rule verifier the judge backs up "
                                "or replaces.")
-    model: str | None = Field(None, description="The judge's HF checkpoint (rollout_svc "
-                              "--judge serves it; `k1rl train-rm` makes one).")
+    model: str | None = Field(None, description="The judge's HF checkpoint (`k1rl "
+                              "train-rm` makes one): local runs start `rollout_svc --judge` "
+                              "on it; null: a judge already serves at the address.")
     address: str = Field("tcp://127.0.0.1:5711", description="RPC address of the judge's "
                          "rollout_svc.")
     addresses: list[str] = Field(default_factory=list, description="Judge replicas "

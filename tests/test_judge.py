@@ -245,3 +245,38 @@ def test_k1rl_train_rm_labels_with_the_rules_and_sfts_a_judge(tmp_path, trainer_
         assert row["prompt"].endswith("Judgement:")
         assert parse_verdict(row["response"]) == Verdict(
             correct=json.loads(row["answer"])["correct"])
+
+
+def test_local_runs_start_the_judge_they_name_on_a_port_of_their_own():
+    from k1rl.config import RunConfig
+    from k1rl.master.evaluation import evaluation_config, serves_judge
+
+    on = RunConfig.model_validate({"reward": {"judge": {"mode": "backup", "model": "/j"}}})
+    assert serves_judge(on)
+    assert not serves_judge(RunConfig.model_validate({"reward": {"judge": {"mode": "backup"}}}))
+    assert not serves_judge(RunConfig.model_validate({"reward": {"judge": {"model": "/j"}}}))
+    evaluated = evaluation_config(on, "/m", sandbox=False)
+    assert evaluated.reward.judge.address != on.reward.judge.address
+
+
+@pytest.mark.slow
+def test_k1rl_eval_starts_the_judge_its_config_names(tmp_path, trainer_model_dir):
+    import subprocess
+    import sys
+
+    from k1rl.config import RunConfig
+
+    cfg = RunConfig.model_validate({
+        "rollout": {"max_tokens": 8},
+        "reward": {"judge": {"mode": "replace", "model": str(trainer_model_dir),
+                             "max_tokens": 8, "max_model_len": 512}}})
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.dump_yaml())
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "2+3=", "answer": "5"}) + "\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "k1rl", "eval", "--model", str(trainer_model_dir), "--data",
+         str(data), "--config", str(config), "--samples", "2", "--work-dir",
+         str(tmp_path / "w")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "generate: " in (tmp_path / "w" / "logs" / "judge.log").read_text()  # it judged

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from k1rl.config import RunConfig, load_config
 from k1rl.launch import LocalCluster
-from k1rl.master.evaluation import needs_local_sandbox
+from k1rl.master.evaluation import needs_local_sandbox, start_judge
 from k1rl.master.loop import Clients, Master
 from k1rl.master.plots import plot_run
 from k1rl.master.problems import ProblemSet, load_problems
@@ -24,9 +24,10 @@ CONFIG_FILE = "config.yaml"
 
 def start_local_services(cfg: RunConfig, config_path: Path, log_dir: Path,
                          problems: ProblemSet) -> LocalCluster:
-    """trainer, reward and the checkpoint-engine sidecar (which owns vLLM's lifecycle), and
-    the code sandbox when some of ``problems`` are code and reward.sandbox_address names
-    this run's sandbox section (another address is a sandbox service running elsewhere).
+    """trainer, reward and the checkpoint-engine sidecar (which owns vLLM's lifecycle), the
+    code sandbox when some of ``problems`` are code and reward.sandbox_address names this
+    run's sandbox section (another address is a sandbox service running elsewhere), and
+    the CoT judge's engine when reward.judge is on with a checkpoint.
     Once all are ready, one that exits is restarted (calls.max_restarts)."""
     cluster = LocalCluster(log_dir)
     try:
@@ -34,6 +35,7 @@ def start_local_services(cfg: RunConfig, config_path: Path, log_dir: Path,
         if needs_local_sandbox(cfg, problems, heldout_only=False):
             cluster.start("sandbox", "sandbox", ["serve", *args], cfg.sandbox.address)
         cluster.start("trainer", "trainer_svc", args, cfg.trainer.address)
+        start_judge(cluster, cfg, args)
         cluster.start("reward", "reward_svc", args, cfg.reward.address)
         cluster.start("checkpoint_engine", "checkpoint_engine", args, cfg.checkpoint_engine.address)
         cluster.wait_ready(900)

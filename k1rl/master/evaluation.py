@@ -198,7 +198,21 @@ def evaluation_config(cfg: RunConfig, model_dir: Path, sandbox: bool) -> RunConf
     if sandbox:
         out.sandbox.address = out.reward.sandbox_address = free_tcp_address()
         out.sandbox.http_port = None  # ZMQ only: parallel evaluations must not share a port
+    if serves_judge(out):
+        out.reward.judge.address, out.reward.judge.addresses = free_tcp_address(), []
     return RunConfig.model_validate(out.model_dump())  # re-validate the edited copy
+
+
+def serves_judge(cfg: RunConfig) -> bool:
+    """The reward judges with a CoT model whose checkpoint this config names: local runs
+    start its engine themselves (without reward.judge.model it is served elsewhere)."""
+    return cfg.reward.judge.mode != "off" and bool(cfg.reward.judge.model)
+
+
+def start_judge(cluster, cfg: RunConfig, args: list[str]) -> None:
+    """rollout_svc --judge in ``cluster`` when :func:`serves_judge`."""
+    if serves_judge(cfg):
+        cluster.start("judge", "rollout_svc", [*args, "--judge"], cfg.reward.judge.address)
 
 
 def evaluate_checkpoint(cfg: RunConfig, model_dir: Path, work_dir: Path, *,
@@ -242,6 +256,7 @@ def serving(cfg: RunConfig, model_dir: Path, work_dir: Path, sandbox: bool,
             cluster.start("sandbox", "sandbox", ["serve", *args], cfg.sandbox.address)
         # no --dummy-weights: the engine loads model.path and serves it as policy 0
         cluster.start("rollout", "rollout_svc", args, cfg.rollout.address)
+        start_judge(cluster, cfg, args)
         cluster.start("reward", "reward_svc", args, cfg.reward.address)
         cluster.wait_ready(ready_timeout_s)
         with RPCClient(cfg.rollout.address, timeout_s=ready_timeout_s) as rollout, \
