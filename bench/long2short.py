@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from k1rl.config import RunConfig  # noqa: E402
 from k1rl.data.sources import DataSource  # noqa: E402
+from k1rl.data.tasks import ANSWER_PREFIX  # noqa: E402
 from k1rl.demo import (  # noqa: E402
     BASE_MODEL,
     build_model,
@@ -43,7 +44,7 @@ from k1rl.demo import (  # noqa: E402
     write_problems,
 )
 
-ANSWER = " The answer is"
+ANSWER = " " + ANSWER_PREFIX  # where a synthetic chain states its answer
 
 
 def log(msg: str) -> None:

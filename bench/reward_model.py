@@ -36,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from k1rl.config import RunConfig  # noqa: E402
-from k1rl.demo import (  # noqa: E402  # noqa: E402
+from k1rl.data.tasks import ANSWER_PREFIX  # noqa: E402
+from k1rl.demo import (  # noqa: E402
     BASE_MODEL,
     build_model,
     load_demo_config,
@@ -45,7 +46,7 @@ from k1rl.demo import (  # noqa: E402  # noqa: E402
     write_problems,
 )
 
-ANSWER = " The answer is"
+ANSWER = " " + ANSWER_PREFIX  # where a synthetic chain states its answer
 RESULT_REGEX = r"result (-?[\d,]+)"
 
 
