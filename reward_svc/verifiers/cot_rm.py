@@ -49,8 +49,7 @@ class CoTRewardModel(Verifier):
         return cls(judge, rule)
 
     def verify(self, response: str, answer: str) -> bool:
-        item = RewardItem(group_id=0, response=response, answer=answer, response_tokens=0)
-        return self.check_items([item])[0].correct
+        return self.check(response, answer).correct
 
     def check(self, response: str, answer: str) -> Check:
         item = RewardItem(group_id=0, response=response, answer=answer, response_tokens=0)
