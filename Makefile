@@ -7,8 +7,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.k1rl-installed
 SEED ?= 0
 # sandbox: bubblewrap (isolation), libseccomp2 (its filter), g++/gcc (C, C++ programs),
-# podman + runc + catatonit (the container runner, tested beside bwrap)
-APT_PACKAGES := libibverbs1 bubblewrap libseccomp2 g++ gcc podman runc catatonit
+# podman + runc + catatonit (the container runner, tested beside bwrap), and the
+# toolchains of its other languages (sandbox/languages.py)
+SANDBOX_LANGUAGE_PACKAGES := default-jdk-headless golang-go rustc nodejs ruby
+APT_PACKAGES := libibverbs1 bubblewrap libseccomp2 g++ gcc podman runc catatonit \
+	$(SANDBOX_LANGUAGE_PACKAGES)
 # vLLM's PyPI deps pull torchvision/torchaudio/torchcodec builds that do not load
 # beside the +cpu torch and break `transformers` imports: they are removed after install.
 BROKEN_WITH_CPU_TORCH := torchvision torchaudio torchcodec

@@ -10,6 +10,12 @@ Last line, one JSON object:
   runs_per_s   sustained hello-world runs through the service, `workers` workers and
                twice as many concurrent clients               (target >= 60 on 2 cores)
   tests_per_s  one compiled C++ program over 100 test cases, compile time excluded
+  concurrent_clients_p99_ms
+               p99 round trip of hello-world runs from 16 clients at once
+               (`failed` counts requests not accepted or not answered in time: target 0)
+  languages    per language: `compile_s` (first compile), `cached_compile_ms` (the same
+               source again: the compile cache), `run_ms` (median in-sandbox wall time of
+               a hello-world over 20 tests); a language whose toolchain is missing is left out
 """
 
 from __future__ import annotations
@@ -33,6 +39,19 @@ from k1rl.protocol import RunCodeRequest, RunCodeResult, TestCase  # noqa: E402
 from k1rl.rpc import RPCClient  # noqa: E402
 
 HELLO = "print('hello')\n"
+HELLO_IN = {
+    "python": HELLO,
+    "c": "#include <stdio.h>\nint main(void) { puts(\"hello\"); return 0; }\n",
+    "cpp": "#include <cstdio>\nint main() { std::puts(\"hello\"); }\n",
+    "java": "public class Main { public static void main(String[] a) { "
+            "System.out.println(\"hello\"); } }\n",
+    "go": "package main\nimport \"fmt\"\nfunc main() { fmt.Println(\"hello\") }\n",
+    "rust": "fn main() { println!(\"hello\"); }\n",
+    "javascript": "console.log(\"hello\");\n",
+    "bash": "echo hello\n",
+    "ruby": "puts \"hello\"\n",
+}
+CLIENTS = 16
 SQUARE_CPP = ("#include <cstdio>\nint main(){long long a;if(scanf(\"%lld\",&a)!=1)return 1;"
               "printf(\"%lld\\n\",a*a);}\n")
 
@@ -48,6 +67,62 @@ def bare_ms(samples: int) -> float:
                            check=True)
             times.append(time.perf_counter() - t)
     return statistics.median(times) * 1000
+
+
+def concurrent_clients(address: str, req: RunCodeRequest, seconds: float) -> tuple[float, int]:
+    """p99 round trip (ms) of ``req`` sent by CLIENTS clients at once for ``seconds``, and
+    how many were not accepted or not answered within 30 s."""
+    latencies: list[float] = []
+    failed = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def client_loop() -> None:
+        c = RPCClient(address, timeout_s=30)
+        try:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                try:
+                    ok = c.call("run_code", req, RunCodeResult, timeout_s=30).verdict == \
+                        "accepted"
+                except Exception:  # noqa: BLE001 - a timeout or a refused call is a failure
+                    ok = False
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+                    failed[0] += not ok
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=client_loop) for _ in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    return latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000, failed[0]
+
+
+def language_starts(call) -> dict[str, dict[str, float]]:
+    """Compile and start cost of a hello-world in each language whose toolchain is here."""
+    from sandbox import languages
+
+    table = {}
+    for name, source in HELLO_IN.items():
+        lang = languages.get(name)
+        if not os.path.exists((lang.compile or lang.run)[0]):
+            continue
+        tests = [TestCase(expected="hello") for _ in range(20)]
+        source += f"{'#' if name in ('python', 'bash', 'ruby') else '//'} {os.urandom(6).hex()}\n"
+        first = call(RunCodeRequest(language=name, source=source, tests=tests,
+                                    time_limit_s=10))
+        again = call(RunCodeRequest(language=name, source=source, tests=tests[:1],
+                                    time_limit_s=10))
+        row = {"run_ms": round(statistics.median(t.wall_s for t in first.tests) * 1000, 1)}
+        if first.compile is not None:
+            row["compile_s"] = round(first.compile.time_s, 2)
+            row["cached_compile_ms"] = round(again.compile.time_s * 1000, 1)
+        table[name] = row
+    return table
 
 
 def main() -> None:
@@ -103,6 +178,8 @@ def main() -> None:
             t.join()
         runs_per_s = done[0] / (time.perf_counter() - started)
 
+        p99, failed = concurrent_clients(servers.rpc.address, hello, args.seconds)
+        per_language = language_starts(call)
         tests = [TestCase(stdin=str(i), expected=str(i * i)) for i in range(100)]
         t = time.perf_counter()
         r = call(RunCodeRequest(language="cpp", source=SQUARE_CPP, tests=tests))
@@ -116,7 +193,8 @@ def main() -> None:
     print(json.dumps({
         "bare_ms": round(bare, 2), "isolated_ms": round(isolated, 2),
         "overhead_ms": round(isolated - bare, 2), "runs_per_s": round(runs_per_s, 1),
-        "tests_per_s": round(tests_per_s, 1),
+        "tests_per_s": round(tests_per_s, 1), "concurrent_clients_p99_ms": round(p99, 1),
+        "concurrent_clients_failed": failed, "languages": per_language,
     }))
 
 

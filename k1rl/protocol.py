@@ -536,6 +536,8 @@ class CompileOutcome(Message):
     time_s: float = 0.0
     timed_out: bool = False
     output: str = Field("", description="compiler stdout+stderr, truncated")
+    cached: bool = Field(False, description="the same source compiled before: its outputs "
+                                            "were reused (sandbox/compile_cache.py)")
 
 
 class TestOutcome(Message):

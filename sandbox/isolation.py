@@ -46,6 +46,7 @@ class Limits:
     open_files: int = 64
     scratch_mb: int = 64
     stderr_bytes: int = 64 << 10
+    address_space_mb: int = 64  # RLIMIT_AS beyond memory_mb (sandbox/languages.py)
 
 
 @dataclass
@@ -97,6 +98,20 @@ class Slot:
         os.chown(path, self.uid, self.uid)
         os.chmod(path, mode)
         return path
+
+
+def host_paths() -> list[str]:
+    """The host paths every sandbox sees read-only: :data:`_RO_PATHS` and the languages'
+    own (sandbox/languages.py), those that exist here."""
+    from sandbox import languages
+
+    return [p for p in (*_RO_PATHS, *languages.host_paths()) if os.path.exists(p)]
+
+
+def base_env() -> dict[str, str]:
+    """Every run's environment, before its language's own variables."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": SCRATCH_DIR,
+            "TMPDIR": SCRATCH_DIR, "LANG": "C.UTF-8"}
 
 
 def make_root(root: Path, ro_paths: list[str]) -> Path:
@@ -164,7 +179,7 @@ def _rlimits(limits: Limits) -> tuple[int, int, int, int, int]:
     """(cpu s, address space, file size, open files, processes) of a run."""
     return (
         int(limits.cpu_s) + 1,  # the kernel's backstop; the verdict uses measured time
-        (limits.memory_mb + 64) << 20,  # address-space headroom for runtimes' mappings
+        (limits.memory_mb + limits.address_space_mb) << 20,
         limits.scratch_mb << 20,
         limits.open_files,
         limits.processes + 4,  # bwrap's own two processes and some slack

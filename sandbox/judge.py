@@ -7,6 +7,8 @@ not thread-safe (one request at a time per slot, which is what a worker process 
 from __future__ import annotations
 
 import signal
+import time
+from pathlib import Path
 
 from k1rl.config import SandboxConfig
 from k1rl.protocol import (
@@ -20,6 +22,7 @@ from k1rl.protocol import (
 
 from sandbox import languages
 from sandbox.checkers import compare
+from sandbox.compile_cache import CompileCache
 from sandbox.isolation import Execution, Limits, Slot
 from sandbox.runners import Runner
 
@@ -35,6 +38,9 @@ class Judge:
         self.runner = runner
         self.slot = slot
         self.cfg = cfg
+        self.cache = CompileCache(Path(cfg.work_root) / "compile-cache",
+                                  cfg.compile_cache_entries) \
+            if cfg.compile_cache_entries else None
 
     def run(self, req: RunCodeRequest) -> RunCodeResult:
         """Raises ValueError for a request that cannot be run (unknown language)."""
@@ -54,7 +60,7 @@ class Judge:
         checker_ready = None
         if checker_lang is not None:
             checker_ready = self._prepare_checker(checker_lang, req.checker.source)
-        limits = self._limits(req)
+        limits = self._limits(req, lang)
         for i, test in enumerate(req.tests):
             if req.stop_on_first_failure and result.verdict != "accepted":
                 result.skipped = len(req.tests) - i
@@ -66,26 +72,44 @@ class Judge:
         return result
 
     # ---------------------------------------------------------------- steps
-    def _limits(self, req: RunCodeRequest) -> Limits:
+    def _limits(self, req: RunCodeRequest, lang: languages.Language) -> Limits:
         return Limits(
             cpu_s=req.time_limit_s, wall_s=req.wall_limit, memory_mb=req.memory_limit_mb,
             output_bytes=req.output_limit_kb << 10, processes=self.cfg.max_processes,
             open_files=self.cfg.max_open_files, scratch_mb=self.cfg.scratch_mb,
+            address_space_mb=lang.address_space_mb,
         )
 
     def _compile_limits(self, lang: languages.Language, time_s: float) -> Limits:
         return Limits(cpu_s=time_s, wall_s=2 * time_s,
                       memory_mb=lang.compile_memory_mb, output_bytes=COMPILER_OUTPUT_CHARS,
                       processes=self.cfg.max_processes, open_files=256,
-                      scratch_mb=max(self.cfg.scratch_mb, 256))
+                      scratch_mb=max(self.cfg.scratch_mb, 256),
+                      address_space_mb=lang.compile_address_space_mb)
 
     def _compile(self, lang: languages.Language, options: list[str], cwd: str = "",
                  time_s: float | None = None) -> tuple[CompileOutcome, str]:
         """The compile outcome, and the sandbox's own failure ("" when it ran)."""
         time_s = time_s or lang.compile_time_s
-        ex = self.runner.execute(self.slot, lang.compile_argv(options), stdin=b"",
+        argv = lang.compile_argv(options)
+        where = self.slot.code / cwd
+        key = None
+        if self.cache is not None:
+            started = time.monotonic()
+            key = self.cache.key(lang.name, argv, (where / lang.source_file).read_bytes())
+            hit = self.cache.restore(key, where, self.slot.uid, time_s)
+            if hit is not None:
+                return hit.model_copy(update={"time_s": time.monotonic() - started}), ""
+        outcome, error = self._run_compiler(lang, argv, cwd, time_s)
+        if key is not None and not error:
+            self.cache.store(key, where, lang.source_file, outcome)
+        return outcome, error
+
+    def _run_compiler(self, lang: languages.Language, argv: list[str], cwd: str,
+                      time_s: float) -> tuple[CompileOutcome, str]:
+        ex = self.runner.execute(self.slot, argv, stdin=b"",
                                  limits=self._compile_limits(lang, time_s), writable_code=True,
-                                 cwd=cwd)
+                                 cwd=cwd, env=dict(lang.env))
         if ex.start_error:
             return CompileOutcome(ok=False, output=f"sandbox error: {ex.start_error}"), \
                 ex.start_error
@@ -112,15 +136,15 @@ class Judge:
     def _run_test(self, lang: languages.Language, test: TestCase, limits: Limits,
                   req: RunCodeRequest, checker_lang: languages.Language | None,
                   checker_error: str | None) -> TestOutcome:
-        ex = self.runner.execute(self.slot, lang.run_argv(), stdin=test.stdin.encode(),
-                                 limits=limits)
+        ex = self.runner.execute(self.slot, lang.run_argv(limits.memory_mb),
+                                 stdin=test.stdin.encode(), limits=limits, env=dict(lang.env))
         outcome = TestOutcome(
             verdict="accepted", exit_code=ex.exit_code, signal=ex.signal, cpu_s=ex.cpu_s,
             wall_s=ex.wall_s, memory_kb=ex.memory_kb,
             stdout=ex.stdout[:req.shown_output_kb << 10].decode("utf-8", "replace"),
             stderr=ex.stderr[:req.shown_output_kb << 10].decode("utf-8", "replace"),
         )
-        verdict, detail = classify(ex, limits)
+        verdict, detail = classify(ex, limits, lang.memory_errors)
         if verdict is None and test.expected is not None:
             if req.checker.name == "custom":
                 verdict, detail = self._custom_check(checker_lang, test, ex.stdout,
@@ -144,10 +168,11 @@ class Judge:
         limits = Limits(cpu_s=10, wall_s=20, memory_mb=1024,
                         output_bytes=CHECKER_OUTPUT_BYTES,
                         processes=self.cfg.max_processes, open_files=64,
-                        scratch_mb=self.cfg.scratch_mb)
+                        scratch_mb=self.cfg.scratch_mb, address_space_mb=lang.address_space_mb)
         ex = self.runner.execute(
-            self.slot, [*lang.run_argv(), "input.txt", "expected.txt", "output.txt"],
-            stdin=b"", limits=limits, cwd=CHECKER_DIR)
+            self.slot, [*lang.run_argv(limits.memory_mb), "input.txt", "expected.txt",
+                        "output.txt"],
+            stdin=b"", limits=limits, cwd=CHECKER_DIR, env=dict(lang.env))
         message = (ex.stdout + ex.stderr).decode("utf-8", "replace")[:500].strip()
         if ex.exit_code == 0:
             return "accepted", message
@@ -156,8 +181,10 @@ class Judge:
         return "sandbox_error", f"the checker failed ({_status(ex)}): {message}"
 
 
-def classify(ex: Execution, limits: Limits) -> tuple[Verdict | None, str]:
-    """The verdict an execution earns before its output is checked (None: ran cleanly)."""
+def classify(ex: Execution, limits: Limits, memory_errors: tuple[bytes, ...] = ()
+             ) -> tuple[Verdict | None, str]:
+    """The verdict an execution earns before its output is checked (None: ran cleanly);
+    ``memory_errors``: what the program's runtime prints when it runs out of memory."""
     if ex.start_error:
         return "sandbox_error", ex.start_error
     if ex.stdout_overflow:
@@ -167,7 +194,8 @@ def classify(ex: Execution, limits: Limits) -> tuple[Verdict | None, str]:
     if ex.cpu_s > limits.cpu_s or ex.signal == signal.SIGXCPU:
         return "time_limit", f"used {ex.cpu_s:.2f} s CPU, limit {limits.cpu_s:g} s"
     failed = ex.exit_code != 0
-    if ex.oom_killed or (failed and any(m in ex.stderr for m in _MEMORY_ERRORS)):
+    if ex.oom_killed or (failed and any(m in ex.stderr
+                                        for m in (*_MEMORY_ERRORS, *memory_errors))):
         return "memory_limit", f"exceeded {limits.memory_mb} MB"
     if ex.signal == signal.SIGXFSZ:
         return "output_limit", f"wrote more than {limits.scratch_mb} MB to files"

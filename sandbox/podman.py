@@ -42,20 +42,18 @@ from pathlib import Path
 from k1rl.config import SandboxConfig
 from sandbox import cgroups
 from sandbox.isolation import (
-    _RO_PATHS,
     CODE_DIR,
     SCRATCH_DIR,
     Execution,
     Limits,
     Slot,
     _supervise,
+    base_env,
+    host_paths,
     make_root,
 )
 from sandbox.runners import Runner, register
 from sandbox.seccomp import oci_profile
-
-_ENV = ("PATH=/usr/local/bin:/usr/bin:/bin", f"HOME={SCRATCH_DIR}", f"TMPDIR={SCRATCH_DIR}",
-        "LANG=C.UTF-8")
 
 
 @register("podman")
@@ -75,7 +73,7 @@ class PodmanRunner(Runner):
         if not cgroups.writable():
             raise RuntimeError("the podman runner needs a writable /sys/fs/cgroup "
                                "(per-run accounting and kill sweeps)")
-        self._ro = [p for p in _RO_PATHS if os.path.exists(p)]
+        self._ro = host_paths()
         # podman adds mount points (/etc/hostname, /run/.containerenv...) to the rootfs:
         # a skeleton of its own, not the bwrap runner's
         self.root = make_root(root, self._ro)
@@ -89,12 +87,13 @@ class PodmanRunner(Runner):
         return cls(Path(cfg.work_root) / "rootfs-podman")
 
     def argv(self, slot: Slot, parent: str, name: str, command: list[str], limits: Limits,
-             writable_code: bool, cwd: str = "") -> list[str]:
+             writable_code: bool, cwd: str = "", env: dict[str, str] | None = None
+             ) -> list[str]:
         cpu = int(limits.cpu_s) + 1  # the kernel's backstop; the verdict uses measured time
         memory = limits.memory_mb << 20
         # no RLIMIT_AS in --ulimit: RLIMIT_DATA (heap and private mappings since Linux
         # 4.7), with the bwrap runner's headroom, and the memory cgroup limit bound it
-        data = (limits.memory_mb + 64) << 20
+        data = (limits.memory_mb + limits.address_space_mb) << 20
         scratch = limits.scratch_mb << 20
         args = [self.podman, "--runtime", self.runtime, "--cgroup-manager", "cgroupfs",
                 "--log-level", "error", "run", "--rm", "--interactive", "--name", name,
@@ -123,12 +122,13 @@ class PodmanRunner(Runner):
             args += ["--volume", f"{path}:{path}:ro"]
         args += ["--volume", f"{slot.code}:{CODE_DIR}:{'rw' if writable_code else 'ro'}",
                  "--workdir", f"{CODE_DIR}/{cwd}" if cwd else CODE_DIR]
-        for env in _ENV:
-            args += ["--env", env]
+        for key, value in {**base_env(), **(env or {})}.items():
+            args += ["--env", f"{key}={value}"]
         return [*args, "--rootfs", str(self.root), *command]
 
     def execute(self, slot: Slot, argv: list[str], *, stdin: bytes, limits: Limits,
-                writable_code: bool = False, cwd: str = "") -> Execution:
+                writable_code: bool = False, cwd: str = "",
+                env: dict[str, str] | None = None) -> Execution:
         if self._setup_cpu_ns is None:
             # runc's set-up runs in the container's cgroup (~0.1 s of CPU here): measure
             # it on empty runs once, and leave it out of every program's CPU time
@@ -136,17 +136,18 @@ class PodmanRunner(Runner):
             empty = [self._run(slot, ["/usr/bin/true"], b"", limits, False, "")
                      for _ in range(2)]
             self._setup_cpu_ns = int(min(e.cpu_s for e in empty) * 1e9)
-        return self._run(slot, argv, stdin, limits, writable_code, cwd)
+        return self._run(slot, argv, stdin, limits, writable_code, cwd, env)
 
     def _run(self, slot: Slot, argv: list[str], stdin: bytes, limits: Limits,
-             writable_code: bool, cwd: str) -> Execution:
+             writable_code: bool, cwd: str, env: dict[str, str] | None = None) -> Execution:
         parent = _SlotParent(f"k1rl-sandbox/{slot.root.parent.name}-w{slot.index}")
         # runs of a slot never overlap: a container still here outlived a worker that
         # died mid-run (its replacement serves the slot now)
         parent.kill_containers()
         parent.settle()
         name = f"k1rl-{slot.root.parent.name}-w{slot.index}-{next(self._serial)}"
-        command = self.argv(slot, "/" + parent.path, name, argv, limits, writable_code, cwd)
+        command = self.argv(slot, "/" + parent.path, name, argv, limits, writable_code, cwd,
+                            env)
         cpu_before = parent.cpu_ns()
         parent.reset_peak()
         # the podman client runs as root in the worker's cgroup; the program's limits

@@ -36,8 +36,10 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def execute(self, slot: Slot, argv: list[str], *, stdin: bytes, limits: Limits,
-                writable_code: bool = False, cwd: str = "") -> Execution:
-        """Run ``argv`` in the slot's code dir (or its subdir ``cwd``); never raises
+                writable_code: bool = False, cwd: str = "",
+                env: dict[str, str] | None = None) -> Execution:
+        """Run ``argv`` in the slot's code dir (or its subdir ``cwd``), with
+        :func:`~sandbox.isolation.base_env` updated by ``env``; never raises
         because of what the program does. ``start_error`` is set when the sandbox itself
         could not start the command."""
 
