@@ -512,6 +512,9 @@ class SandboxConfig(ServiceSection):
     use_cgroups: Literal["auto", "off"] = Field(
         "auto", description="auto: pids+memory cgroup per worker when /sys/fs/cgroup is "
                             "writable (v1 or v2); off: rlimits only.")
+    prewarm: bool = Field(
+        True, description="bwrap: set up each worker's next sandbox while its current "
+        "program runs (sandbox/prewarm.py), so a run does not wait for namespaces and mounts.")
     compile_cache_entries: int = Field(
         512, ge=0, description="Compiled programs kept by source hash under work_root, "
         "shared by the workers (a program sent once per test compiles once); 0: off.")

@@ -25,6 +25,7 @@ import shutil
 import signal
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from k1rl.config import SandboxConfig
@@ -40,7 +41,10 @@ from sandbox.isolation import (
     host_paths,
     make_root,
     reap_orphans,
+    wait_exit,
+    watch,
 )
+from sandbox.prewarm import INNER_LAUNCHER, Shape, WarmSandbox
 from sandbox.runners import Runner, register
 from sandbox.seccomp import filter_bytes
 
@@ -48,9 +52,11 @@ from sandbox.seccomp import filter_bytes
 @register("bwrap")
 class BwrapRunner(Runner):
     shares_worker_netns = True
+    pre_warms = True
 
     def __init__(self, root: Path | None = None, bwrap: str | None = None,
-                 netns_per_run: bool = True, launcher: Path | None = None) -> None:
+                 netns_per_run: bool = True, launcher: Path | None = None,
+                 prewarm: bool = True, scratch_mb: int | None = None) -> None:
         self.bwrap = bwrap or shutil.which("bwrap") or "/usr/bin/bwrap"
         # False when this process already sits in an empty network namespace of its own
         # (see enter_empty_netns); the programs then share it, one at a time
@@ -62,16 +68,21 @@ class BwrapRunner(Runner):
         self._ro = host_paths()
         self.root = make_root(root or Path(tempfile.mkdtemp(prefix="k1rl-sandbox-root-")),
                               self._ro)
+        if launcher is not None:  # the launcher inside: how a sandbox waits for its program
+            _install(launcher, self.root / INNER_LAUNCHER.lstrip("/"))
+        self.prewarm = prewarm and launcher is not None
+        self._warm: WarmSandbox | None = None
+        self._scratch_mb = scratch_mb  # programs' scratch size (compiles get more)
 
     @classmethod
     def from_config(cls, cfg: SandboxConfig, in_empty_netns: bool) -> BwrapRunner:
         work = Path(cfg.work_root)
         return cls(work / "rootfs", netns_per_run=not in_empty_netns,
-                   launcher=build_launcher(work))
+                   launcher=build_launcher(work), prewarm=cfg.prewarm,
+                   scratch_mb=cfg.scratch_mb)
 
-    def argv(self, slot: Slot, command: list[str], limits: Limits, writable_code: bool,
-             seccomp_fd: int, status_fd: int, cwd: str = "",
-             env: dict[str, str] | None = None) -> list[str]:
+    def argv(self, slot: Slot, shape: Shape, seccomp_fd: int, status_fd: int) -> list[str]:
+        """bwrap's argv up to the command, for a run of ``shape`` in ``slot``."""
         # The root is a read-only bind of a skeleton that already holds every mount
         # point and symlink: nothing can be created beside the mounts, and it costs ~3 ms
         # less per run than a tmpfs root remounted read-only.
@@ -87,34 +98,25 @@ class BwrapRunner(Runner):
         for path in self._ro:
             args += ["--ro-bind", path, path]
         args += ["--proc", "/proc", "--dev", "/dev",
-                 "--size", str(limits.scratch_mb << 20), "--tmpfs", SCRATCH_DIR,
-                 "--bind" if writable_code else "--ro-bind", str(slot.code), CODE_DIR,
-                 "--chdir", f"{CODE_DIR}/{cwd}" if cwd else CODE_DIR,
+                 "--size", str(shape.scratch_mb << 20), "--tmpfs", SCRATCH_DIR,
+                 "--bind" if shape.writable_code else "--ro-bind", str(slot.code), CODE_DIR,
+                 "--chdir", f"{CODE_DIR}/{shape.cwd}" if shape.cwd else CODE_DIR,
                  "--json-status-fd", str(status_fd)]
-        for name, value in {**base_env(), **(env or {})}.items():
+        for name, value in {**base_env(), **dict(shape.env)}.items():
             args += ["--setenv", name, value]
-        return [*args, "--seccomp", str(seccomp_fd), "--", *command]
+        return [*args, "--seccomp", str(seccomp_fd), "--"]
 
     def execute(self, slot: Slot, argv: list[str], *, stdin: bytes, limits: Limits,
                 writable_code: bool = False, cwd: str = "",
                 env: dict[str, str] | None = None) -> Execution:
-        filter_r, filter_w = os.pipe()
+        shape = Shape(writable_code, cwd, tuple(sorted((env or {}).items())), limits.scratch_mb)
         try:
-            os.write(filter_w, self._seccomp)  # < pipe buffer: the filter is ~1 KB
-        finally:
-            os.close(filter_w)
-        status_r, status_w = os.pipe()
-        try:
-            command = self.argv(slot, argv, limits, writable_code, filter_r, status_w, cwd,
-                                env)
-            # _supervise closes status_w once the child has its copy (or failed to start),
-            # so reading status_r ends at the child's exit
-            result = _supervise(command, slot, stdin, limits, pass_fds=(filter_r, status_w),
-                                hand_over=(status_w,), launcher=self.launcher)
-            status = _read_all(status_r)
-        finally:
-            os.close(filter_r)
-            os.close(status_r)
+            if self.launcher is None:
+                result, status = self._execute_cold(slot, shape, argv, stdin, limits)
+            else:
+                result, status = self._execute_warm(slot, shape, argv, stdin, limits)
+        except OSError as e:
+            return Execution(start_error=f"cannot start the sandbox: {e}")
         _account(result, status)
         # Without {"child-pid": N} bwrap never cloned the sandbox; a set-up failure in
         # the clone (a mount, a namespace) ends it with exit 1 and "bwrap: ..." on
@@ -126,6 +128,75 @@ class BwrapRunner(Runner):
             result.start_error = "sandbox set-up failed: " + result.stderr.decode(
                 "utf-8", "replace").strip()
         return result
+
+    def _execute_warm(self, slot: Slot, shape: Shape, argv: list[str], stdin: bytes,
+                      limits: Limits) -> tuple[Execution, bytes]:
+        sandbox = self._take(slot, shape)
+        started = time.monotonic()
+        sandbox.go(slot, limits, argv)
+        if self.prewarm:  # the next run's sandbox sets up while this one runs
+            self._warm_next(slot, shape)
+        result = watch(sandbox.proc, slot, stdin, limits, started)
+        status = _read_all(sandbox.status_fd)
+        sandbox.close_fds()
+        return result, status
+
+    def _take(self, slot: Slot, shape: Shape) -> WarmSandbox:
+        """The warm sandbox when it fits this run, else one started now."""
+        warm, self._warm = self._warm, None
+        if warm is not None and (warm.shape == shape and warm.slot is slot and warm.alive()):
+            return warm
+        if warm is not None:
+            warm.discard()
+        if slot.cgroup is not None:
+            slot.cgroup.kill_all()  # what the last run there left, before this one joins
+        return WarmSandbox.start(partial(self.argv, slot), self.launcher, slot, shape,
+                                 self._seccomp, slot.cgroup)
+
+    def _warm_next(self, slot: Slot, shape: Shape) -> None:
+        if slot.cgroup is not None and slot.spare_cgroup is None:
+            return  # one cgroup: the running program's sweep would kill it
+        # most runs follow a run of the same shape (a request's tests); after a
+        # compile, the program's own run in the read-only code dir
+        if shape.writable_code or shape.cwd:
+            shape = Shape(False, "", shape.env, self._scratch_mb or shape.scratch_mb)
+        try:
+            self._warm = WarmSandbox.start(partial(self.argv, slot), self.launcher, slot,
+                                           shape, self._seccomp, slot.spare_cgroup)
+        except OSError:
+            self._warm = None  # started on the spot next time, which reports the error
+
+    def _execute_cold(self, slot: Slot, shape: Shape, argv: list[str], stdin: bytes,
+                      limits: Limits) -> tuple[Execution, bytes]:
+        """Without the C launcher: bwrap started for this run, limits set by a Python
+        preexec_fn (no pre-warming: nothing inside the sandbox could wait)."""
+        filter_r, filter_w = os.pipe()
+        try:
+            os.write(filter_w, self._seccomp)  # < pipe buffer: the filter is ~1 KB
+        finally:
+            os.close(filter_w)
+        status_r, status_w = os.pipe()
+        try:
+            command = self.argv(slot, shape, filter_r, status_w) + argv
+            # _supervise closes status_w once the child has its copy (or failed to start),
+            # so reading status_r ends at the child's exit
+            result = _supervise(command, slot, stdin, limits, pass_fds=(filter_r, status_w),
+                                hand_over=(status_w,))
+            return result, _read_all(status_r)
+        finally:
+            os.close(filter_r)
+            os.close(status_r)
+
+
+def _install(launcher: Path, target: Path) -> None:
+    """Copy the launcher into the root skeleton (atomically: workers share the skeleton)."""
+    if target.exists() and target.stat().st_size == launcher.stat().st_size and \
+            target.read_bytes() == launcher.read_bytes():
+        return
+    tmp = target.with_name(f"{target.name}.{os.getpid()}")
+    shutil.copyfile(launcher, tmp)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
 
 
 def _read_all(fd: int) -> bytes:
@@ -167,8 +238,10 @@ def _account(result: Execution, status: bytes) -> None:
                 result.cpu_s = usage.ru_utime + usage.ru_stime
                 result.memory_kb = usage.ru_maxrss
                 break
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 os.kill(inner, signal.SIGKILL)
-                deadline = float("inf")
-            time.sleep(0.0002)
+                deadline = time.monotonic() + 60.0  # SIGKILLed: it exits
+            else:
+                wait_exit(inner, left)
     reap_orphans()

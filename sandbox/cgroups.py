@@ -28,8 +28,10 @@ class CgroupSet:
         self._oom_before = 0
 
     # -------------------------------------------------------------- per run
-    def reset(self, memory_bytes: int, pids: int) -> None:
-        self.kill_all()
+    def reset(self, memory_bytes: int, pids: int, sweep: bool = True) -> None:
+        """Limits for the next run, after killing what is left (``sweep``)."""
+        if sweep:
+            self.kill_all()
         if self.v2:
             d = self.dirs["unified"]
             write(d / "memory.max", memory_bytes)
@@ -122,8 +124,11 @@ def kill_cgroup(d: Path, v2: bool) -> None:
         write(d / "cgroup.kill", 1, missing_ok=True)
         return
     # a forking program adds pids between reads, and killed ones stay listed until
-    # they have exited: sweep until the tree is empty (bounded: ~2 s)
-    for _ in range(400):
+    # they have exited: sweep until the tree is empty (bounded: ~2 s). Most sweeps find
+    # a process or two in the middle of exiting, gone within a millisecond: the pauses
+    # start short.
+    pause, deadline = 0.0001, time.monotonic() + 2.0
+    while time.monotonic() < deadline:
         pids = [p for sub, _, _ in os.walk(d) for p in procs(Path(sub))]
         if not pids:
             return
@@ -132,8 +137,9 @@ def kill_cgroup(d: Path, v2: bool) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        time.sleep(0.005)
-    log.error("processes of %s survived 400 SIGKILL sweeps", d)
+        time.sleep(pause)
+        pause = min(2 * pause, 0.005)
+    log.error("processes of %s survived 2 s of SIGKILL sweeps", d)
 
 
 def remove_tree(d: Path) -> None:

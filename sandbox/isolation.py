@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import select
 import selectors
 import shutil
 import signal
@@ -72,16 +73,25 @@ class Slot:
     uid: int
     root: Path                       # host dir holding code/
     cgroup: cgroups.CgroupSet | None = None
+    # the other of the two cgroups runs alternate between (sandbox/prewarm.py)
+    spare_cgroup: cgroups.CgroupSet | None = None
 
     @property
     def code(self) -> Path:
         return self.root / "code"
 
     def prepare(self) -> None:
-        """(Re)create an empty code dir owned by the slot's uid."""
-        if self.code.exists():
-            shutil.rmtree(self.code, ignore_errors=True)
-        self.code.mkdir(parents=True, exist_ok=True)
+        """An empty code dir owned by the slot's uid. Emptied, not recreated: a pre-warmed
+        sandbox (sandbox/prewarm.py) already has this very directory mounted."""
+        if self.code.is_dir() and not self.code.is_symlink():
+            for child in self.code.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        else:
+            self.code.unlink(missing_ok=True)
+            self.code.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
         os.chown(self.code, self.uid, self.uid)
         os.chmod(self.code, 0o700)
@@ -186,11 +196,14 @@ def _rlimits(limits: Limits) -> tuple[int, int, int, int, int]:
     )
 
 
-def _launch_argv(launcher: Path, slot: Slot, limits: Limits, argv: list[str]) -> list[str]:
-    """``argv`` behind the C launcher (sandbox/launcher.c): same steps as :func:`_preexec`."""
-    procs = ":".join(str(d / "cgroup.procs") for d in slot.cgroup.dirs.values()) \
-        if slot.cgroup is not None else "-"
-    return [str(launcher), *map(str, _rlimits(limits)), str(slot.uid), procs, "--", *argv]
+def _launch_argv(launcher: Path, slot: Slot, limits: Limits | None, argv: list[str],
+                 cgroup: cgroups.CgroupSet | None) -> list[str]:
+    """``argv`` behind the C launcher (sandbox/launcher.c): same steps as :func:`_preexec`;
+    ``limits`` None leaves the rlimits as they are."""
+    procs = ":".join(str(d / "cgroup.procs") for d in cgroup.dirs.values()) \
+        if cgroup is not None else "-"
+    rlimits = map(str, _rlimits(limits)) if limits is not None else ["-"] * 5
+    return [str(launcher), *rlimits, str(slot.uid), procs, "--", *argv]
 
 
 def _preexec(slot: Slot, limits: Limits):
@@ -256,12 +269,11 @@ def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
     without one). Otherwise it is a launcher that applies them itself (podman). ``kill``
     is called besides killing ``argv``'s process group when the run is stopped (for
     processes outside it: a container's)."""
-    result = Execution()
     if slot.cgroup is not None:
         slot.cgroup.reset(limits.memory_mb << 20, limits.processes + 4)
     preexec = None
     if as_program and launcher is not None:
-        argv = _launch_argv(launcher, slot, limits, argv)
+        argv = _launch_argv(launcher, slot, limits, argv, slot.cgroup)
     elif as_program:
         preexec = _preexec(slot, limits)
     started = time.monotonic()
@@ -272,11 +284,18 @@ def _supervise(argv: list[str], slot: Slot, stdin: bytes, limits: Limits,
             pass_fds=pass_fds, close_fds=True, env={},
         )
     except OSError as e:
-        result.start_error = f"cannot start the sandbox: {e}"
-        return result
+        return Execution(start_error=f"cannot start the sandbox: {e}")
     finally:
         for fd in hand_over:  # the child holds its own copy
             os.close(fd)
+    return watch(proc, slot, stdin, limits, started, kill)
+
+
+def watch(proc: subprocess.Popen, slot: Slot, stdin: bytes, limits: Limits, started: float,
+          kill: Callable[[], None] | None = None) -> Execution:
+    """Feed a started program its stdin, drain its capped output, enforce the wall clock
+    from ``started``, reap it and sweep the slot's cgroup (see :func:`_supervise`)."""
+    result = Execution()
     deadline = started + limits.wall_s
     out, err = bytearray(), bytearray()
     sel = selectors.DefaultSelector()
@@ -373,11 +392,29 @@ def _reap(proc: subprocess.Popen, deadline: float, slot: Slot, kill: Callable[[]
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             _kill_tree(proc, slot, kill)
             late = True
             pid, status, usage = os.wait4(proc.pid, 0)
             break
-        time.sleep(0.0005)
+        wait_exit(proc.pid, left)
     proc.returncode = status  # keep subprocess from waiting again
     return status, usage, late
+
+
+def wait_exit(pid: int, timeout: float) -> None:
+    """Sleep until process ``pid`` exits (a zombie, for wait4 to collect) or ``timeout``
+    passes. A pidfd wakes us at the exit itself rather than at the next poll; without
+    pidfds (Linux < 5.3) this is a short sleep and the caller polls."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (OSError, AttributeError):
+        time.sleep(min(timeout, 0.0005))
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)

@@ -10,8 +10,16 @@
  * CPU (seconds; hard limit CPU+1), AS, FSIZE (bytes), NOFILE, NPROC: rlimits, soft = hard
  * except CPU; core dumps off. UID: uid and gid of the run, supplementary groups dropped.
  * PROCS_FILES: cgroup.procs files to move into, separated by ':' ("-" for none).
+ * A "-" for a limit leaves it as it is; UID "-": keep the current identity.
  * Any failure ends with exit status 126 and one "k1rl-launch: ..." line on stderr, before
  * the command runs.
+ *
+ *   k1rl-launch --from-fd N
+ *
+ * reads the same arguments, each ended by a NUL byte, from file descriptor N until EOF,
+ * closes it and goes on as above. This is how a pre-warmed sandbox starts its program
+ * (sandbox/bubblewrap.py): bubblewrap has set everything up and runs this, which waits
+ * on N for the run's limits and command, sets the limits inside the sandbox and execs.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -20,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -39,12 +48,42 @@ static unsigned long long number(const char *s) {
   return v;
 }
 
-static void limit(int resource, rlim_t soft, rlim_t hard, const char *name) {
-  struct rlimit r = {soft, hard};
+static void limit(int resource, const char *value, const char *name) {
+  if (strcmp(value, "-") == 0) return;
+  rlim_t v = number(value);
+  /* CPU: SIGXCPU at the soft limit, SIGKILL a second later */
+  struct rlimit r = {v, resource == RLIMIT_CPU ? v + 1 : v};
   if (setrlimit(resource, &r) != 0) die("setrlimit", name);
 }
 
+/* argv from fd: NUL-terminated strings until EOF (the caller's message is small). */
+static char **read_args(const char *fd_arg, int *argc_out) {
+  int fd = (int)number(fd_arg);
+  size_t cap = 4096, len = 0;
+  char *buf = malloc(cap);
+  if (!buf) die("out of memory", NULL);
+  for (;;) {
+    if (len == cap && !(buf = realloc(buf, cap *= 2))) die("out of memory", NULL);
+    ssize_t n = read(fd, buf + len, cap - len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) die("read", fd_arg);
+    if (n == 0) break;
+    len += (size_t)n;
+  }
+  close(fd);
+  int argc = 1;
+  for (size_t i = 0; i < len; i++) argc += buf[i] == '\0';
+  char **argv = calloc((size_t)argc + 1, sizeof *argv);
+  if (!argv) die("out of memory", NULL);
+  argv[0] = "k1rl-launch";
+  int k = 1;
+  for (size_t i = 0; i < len; i += strlen(buf + i) + 1) argv[k++] = buf + i;
+  *argc_out = k;
+  return argv;
+}
+
 int main(int argc, char **argv) {
+  if (argc == 3 && strcmp(argv[1], "--from-fd") == 0) argv = read_args(argv[2], &argc);
   if (argc < 10 || strcmp(argv[8], "--") != 0) {
     fprintf(stderr, "usage: k1rl-launch CPU AS FSIZE NOFILE NPROC UID PROCS_FILES -- COMMAND...\n");
     return 126;
@@ -58,17 +97,18 @@ int main(int argc, char **argv) {
       close(fd);
     }
   }
-  rlim_t cpu = number(argv[1]);
-  limit(RLIMIT_CPU, cpu, cpu + 1, "cpu");
-  limit(RLIMIT_AS, number(argv[2]), number(argv[2]), "as");
-  limit(RLIMIT_FSIZE, number(argv[3]), number(argv[3]), "fsize");
-  limit(RLIMIT_NOFILE, number(argv[4]), number(argv[4]), "nofile");
-  limit(RLIMIT_NPROC, number(argv[5]), number(argv[5]), "nproc");
-  limit(RLIMIT_CORE, 0, 0, "core");
-  gid_t id = (gid_t)number(argv[6]);
-  if (setgroups(0, NULL) != 0) die("setgroups", NULL);
-  if (setgid(id) != 0) die("setgid", argv[6]);
-  if (setuid((uid_t)id) != 0) die("setuid", argv[6]);
+  limit(RLIMIT_CPU, argv[1], "cpu");
+  limit(RLIMIT_AS, argv[2], "as");
+  limit(RLIMIT_FSIZE, argv[3], "fsize");
+  limit(RLIMIT_NOFILE, argv[4], "nofile");
+  limit(RLIMIT_NPROC, argv[5], "nproc");
+  limit(RLIMIT_CORE, "0", "core");
+  if (strcmp(argv[6], "-") != 0) {
+    gid_t id = (gid_t)number(argv[6]);
+    if (setgroups(0, NULL) != 0) die("setgroups", NULL);
+    if (setgid(id) != 0) die("setgid", argv[6]);
+    if (setuid((uid_t)id) != 0) die("setuid", argv[6]);
+  }
   execv(argv[9], argv + 9);
   die("cannot run", argv[9]);
   return 126;

@@ -43,8 +43,10 @@ def _worker_main(index: int, cfg_json: str, instance: str, conn: Connection) -> 
     own_netns = kind.shares_worker_netns and enter_empty_netns()
     own_cgroup = cfg.use_cgroups == "auto" and not kind.own_cgroups
     cgroup = cgroups.create(f"{instance}-w{index}") if own_cgroup else None
+    spare = cgroups.create(f"{instance}-w{index}-warm") \
+        if cgroup is not None and kind.pre_warms and cfg.prewarm else None
     slot = Slot(index, cfg.uid_base + index, Path(cfg.work_root) / instance / f"w{index}",
-                cgroup)
+                cgroup, spare)
     try:
         judge = Judge(kind.from_config(cfg, in_empty_netns=own_netns), slot, cfg)
     except RuntimeError as e:  # the runner cannot work on this host: say why
@@ -63,8 +65,9 @@ def _worker_main(index: int, cfg_json: str, instance: str, conn: Connection) -> 
             except ValueError as e:  # the request cannot be run (unknown language)
                 conn.send(("invalid", str(e)))
     finally:
-        if cgroup is not None:
-            cgroup.remove()
+        for c in (slot.cgroup, slot.spare_cgroup):
+            if c is not None:
+                c.remove()
 
 
 def _make_reachable(path: Path) -> None:

@@ -27,6 +27,9 @@ class Runner(abc.ABC):
     # The runner puts every run in cgroups of its own, so the worker makes none; they are
     # swept like the workers' on start and shutdown.
     own_cgroups: bool = False
+    # The runner sets up a worker's next sandbox while the current program runs, in the
+    # second of the slot's two cgroups (sandbox/prewarm.py).
+    pre_warms: bool = False
 
     @classmethod
     @abc.abstractmethod

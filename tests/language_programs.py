@@ -209,7 +209,10 @@ PROGRAMS["javascript"] = {
     "broken": "function f( {",
     "loop": "while (true) {}",
     "memory": "const l = [];\nwhile (true) l.push(new Array(1 << 20).fill(1.5));",
-    "flood": 'const s = "x".repeat(1000) + "\\n";\nwhile (true) process.stdout.write(s);',
+    # process.stdout queues in memory once the pipe is full (and this loop never lets
+    # the queue drain): a flood that reaches the pipe writes synchronously
+    "flood": 'const fs = require("fs");\nconst s = "x".repeat(1000) + "\\n";\n'
+             'while (true) fs.writeSync(1, s);',
     "fork": """
 const cp = require("child_process");
 while (true) { try { cp.spawn("/usr/bin/node", ["main.js"]); } catch (e) {} }""",
