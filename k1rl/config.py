@@ -496,7 +496,13 @@ class SandboxConfig(ServiceSection):
         description="Runner by registry name (sandbox/runners.py). bwrap: bubblewrap "
         "namespaces + seccomp + rlimits (+ cgroups when writable), ~25 ms per run. podman: "
         "a podman/runc container per run (same seccomp rules, rlimits, container cgroup "
-        "limits), ~0.25 s per run; needs root, podman, runc and a writable /sys/fs/cgroup.")
+        "limits), ~0.25 s per run; needs root, podman, runc and a writable /sys/fs/cgroup. "
+        "docker: a container per run through the Docker Engine API at docker_url (Docker, "
+        "or podman's compatible socket), same rules as podman.")
+    docker_url: str = Field(
+        "unix:///var/run/docker.sock", min_length=1,
+        description="Engine API the docker runner talks to: a Docker daemon's socket, or "
+        "podman's (podman system service).")
     work_root: str = Field(
         "/tmp/k1rl-sandbox", min_length=1,
         description="Host directory for the pre-created per-worker work dirs.")

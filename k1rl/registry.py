@@ -128,6 +128,7 @@ SAMPLERS: Registry = Registry("sampler", {
 SANDBOX_RUNNERS: Registry = Registry("sandbox runner", {
     "bwrap": "sandbox.bubblewrap",
     "podman": "sandbox.podman",
+    "docker": "sandbox.docker_api",
 })
 METRIC_SINKS: Registry = Registry("metric sink", {
     name: f"k1rl.metrics.{name}" for name in ("jsonl", "tensorboard", "wandb", "prometheus")

@@ -221,3 +221,51 @@ def read_stat(path: Path) -> dict[str, int]:
         return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
     except (OSError, ValueError):
         return {}
+
+
+class SlotParent:
+    """The per-slot parent cgroup the containers of one slot run under (the container
+    runners: sandbox/podman.py, sandbox/docker_api.py): its counters cover every run of
+    the slot, and its sweep reaches processes of containers the engine lost track of."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.v2 = is_v2()
+
+    def _dir(self, controller: str) -> Path:
+        return ROOT / self.path if self.v2 else ROOT / controller / self.path
+
+    def settle(self, timeout_s: float = 10.0) -> None:
+        """Create the parent where it is read, and wait for the last run's conmon (and
+        the clean-up it starts) to leave."""
+        for controller in ("cpuacct", "memory", "pids"):
+            self._dir(controller).mkdir(parents=True, exist_ok=True)
+        conmon = self._dir("pids") / "conmon"
+        deadline = time.monotonic() + timeout_s
+        while conmon.is_dir() and procs(conmon) and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    def cpu_ns(self) -> int:
+        if self.v2:
+            stat = read_stat(self._dir("cpu") / "cpu.stat")
+            return stat.get("usage_usec", 0) * 1000
+        return read_int(self._dir("cpuacct") / "cpuacct.usage") or 0
+
+    def reset_peak(self) -> None:
+        if self.v2:
+            self._peak = PeakReader(self._dir("memory"))
+        else:
+            write(self._dir("memory") / "memory.max_usage_in_bytes", 0)
+
+    def peak_bytes(self) -> int:
+        if self.v2:
+            return self._peak.read()
+        return read_int(self._dir("memory") / "memory.max_usage_in_bytes") or 0
+
+    def kill_containers(self) -> None:
+        """SIGKILL every process of this slot's containers (podman's conmon, in its own
+        sub-group, is left to clean up)."""
+        base = self._dir("pids")
+        for child in base.iterdir() if base.is_dir() else ():
+            if child.is_dir() and child.name != "conmon":
+                kill_cgroup(child, v2=self.v2)

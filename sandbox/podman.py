@@ -36,11 +36,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from k1rl.config import SandboxConfig
 from sandbox import cgroups
+from sandbox.cgroups import SlotParent
 from sandbox.isolation import (
     CODE_DIR,
     SCRATCH_DIR,
@@ -140,7 +140,7 @@ class PodmanRunner(Runner):
 
     def _run(self, slot: Slot, argv: list[str], stdin: bytes, limits: Limits,
              writable_code: bool, cwd: str, env: dict[str, str] | None = None) -> Execution:
-        parent = _SlotParent(f"k1rl-sandbox/{slot.root.parent.name}-w{slot.index}")
+        parent = SlotParent(f"k1rl-sandbox/{slot.root.parent.name}-w{slot.index}")
         # runs of a slot never overlap: a container still here outlived a worker that
         # died mid-run (its replacement serves the slot now)
         parent.kill_containers()
@@ -173,48 +173,3 @@ class PodmanRunner(Runner):
             subprocess.run([self.podman, "rm", "--force", "--ignore", name],
                            capture_output=True, timeout=60)
         return result
-
-
-class _SlotParent:
-    """The per-slot parent cgroup the containers of one slot run under (see module doc)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.v2 = cgroups.is_v2()
-
-    def _dir(self, controller: str) -> Path:
-        return cgroups.ROOT / self.path if self.v2 else cgroups.ROOT / controller / self.path
-
-    def settle(self, timeout_s: float = 10.0) -> None:
-        """Create the parent where it is read, and wait for the last run's conmon (and
-        the clean-up it starts) to leave."""
-        for controller in ("cpuacct", "memory", "pids"):
-            self._dir(controller).mkdir(parents=True, exist_ok=True)
-        conmon = self._dir("pids") / "conmon"
-        deadline = time.monotonic() + timeout_s
-        while conmon.is_dir() and cgroups.procs(conmon) and time.monotonic() < deadline:
-            time.sleep(0.002)
-
-    def cpu_ns(self) -> int:
-        if self.v2:
-            stat = cgroups.read_stat(self._dir("cpu") / "cpu.stat")
-            return stat.get("usage_usec", 0) * 1000
-        return cgroups.read_int(self._dir("cpuacct") / "cpuacct.usage") or 0
-
-    def reset_peak(self) -> None:
-        if self.v2:
-            self._peak = cgroups.PeakReader(self._dir("memory"))
-        else:
-            cgroups.write(self._dir("memory") / "memory.max_usage_in_bytes", 0)
-
-    def peak_bytes(self) -> int:
-        if self.v2:
-            return self._peak.read()
-        return cgroups.read_int(self._dir("memory") / "memory.max_usage_in_bytes") or 0
-
-    def kill_containers(self) -> None:
-        """SIGKILL every process of this slot's containers (conmon is left to clean up)."""
-        base = self._dir("pids")
-        for child in base.glob("libpod-*"):
-            if child.is_dir():
-                cgroups.kill_cgroup(child, v2=self.v2)

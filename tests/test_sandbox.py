@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from k1rl.config import SandboxConfig
 from k1rl.protocol import Checker, RunCodeRequest, RunCodeResult, TestCase
 from k1rl.rpc import RPCClient
+from tests.sandbox_engines import RUNNERS, runner_options
 from sandbox import languages
 from sandbox.checkers import compare
 
@@ -65,13 +65,23 @@ def test_runners_are_registered_by_name_and_an_unknown_one_fails_at_config_load(
     from k1rl.config import ConfigError, RunConfig
     from sandbox import runners
     from sandbox.bubblewrap import BwrapRunner
+    from sandbox.docker_api import DockerRunner
     from sandbox.podman import PodmanRunner
 
-    assert runners.available() == ["bwrap", "podman"]
-    assert (runners.get("bwrap"), runners.get("podman")) == (BwrapRunner, PodmanRunner)
-    with pytest.raises(ConfigError, match=r"sandbox.runner: 'docker' — unknown sandbox runner "
-                                          r"'docker' \(registered: bwrap, podman\)"):
-        RunConfig.from_yaml_text("sandbox: {runner: docker}")
+    assert runners.available() == ["bwrap", "docker", "podman"]
+    assert (runners.get("bwrap"), runners.get("podman"), runners.get("docker")) == \
+        (BwrapRunner, PodmanRunner, DockerRunner)
+    with pytest.raises(ConfigError, match=r"sandbox.runner: 'nsjail' — unknown sandbox runner "
+                                          r"'nsjail' \(registered: bwrap, docker, podman\)"):
+        RunConfig.from_yaml_text("sandbox: {runner: nsjail}")
+
+
+def test_the_docker_runner_says_when_no_engine_answers_at_its_url(tmp_path):
+    from sandbox.docker_api import DockerRunner
+
+    with pytest.raises(RuntimeError, match="no Docker Engine API answers at "
+                                           "unix:///nonexistent/docker.sock"):
+        DockerRunner(tmp_path / "rootfs", "unix:///nonexistent/docker.sock")
 
 
 @needs_bwrap
@@ -86,8 +96,6 @@ def test_a_runner_is_built_from_the_sandbox_config(tmp_path):
 # ------------------------------------------------------------------ the service
 
 
-RUNNERS = ["bwrap", pytest.param("podman", marks=pytest.mark.skipif(
-    shutil.which("podman") is None, reason="needs podman and runc (make test installs them)"))]
 
 
 @pytest.fixture(scope="module", params=RUNNERS)
@@ -97,7 +105,8 @@ def sandbox(request):
 
     runner = request.param
     cfg = SandboxConfig(address=free_tcp_address(), http_port=0, workers=2, runner=runner,
-                        uid_base=62100 if runner == "bwrap" else 62300,
+                        uid_base={"bwrap": 62100, "podman": 62300, "docker": 62360}[runner],
+                        **runner_options(runner),
                         work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}-{runner}")
     servers = Servers(cfg).start()
     client = RPCClient(servers.rpc.address, timeout_s=120)

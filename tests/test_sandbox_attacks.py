@@ -8,7 +8,6 @@ the service must answer the next request normally.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import threading
 from pathlib import Path
@@ -18,14 +17,13 @@ import pytest
 from k1rl.config import SandboxConfig
 from k1rl.protocol import RunCodeRequest, RunCodeResult, TestCase
 from k1rl.rpc import RPCClient
+from tests.sandbox_engines import RUNNERS, runner_options
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="needs bubblewrap")
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-RUNNERS = ["bwrap", pytest.param("podman", marks=pytest.mark.skipif(
-    shutil.which("podman") is None, reason="needs podman and runc (make test installs them)"))]
 
 
 @pytest.fixture(scope="module", params=RUNNERS)
@@ -35,7 +33,8 @@ def sandbox(request):
 
     runner = request.param
     cfg = SandboxConfig(address=free_tcp_address(), http_port=None, workers=2, runner=runner,
-                        uid_base=62000 if runner == "bwrap" else 62400,
+                        uid_base={"bwrap": 62000, "podman": 62400, "docker": 62460}[runner],
+                        **runner_options(runner),
                         work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}-{runner}")
     servers = Servers(cfg).start()
     client = RPCClient(servers.rpc.address, timeout_s=120)
@@ -149,14 +148,35 @@ int main() {
 """
 
 
+def host_secrets(sandbox) -> list[str]:
+    """SECRETS, but /etc/passwd for the docker runner: podman serving the Docker API writes
+    the container user's own passwd line there (checked by the next test)."""
+    _, servers = sandbox
+    return [p for p in SECRETS
+            if not (p == "/etc/passwd" and servers.service.cfg.runner == "docker")]
+
+
 @pytest.mark.parametrize("language", ["python", "cpp"])
 def test_host_files_are_invisible(sandbox, language):
-    r = run(sandbox, language, over_paths(language, READ_PY, READ_CPP, SECRETS))
+    secrets = host_secrets(sandbox)
+    r = run(sandbox, language, over_paths(language, READ_PY, READ_CPP, secrets))
     out = r.tests[0].stdout
     assert r.verdict == "accepted", r
-    assert out.count("denied") == len(SECRETS), out
+    assert out.count("denied") == len(secrets), out
     assert "READ" not in out and "LISTED" not in out
     still_serves(sandbox)
+
+
+def test_a_passwd_file_in_the_sandbox_holds_nothing_of_the_host(sandbox):
+    r = run(sandbox, "python", "try:\n    print(open('/etc/passwd').read())\n"
+                               "except OSError:\n    print('none')")
+    lines = r.tests[0].stdout.strip().splitlines()
+    assert r.verdict == "accepted" and lines, r
+    if lines != ["none"]:  # bwrap and podman: none; podman's Docker API: the program's uid
+        cfg = sandbox[1].service.cfg
+        uids = {str(cfg.uid_base + i) for i in range(cfg.workers)}
+        assert len(lines) == 1 and lines[0].split(":")[2] in uids, lines
+        assert lines[0].split(":")[2] == lines[0].split(":")[3], lines
 
 
 WRITE_PY = """

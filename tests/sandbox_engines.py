@@ -1,0 +1,52 @@
+"""The runners the sandbox service tests run with, and the Docker Engine API the docker
+runner reaches: podman's Docker-compatible socket (`podman system service`), started once
+per test session and stopped at its end."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+_needs_podman = pytest.mark.skipif(shutil.which("podman") is None,
+                                   reason="needs podman and runc (make test installs them)")
+RUNNERS = ["bwrap", pytest.param("podman", marks=_needs_podman),
+           pytest.param("docker", marks=_needs_podman)]
+_service: list[str] = []
+
+
+def runner_options(runner: str) -> dict:
+    """The SandboxConfig fields a runner needs beyond its name."""
+    return {"docker_url": docker_url()} if runner == "docker" else {}
+
+
+def docker_url() -> str:
+    if not _service:
+        sock = Path(f"/tmp/k1rl-podman-api-{os.getpid()}.sock")
+        sock.unlink(missing_ok=True)
+        proc = subprocess.Popen(
+            ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs", "system",
+             "service", "--time=0", f"unix://{sock}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        atexit.register(_stop, proc, sock)
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("podman system service did not start")
+            time.sleep(0.05)
+        _service.append(f"unix://{sock}")
+    return _service[0]
+
+
+def _stop(proc: subprocess.Popen, sock: Path) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    sock.unlink(missing_ok=True)
