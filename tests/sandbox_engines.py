@@ -50,3 +50,24 @@ def _stop(proc: subprocess.Popen, sock: Path) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
     sock.unlink(missing_ok=True)
+
+
+def serve(runner: str, uid_base: int, name: str, http_port: int | None = None):
+    """A two-worker sandbox service with ``runner`` (programs as uids ``uid_base`` and
+    ``uid_base + 1``): yields (an RPC client, the servers), stops it afterwards. For a
+    module fixture: ``yield from serve(...)``."""
+    from k1rl.config import SandboxConfig
+    from k1rl.launch import free_tcp_address
+    from k1rl.rpc import RPCClient
+    from sandbox.server import Servers
+
+    cfg = SandboxConfig(address=free_tcp_address(), http_port=http_port, workers=2,
+                        runner=runner, uid_base=uid_base, **runner_options(runner),
+                        work_root=f"/tmp/k1rl-sandbox-{name}-{os.getpid()}-{runner}")
+    servers = Servers(cfg).start()
+    client = RPCClient(servers.rpc.address, timeout_s=120)
+    try:
+        yield client, servers
+    finally:
+        client.close()
+        servers.stop()

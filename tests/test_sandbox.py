@@ -14,8 +14,7 @@ import pytest
 
 from k1rl.config import SandboxConfig
 from k1rl.protocol import Checker, RunCodeRequest, RunCodeResult, TestCase
-from k1rl.rpc import RPCClient
-from tests.sandbox_engines import RUNNERS, runner_options
+from tests.sandbox_engines import RUNNERS, serve
 from sandbox import languages
 from sandbox.checkers import compare
 
@@ -100,19 +99,8 @@ def test_a_runner_is_built_from_the_sandbox_config(tmp_path):
 
 @pytest.fixture(scope="module", params=RUNNERS)
 def sandbox(request):
-    from k1rl.launch import free_tcp_address
-    from sandbox.server import Servers
-
-    runner = request.param
-    cfg = SandboxConfig(address=free_tcp_address(), http_port=0, workers=2, runner=runner,
-                        uid_base={"bwrap": 62100, "podman": 62300, "docker": 62360}[runner],
-                        **runner_options(runner),
-                        work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}-{runner}")
-    servers = Servers(cfg).start()
-    client = RPCClient(servers.rpc.address, timeout_s=120)
-    yield client, servers
-    client.close()
-    servers.stop()
+    uid_base = {"bwrap": 62100, "podman": 62300, "docker": 62360}[request.param]
+    yield from serve(request.param, uid_base, "test", http_port=0)
 
 
 def run(sandbox, **kw) -> RunCodeResult:

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from k1rl.config import SandboxConfig
 from k1rl.protocol import RunCodeRequest, RunCodeResult, TestCase
-from k1rl.rpc import RPCClient
-from tests.sandbox_engines import RUNNERS, runner_options
+from tests.sandbox_engines import RUNNERS, serve
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="needs bubblewrap")
 
@@ -28,19 +26,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", params=RUNNERS)
 def sandbox(request):
-    from k1rl.launch import free_tcp_address
-    from sandbox.server import Servers
-
-    runner = request.param
-    cfg = SandboxConfig(address=free_tcp_address(), http_port=None, workers=2, runner=runner,
-                        uid_base={"bwrap": 62000, "podman": 62400, "docker": 62460}[runner],
-                        **runner_options(runner),
-                        work_root=f"/tmp/k1rl-sandbox-test-{os.getpid()}-{runner}")
-    servers = Servers(cfg).start()
-    client = RPCClient(servers.rpc.address, timeout_s=120)
-    yield client, servers
-    client.close()
-    servers.stop()
+    uid_base = {"bwrap": 62000, "podman": 62400, "docker": 62460}[request.param]
+    yield from serve(request.param, uid_base, "attacks")
 
 
 def run(sandbox, language: str, source: str, **kw) -> RunCodeResult:
@@ -91,13 +78,13 @@ int main() {
 """
 
 
-@pytest.mark.parametrize("language", ["python", "cpp"])
-def test_no_network_to_a_host_loopback_listener(sandbox, language):
+def against_a_host_listener(send) -> tuple[RunCodeResult, bool]:
+    """``send(port)``'s result while a host loopback listener waits on ``port``, and
+    whether the listener got a connection."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     listener.settimeout(0.2)
-    port = listener.getsockname()[1]
     accepted = []
 
     def accept():
@@ -106,14 +93,25 @@ def test_no_network_to_a_host_loopback_listener(sandbox, language):
         except OSError:
             pass
 
-    src = HOST_LISTENER_PY.format(port=port) if language == "python" else \
-        HOST_LISTENER_CPP.replace("PORT", str(port))
     t = threading.Thread(target=accept)
     t.start()
-    r = run(sandbox, language, src)
-    t.join()
-    listener.close()
-    assert not accepted
+    try:
+        r = send(listener.getsockname()[1])
+    finally:
+        t.join()
+        listener.close()
+    return r, bool(accepted)
+
+
+@pytest.mark.parametrize("language", ["python", "cpp"])
+def test_no_network_to_a_host_loopback_listener(sandbox, language):
+    def send(port: int) -> RunCodeResult:
+        src = HOST_LISTENER_PY.format(port=port) if language == "python" else \
+            HOST_LISTENER_CPP.replace("PORT", str(port))
+        return run(sandbox, language, src)
+
+    r, connected = against_a_host_listener(send)
+    assert not connected
     assert r.verdict == "runtime_error" and "CONNECTED" not in r.tests[0].stdout
     # refused by the seccomp filter (no inet sockets) or the empty network namespace
     said = r.tests[0].stdout + r.tests[0].stderr

@@ -10,19 +10,15 @@ and their programs are held to the same limits and walls as everyone's.
 from __future__ import annotations
 
 import os
-import socket
-import threading
 from pathlib import Path
 
 import pytest
 
-from k1rl.config import SandboxConfig
 from k1rl.protocol import RunCodeRequest, RunCodeResult, TestCase
-from k1rl.rpc import RPCClient
-from tests.sandbox_engines import RUNNERS, runner_options
+from tests.sandbox_engines import RUNNERS, serve
 from sandbox import languages
 from tests.language_programs import PROGRAMS
-from tests.test_sandbox_attacks import _no_process_left
+from tests.test_sandbox_attacks import _no_process_left, against_a_host_listener
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="needs bubblewrap")
 
@@ -37,19 +33,8 @@ LANGUAGES = [pytest.param(name, marks=pytest.mark.skipif(
 
 @pytest.fixture(scope="module", params=RUNNERS)
 def sandbox(request):
-    from k1rl.launch import free_tcp_address
-    from sandbox.server import Servers
-
-    runner = request.param
-    cfg = SandboxConfig(address=free_tcp_address(), http_port=None, workers=2, runner=runner,
-                        uid_base={"bwrap": 62600, "podman": 62700, "docker": 62760}[runner],
-                        **runner_options(runner),
-                        work_root=f"/tmp/k1rl-sandbox-lang-{os.getpid()}-{runner}")
-    servers = Servers(cfg).start()
-    client = RPCClient(servers.rpc.address, timeout_s=120)
-    yield client, servers
-    client.close()
-    servers.stop()
+    uid_base = {"bwrap": 62600, "podman": 62700, "docker": 62760}[request.param]
+    yield from serve(request.param, uid_base, "lang")
 
 
 def run(sandbox, language: str, program: str, *stdins: str, **kw) -> RunCodeResult:
@@ -147,24 +132,9 @@ def test_a_fork_bomb(sandbox, language):
 
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_no_network_to_a_host_loopback_listener(sandbox, language):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.settimeout(0.2)
-    accepted = []
-
-    def accept():
-        try:
-            accepted.append(listener.accept())
-        except OSError:
-            pass
-
-    t = threading.Thread(target=accept)
-    t.start()
-    r = run(sandbox, language, "network", str(listener.getsockname()[1]))
-    t.join()
-    listener.close()
-    assert not accepted
+    r, connected = against_a_host_listener(
+        lambda port: run(sandbox, language, "network", str(port)))
+    assert not connected
     assert r.verdict == "runtime_error" and "CONNECTED" not in r.tests[0].stdout, r
     assert "blocked" in r.tests[0].stdout, r
 
