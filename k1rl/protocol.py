@@ -8,6 +8,8 @@ speaking these messages.
 
 from __future__ import annotations
 
+import base64
+
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -459,6 +461,17 @@ Verdict = Literal[
 
 MAX_SOURCE_BYTES = 1 << 20
 MAX_TESTS = 1000
+MAX_FILES_BYTES = 16 << 20  # a request's input files, base64
+
+
+def work_dir_path(path: str) -> str:
+    """A path inside the program's working dir: relative, no '..', nothing odd."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or "\0" in path or any(p in ("", ".", "..")
+                                                               for p in parts):
+        raise ValueError(f"{path!r}: give a plain path relative to the program's working "
+                         "directory (no leading /, no '.' or '..' parts)")
+    return path
 
 
 class TestCase(Message):
@@ -524,6 +537,25 @@ class RunCodeRequest(Message):
         None, gt=0, le=300, description="CPU seconds for compiling (default: the language's)")
     shown_output_kb: int = Field(4, ge=1, le=65536, description="stdout and stderr kept in "
                                  "the response per test (the check reads all of stdout)")
+    files: dict[str, str] = Field(
+        default_factory=dict, description="input files: path in the working dir -> base64 "
+        "content, written before compiling")
+    fetch_files: list[str] = Field(
+        default_factory=list, max_length=64, description="files (paths in the working dir) "
+        "returned after each test, base64; the working dir is then writable while tests run")
+
+    @model_validator(mode="after")
+    def _file_paths(self) -> RunCodeRequest:
+        for path in (*self.files, *self.fetch_files):
+            work_dir_path(path)
+        for path, content in self.files.items():
+            try:
+                base64.b64decode(content, validate=True)
+            except ValueError:
+                raise ValueError(f"files[{path!r}]: not base64") from None
+        if sum(len(v) for v in self.files.values()) > MAX_FILES_BYTES:
+            raise ValueError(f"files: more than {MAX_FILES_BYTES >> 20} MB")
+        return self
 
     @property
     def wall_limit(self) -> float:
@@ -552,6 +584,8 @@ class TestOutcome(Message):
     stdout: str = Field("", description="truncated")
     stderr: str = Field("", description="truncated")
     detail: str = Field("", description="why this verdict (checker message, limit hit)")
+    files: dict[str, str] = Field(default_factory=dict,
+                                  description="the request's fetch_files found, base64")
 
 
 class RunCodeResult(Message):

@@ -6,10 +6,12 @@ SandboxFusion's response shape.
 Honoured: ``code``, ``language`` (SandboxFusion's names that this sandbox runs), ``stdin``,
 ``compile_timeout`` (compile CPU seconds), ``run_timeout`` (wall seconds of the run; also
 its CPU limit, at most 60 s), ``memory_limit_MB`` (-1, SandboxFusion's "unlimited": the
-sandbox's ``UNLIMITED_MB``). Refused with a 422 naming the field: non-empty ``files`` and
-``fetch_files`` (the program's working directory is read-only here and holds only the
-program). A language SandboxFusion knows but this sandbox does not run is answered as
-SandboxFusion answers a language with no runner: ``SandboxError`` with a message.
+sandbox's ``UNLIMITED_MB``), ``files`` and ``fetch_files`` with paths relative to the
+working directory (written before compiling; read back after the run, the working
+directory writable meanwhile; missing ones left out, as SandboxFusion does). Refused with a
+422 naming the field: absolute paths in either (each run has a fresh /tmp, and nothing
+else is writable). A language SandboxFusion knows but this sandbox does not run is
+answered as SandboxFusion answers a language with no runner: ``SandboxError``.
 
 Outcome mapping: compile failed -> ``Failed``, ``compile_result`` with its return code,
 ``run_result`` null; a time limit -> ``TimeLimitExceeded``, ``return_code`` null,
@@ -19,12 +21,13 @@ own failure -> ``SandboxError`` with the reason in ``message``; else ``Success``
 
 from __future__ import annotations
 
+import base64
 import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from k1rl.protocol import RunCodeRequest, RunCodeResult, TestCase
+from k1rl.protocol import RunCodeRequest, RunCodeResult, TestCase, work_dir_path
 
 # SandboxFusion's language names (its `Language` literal)
 FUSION_LANGUAGES = (
@@ -54,21 +57,28 @@ class FusionRequest(BaseModel):
     files: dict[str, str | None] = Field(default_factory=dict)
     fetch_files: list[str] = Field(default_factory=list)
 
+    @field_validator("files", "fetch_files")
+    @classmethod
+    def _in_the_working_dir(cls, paths):
+        for path in paths:
+            if path.startswith("/"):
+                raise ValueError(f"{path!r}: absolute paths are not supported by this "
+                                 "sandbox (each run has a fresh /tmp): give a path relative "
+                                 "to the working directory")
+            if "IGNORE_THIS_FILE" not in path:
+                work_dir_path(path)
+        return paths
+
     @field_validator("files")
     @classmethod
-    def _no_files(cls, files: dict) -> dict:
-        if any(v is not None for v in files.values()):
-            raise ValueError("files are not supported by this sandbox: the program's working "
-                             "directory holds only the program")
+    def _base64(cls, files: dict[str, str | None]) -> dict[str, str | None]:
+        for path, content in files.items():
+            if content is not None:
+                try:
+                    base64.b64decode(content, validate=True)
+                except ValueError:
+                    raise ValueError(f"{path!r}: the content is not base64") from None
         return files
-
-    @field_validator("fetch_files")
-    @classmethod
-    def _no_fetch(cls, paths: list[str]) -> list[str]:
-        if paths:
-            raise ValueError("fetch_files is not supported by this sandbox: programs cannot "
-                             "write to their working directory")
-        return paths
 
 
 class CommandRunResult(BaseModel):
@@ -97,11 +107,15 @@ def native_request(req: FusionRequest, known: set[str]) -> RunCodeRequest | str:
         return (f"language {req.language!r} is not available in this sandbox (available: "
                 f"{', '.join(runs)})")
     memory = UNLIMITED_MB if req.memory_limit_MB == -1 else max(16, req.memory_limit_MB)
+    # SandboxFusion skips null contents and paths marked IGNORE_THIS_FILE
+    files = {path: content for path, content in req.files.items()
+             if content is not None and "IGNORE_THIS_FILE" not in path}
     return RunCodeRequest(
         language=name, source=req.code, tests=[TestCase(stdin=req.stdin or "")],
         time_limit_s=min(req.run_timeout, 60.0), wall_limit_s=req.run_timeout,
         memory_limit_mb=memory, compile_time_limit_s=req.compile_timeout,
-        output_limit_kb=MAX_OUTPUT_KB, shown_output_kb=MAX_OUTPUT_KB)
+        output_limit_kb=MAX_OUTPUT_KB, shown_output_kb=MAX_OUTPUT_KB, files=files,
+        fetch_files=req.fetch_files)
 
 
 def fusion_response(result: RunCodeResult) -> FusionResponse:
@@ -130,4 +144,4 @@ def fusion_response(result: RunCodeResult) -> FusionResponse:
                            stderr=test.stderr)
     failed = timed_out or code != 0
     return FusionResponse(status="Failed" if failed else "Success", compile_result=compiled,
-                          run_result=ran, executor_pod_name=pod)
+                          run_result=ran, executor_pod_name=pod, files=test.files)

@@ -20,6 +20,7 @@ import select
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -101,6 +102,40 @@ class Slot:
         path.mkdir()
         os.chown(path, self.uid, self.uid)
         return path
+
+    def write_path(self, rel: str, data: bytes) -> None:
+        """Write ``rel`` (a checked relative path) under the code dir before anything of
+        the program's runs there, making its parent dirs."""
+        path = self.code
+        for part in rel.split("/")[:-1]:
+            path = path / part
+            if not path.is_dir():
+                path.mkdir()
+                os.chown(path, self.uid, self.uid)
+        self.write(rel, data)
+
+    def read_path(self, rel: str, max_bytes: int) -> bytes | None:
+        """The regular file ``rel`` under the code dir, or None when it is missing, not a
+        regular file, larger than ``max_bytes`` or reached through a symlink: the program
+        made what is there, and the worker reading it is root."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        parts = rel.split("/")
+        fd = os.open(self.code, flags | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                next_fd = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+            leaf = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        with os.fdopen(leaf, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+                return None
+            return f.read(max_bytes + 1)[:max_bytes]
 
     def write(self, name: str, data: bytes, mode: int = 0o644) -> Path:
         path = self.code / name

@@ -6,6 +6,7 @@ not thread-safe (one request at a time per slot, which is what a worker process 
 
 from __future__ import annotations
 
+import base64
 import signal
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from sandbox.isolation import Execution, Limits, Slot
 from sandbox.runners import Runner
 
 COMPILER_OUTPUT_CHARS = 16384
+FETCHED_FILE_BYTES = 8 << 20  # larger fetch_files are left out
 CHECKER_OUTPUT_BYTES = 4096  # a checker's message, not data
 CHECKER_DIR = "checker"
 _MEMORY_ERRORS = (b"MemoryError", b"std::bad_alloc", b"Cannot allocate memory",
@@ -48,6 +50,8 @@ class Judge:
         checker_lang = languages.get(req.checker.language) if req.checker.name == "custom" \
             else None
         self.slot.prepare()
+        for path, content in req.files.items():  # before the source: the source wins
+            self.slot.write_path(path, base64.b64decode(content))
         self.slot.write(lang.source_file, req.source.encode())
         result = RunCodeResult(verdict="accepted", runner=self.runner.name)
         if lang.compile:
@@ -136,14 +140,20 @@ class Judge:
     def _run_test(self, lang: languages.Language, test: TestCase, limits: Limits,
                   req: RunCodeRequest, checker_lang: languages.Language | None,
                   checker_error: str | None) -> TestOutcome:
+        # a program whose files are fetched afterwards writes them in its working dir
         ex = self.runner.execute(self.slot, lang.run_argv(limits.memory_mb),
-                                 stdin=test.stdin.encode(), limits=limits, env=dict(lang.env))
+                                 stdin=test.stdin.encode(), limits=limits, env=dict(lang.env),
+                                 writable_code=bool(req.fetch_files))
         outcome = TestOutcome(
             verdict="accepted", exit_code=ex.exit_code, signal=ex.signal, cpu_s=ex.cpu_s,
             wall_s=ex.wall_s, memory_kb=ex.memory_kb,
             stdout=ex.stdout[:req.shown_output_kb << 10].decode("utf-8", "replace"),
             stderr=ex.stderr[:req.shown_output_kb << 10].decode("utf-8", "replace"),
         )
+        for path in req.fetch_files:
+            data = self.slot.read_path(path, FETCHED_FILE_BYTES)
+            if data is not None:  # missing ones are left out, as SandboxFusion does
+                outcome.files[path] = base64.b64encode(data).decode()
         verdict, detail = classify(ex, limits, lang.memory_errors)
         if verdict is None and test.expected is not None:
             if req.checker.name == "custom":

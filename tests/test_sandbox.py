@@ -194,6 +194,34 @@ def test_float_and_custom_checkers_in_the_service(sandbox):
 
 
 @needs_bwrap
+def b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+@needs_bwrap
+def test_input_files_are_in_the_working_dir_and_fetched_files_come_back_per_test(sandbox):
+    source = ("import sys\nn = open('in/n.txt').read()\n"
+              "open('out.txt', 'w').write(n + sys.stdin.read())\nprint('ok')")
+    r = run(sandbox, language="python", source=source, files={"in/n.txt": b64("7")},
+            fetch_files=["out.txt"], tests=[TestCase(stdin="a"), TestCase(stdin="b")])
+    assert r.verdict == "accepted", r
+    assert [t.files for t in r.tests] == [{"out.txt": b64("7a")}, {"out.txt": b64("7b")}]
+
+
+def test_file_paths_must_stay_in_the_working_dir_and_contents_be_base64():
+    from pydantic import ValidationError
+
+    for bad in ("/etc/passwd", "../x", "a/../../x", "a/./b", "a//b", "", "d/"):
+        with pytest.raises(ValidationError, match="relative to the program's working"):
+            RunCodeRequest(language="python", source="", files={bad: ""})
+        with pytest.raises(ValidationError, match="relative to the program's working"):
+            RunCodeRequest(language="python", source="", fetch_files=[bad])
+    with pytest.raises(ValidationError, match="'a.txt'\\]: not base64"):
+        RunCodeRequest(language="python", source="", files={"a.txt": "%%%"})
+
+
 def test_unknown_language_is_a_clear_error_not_a_verdict(sandbox):
     from k1rl.rpc import RemoteError
 

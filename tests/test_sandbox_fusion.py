@@ -10,6 +10,7 @@ service over HTTP.
 
 from __future__ import annotations
 
+import base64
 import os
 
 import pytest
@@ -128,11 +129,33 @@ def test_languages_this_sandbox_lacks_are_a_sandbox_error_and_unknown_ones_refus
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["language"]
 
 
-def test_fields_this_sandbox_cannot_honour_are_refused_by_name(url):
-    r = post(url, SUM, files={"data.txt": "aGk="})
-    assert r.status_code == 422 and "files are not supported" in r.text
-    r = post(url, SUM, fetch_files=["out.txt"])
-    assert r.status_code == 422 and "fetch_files is not supported" in r.text
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_files_are_uploaded_before_the_run_and_fetched_after_it(url):
+    code = ("data = open('data.txt').read() + open('in/more.txt').read()\n"
+            "open('out.txt', 'w').write(data.upper())\nprint(len(data))")
+    body = post(url, code, files={"data.txt": b64("ab"), "in/more.txt": b64("c"),
+                                  "skipped.txt": None, "x/IGNORE_THIS_FILE": b64("z")},
+                fetch_files=["out.txt", "never-written.txt"]).json()
+    assert classify(body, "3") == "success", body
+    assert body["files"] == {"out.txt": b64("ABC")}  # a missing file is left out
+
+
+def test_a_fetched_path_never_follows_a_link_out_of_the_working_dir(url):
+    code = ("import os\nos.symlink('/etc/hostname', 'leak.txt')\nos.mkdir('d')\n"
+            "os.symlink('/etc', 'd/etc')\nos.mkfifo('pipe')\nprint('ok')")
+    body = post(url, code, fetch_files=["leak.txt", "d/etc/hostname", "pipe"]).json()
+    assert classify(body, "ok") == "success" and body["files"] == {}, body
+
+
+def test_paths_outside_the_working_dir_are_refused_by_name(url):
+    for field, value in (("files", {"/tmp/flag.txt": b64("x")}), ("fetch_files", ["/etc/x"]),
+                         ("files", {"../up.txt": b64("x")}), ("fetch_files", ["a/../../b"]),
+                         ("files", {"ok.txt": "not base64!"})):
+        r = post(url, SUM, **{field: value})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == field, r.text
     # an unknown field is ignored, as SandboxFusion's server ignores it
     assert classify(post(url, SUM, stdin="1 1", extra_field=1).json(), "2") == "success"
 
