@@ -69,9 +69,10 @@ def bare_ms(samples: int) -> float:
     return statistics.median(times) * 1000
 
 
-def concurrent_clients(address: str, req: RunCodeRequest, seconds: float) -> tuple[float, int]:
-    """p99 round trip (ms) of ``req`` sent by CLIENTS clients at once for ``seconds``, and
-    how many were not accepted or not answered within 30 s."""
+def load(address: str, req: RunCodeRequest, clients: int, seconds: float
+         ) -> tuple[list[float], int, float]:
+    """``req`` sent by ``clients`` clients at once for ``seconds``: the sorted round trips
+    (s), how many were not accepted or not answered within 30 s, and the elapsed time."""
     latencies: list[float] = []
     failed = [0]
     lock = threading.Lock()
@@ -93,13 +94,13 @@ def concurrent_clients(address: str, req: RunCodeRequest, seconds: float) -> tup
         finally:
             c.close()
 
-    threads = [threading.Thread(target=client_loop) for _ in range(CLIENTS)]
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    latencies.sort()
-    return latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000, failed[0]
+    return sorted(latencies), failed[0], time.perf_counter() - started
 
 
 def language_starts(call) -> dict[str, dict[str, float]]:
@@ -144,8 +145,8 @@ def main() -> None:
     try:
         client = RPCClient(servers.rpc.address, timeout_s=60)
 
-        def call(req: RunCodeRequest, c: RPCClient = client) -> RunCodeResult:
-            r = c.call("run_code", req, RunCodeResult, timeout_s=120)
+        def call(req: RunCodeRequest) -> RunCodeResult:
+            r = client.call("run_code", req, RunCodeResult, timeout_s=120)
             if r.verdict != "accepted":
                 raise RuntimeError(f"benchmark program not accepted: {r}")
             return r
@@ -160,28 +161,13 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         isolated = statistics.median(times) * 1000
 
-        done, stop = [0], time.perf_counter() + args.seconds
-        lock = threading.Lock()
-
-        def hammer() -> None:
-            c = RPCClient(servers.rpc.address, timeout_s=60)
-            try:
-                while time.perf_counter() < stop:
-                    call(hello, c)
-                    with lock:
-                        done[0] += 1
-            finally:
-                c.close()
-
-        started = time.perf_counter()
-        threads = [threading.Thread(target=hammer) for _ in range(2 * args.workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        runs_per_s = done[0] / (time.perf_counter() - started)
-
-        p99, failed = concurrent_clients(servers.rpc.address, hello, args.seconds)
+        runs, failed, elapsed = load(servers.rpc.address, hello, 2 * args.workers,
+                                     args.seconds)
+        if failed:
+            raise RuntimeError(f"{failed} benchmark runs were not accepted")
+        runs_per_s = len(runs) / elapsed
+        latencies, failed, _ = load(servers.rpc.address, hello, CLIENTS, args.seconds)
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000
         per_language = language_starts(call)
         tests = [TestCase(stdin=str(i), expected=str(i * i)) for i in range(100)]
         t = time.perf_counter()

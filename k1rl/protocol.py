@@ -474,6 +474,14 @@ def work_dir_path(path: str) -> str:
     return path
 
 
+def check_base64(path: str, content: str) -> None:
+    """Raise when input file ``path``'s ``content`` is not base64."""
+    try:
+        base64.b64decode(content, validate=True)
+    except ValueError:
+        raise ValueError(f"files[{path!r}]: not base64") from None
+
+
 class TestCase(Message):
     """One run of the program: its stdin and, when checked, the expected stdout."""
 
@@ -549,10 +557,7 @@ class RunCodeRequest(Message):
         for path in (*self.files, *self.fetch_files):
             work_dir_path(path)
         for path, content in self.files.items():
-            try:
-                base64.b64decode(content, validate=True)
-            except ValueError:
-                raise ValueError(f"files[{path!r}]: not base64") from None
+            check_base64(path, content)
         if sum(len(v) for v in self.files.values()) > MAX_FILES_BYTES:
             raise ValueError(f"files: more than {MAX_FILES_BYTES >> 20} MB")
         return self

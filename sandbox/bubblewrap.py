@@ -46,7 +46,7 @@ from sandbox.isolation import (
 )
 from sandbox.prewarm import INNER_LAUNCHER, Shape, WarmSandbox
 from sandbox.runners import Runner, register
-from sandbox.seccomp import filter_bytes
+from sandbox.seccomp import filter_bytes, filter_pipe
 
 
 @register("bwrap")
@@ -64,7 +64,7 @@ class BwrapRunner(Runner):
         self.launcher = launcher  # see build_launcher
         if not os.access(self.bwrap, os.X_OK):
             raise RuntimeError("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
-        self._seccomp = filter_bytes()
+        filter_bytes()  # built now: a libseccomp that cannot build it fails the start
         self._ro = host_paths()
         self.root = make_root(root or Path(tempfile.mkdtemp(prefix="k1rl-sandbox-root-")),
                               self._ro)
@@ -151,7 +151,7 @@ class BwrapRunner(Runner):
         if slot.cgroup is not None:
             slot.cgroup.kill_all()  # what the last run there left, before this one joins
         return WarmSandbox.start(partial(self.argv, slot), self.launcher, slot, shape,
-                                 self._seccomp, slot.cgroup)
+                                 slot.cgroup)
 
     def _warm_next(self, slot: Slot, shape: Shape) -> None:
         if slot.cgroup is not None and slot.spare_cgroup is None:
@@ -162,7 +162,7 @@ class BwrapRunner(Runner):
             shape = Shape(False, "", shape.env, self._scratch_mb or shape.scratch_mb)
         try:
             self._warm = WarmSandbox.start(partial(self.argv, slot), self.launcher, slot,
-                                           shape, self._seccomp, slot.spare_cgroup)
+                                           shape, slot.spare_cgroup)
         except OSError:
             self._warm = None  # started on the spot next time, which reports the error
 
@@ -170,11 +170,7 @@ class BwrapRunner(Runner):
                       limits: Limits) -> tuple[Execution, bytes]:
         """Without the C launcher: bwrap started for this run, limits set by a Python
         preexec_fn (no pre-warming: nothing inside the sandbox could wait)."""
-        filter_r, filter_w = os.pipe()
-        try:
-            os.write(filter_w, self._seccomp)  # < pipe buffer: the filter is ~1 KB
-        finally:
-            os.close(filter_w)
+        filter_r = filter_pipe()
         status_r, status_w = os.pipe()
         try:
             command = self.argv(slot, shape, filter_r, status_w) + argv

@@ -245,6 +245,16 @@ class SlotParent:
         while conmon.is_dir() and procs(conmon) and time.monotonic() < deadline:
             time.sleep(0.002)
 
+    def begin_run(self) -> None:
+        """A run's CPU time and peak memory count from here (see :meth:`run_usage`)."""
+        self._cpu_before = self.cpu_ns()
+        self.reset_peak()
+
+    def run_usage(self, setup_cpu_ns: int) -> tuple[float, int]:
+        """(CPU seconds, less the runtime's own set-up; peak KB) since :meth:`begin_run`."""
+        return max(self.cpu_ns() - self._cpu_before - setup_cpu_ns, 0) / 1e9, \
+            self.peak_bytes() >> 10
+
     def cpu_ns(self) -> int:
         if self.v2:
             stat = read_stat(self._dir("cpu") / "cpu.stat")

@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import docker
+
 from k1rl.config import SandboxConfig
 from sandbox import cgroups
 from sandbox.cgroups import SlotParent
@@ -49,10 +51,12 @@ from sandbox.isolation import (
     Limits,
     Slot,
     base_env,
+    container_exit,
+    container_ulimits,
     host_paths,
     make_root,
 )
-from sandbox.runners import Runner, register
+from sandbox.runners import Runner, register, runtime_setup_cpu_ns
 from sandbox.seccomp import oci_profile
 
 IMAGE = "k1rl-sandbox-root"
@@ -65,11 +69,6 @@ class DockerRunner(Runner):
     own_cgroups = True  # each run's container, under a per-slot parent
 
     def __init__(self, root: Path, url: str, instance: str = "") -> None:
-        try:
-            import docker
-        except ImportError:
-            raise RuntimeError("the docker runner needs the docker package "
-                               "(pip install docker)") from None
         try:
             self.api = docker.APIClient(base_url=url, timeout=120)
             version = self.api.version()
@@ -116,25 +115,19 @@ class DockerRunner(Runner):
                 writable_code: bool = False, cwd: str = "",
                 env: dict[str, str] | None = None) -> Execution:
         if self._setup_cpu_ns is None and self.accounting:
-            # the runtime's set-up runs in the container's cgroup: measured once on empty
-            # runs and left out of every program's CPU time
-            self._setup_cpu_ns = 0
-            empty = [self._run(slot, ["/usr/bin/true"], b"", limits, False, "", None)
-                     for _ in range(2)]
-            self._setup_cpu_ns = int(min(e.cpu_s for e in empty) * 1e9)
+            self._setup_cpu_ns = 0  # while the empty runs measure it
+            self._setup_cpu_ns = runtime_setup_cpu_ns(
+                lambda: self._run(slot, ["/usr/bin/true"], b"", limits, False, "", None))
         return self._run(slot, argv, stdin, limits, writable_code, cwd, env)
 
     def _run(self, slot: Slot, argv: list[str], stdin: bytes, limits: Limits,
              writable_code: bool, cwd: str, env: dict[str, str] | None) -> Execution:
-        import docker
-
         parent = None
         if self.accounting:
             parent = SlotParent(f"k1rl-sandbox/{slot.root.parent.name}-w{slot.index}-docker")
             parent.kill_containers()  # a container of a worker that died mid-run
             parent.settle()
-            cpu_before = parent.cpu_ns()
-            parent.reset_peak()
+            parent.begin_run()
         result = Execution()
         cid = None
         try:
@@ -157,30 +150,20 @@ class DockerRunner(Runner):
         finally:
             if cid is not None:
                 self._remove(cid)
-        _exit_status(result, status.get("StatusCode"))
+        if result.signal is None:  # else we killed it
+            result.exit_code = status.get("StatusCode")
         if parent is not None:
-            used = parent.cpu_ns() - cpu_before - (self._setup_cpu_ns or 0)
-            result.cpu_s = max(used, 0) / 1e9
-            result.memory_kb = parent.peak_bytes() >> 10
-        ours = result.wall_timeout or result.stdout_overflow
-        result.oom_killed = bool(state.get("OOMKilled")) or (
-            result.signal == signal.SIGKILL and not ours
-            and result.memory_kb << 10 >= limits.memory_mb << 20)
+            result.cpu_s, result.memory_kb = parent.run_usage(self._setup_cpu_ns or 0)
+        container_exit(result, limits)
+        result.oom_killed |= bool(state.get("OOMKilled"))
         return result
 
     def _create(self, slot: Slot, parent: SlotParent | None, argv: list[str], limits: Limits,
                 writable_code: bool, cwd: str, env: dict[str, str] | None) -> str:
-        import docker
-
         memory = limits.memory_mb << 20
         scratch = limits.scratch_mb << 20
-        cpu = int(limits.cpu_s) + 1  # the kernel's backstop; the verdict uses measured time
-        # RLIMIT_DATA, not RLIMIT_AS, as the podman runner (with the language's headroom)
-        data = (limits.memory_mb + limits.address_space_mb) << 20
-        ulimits = [docker.types.Ulimit(name=name, soft=soft, hard=hard) for name, soft, hard in (
-            ("cpu", cpu, cpu + 1), ("data", data, data), ("fsize", scratch, scratch),
-            ("nofile", limits.open_files, limits.open_files),
-            ("nproc", limits.processes, limits.processes), ("core", 0, 0))]
+        ulimits = [docker.types.Ulimit(name=name, soft=soft, hard=hard)
+                   for name, soft, hard in container_ulimits(limits)]
         # owned by the program's uid: podman's "U" option; Docker honours the mode
         tmpfs_opts = f"rw,exec,nosuid,nodev,size={scratch}," + ("U" if self.podman else
                                                                  "mode=1777")
@@ -291,17 +274,6 @@ def _demux(frames: bytearray, out: bytearray, err: bytearray, limits: Limits,
         elif kind == 2 and len(err) < limits.stderr_bytes:
             err += payload[:limits.stderr_bytes - len(err)]
     return False
-
-
-def _exit_status(result: Execution, code: int | None) -> None:
-    """The container's exit status: its init exits 128+N when the program died of
-    signal N."""
-    if result.signal is not None:  # killed by us
-        return
-    if code is not None and 128 < code < 128 + 65:
-        result.signal = code - 128
-    else:
-        result.exit_code = code
 
 
 def _reproducible(info: tarfile.TarInfo) -> tarfile.TarInfo:

@@ -21,13 +21,18 @@ own failure -> ``SandboxError`` with the reason in ``message``; else ``Success``
 
 from __future__ import annotations
 
-import base64
 import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from k1rl.protocol import RunCodeRequest, RunCodeResult, TestCase, work_dir_path
+from k1rl.protocol import (
+    RunCodeRequest,
+    RunCodeResult,
+    TestCase,
+    check_base64,
+    work_dir_path,
+)
 
 # SandboxFusion's language names (its `Language` literal)
 FUSION_LANGUAGES = (
@@ -74,10 +79,7 @@ class FusionRequest(BaseModel):
     def _base64(cls, files: dict[str, str | None]) -> dict[str, str | None]:
         for path, content in files.items():
             if content is not None:
-                try:
-                    base64.b64decode(content, validate=True)
-                except ValueError:
-                    raise ValueError(f"{path!r}: the content is not base64") from None
+                check_base64(path, content)
         return files
 
 

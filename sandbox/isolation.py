@@ -231,6 +231,31 @@ def _rlimits(limits: Limits) -> tuple[int, int, int, int, int]:
     )
 
 
+def container_ulimits(limits: Limits) -> list[tuple[str, int, int]]:
+    """A run's rlimits as (name, soft, hard) for a container engine (the podman and docker
+    runners). Engines have no address-space ulimit: RLIMIT_DATA (heap and private mappings
+    since Linux 4.7) takes that bound, beside the container's memory cgroup limit; the
+    process count needs no slack for bwrap's own processes."""
+    cpu, memory, fsize, nofile, _ = _rlimits(limits)
+    return [("cpu", cpu, cpu + 1), ("data", memory, memory), ("fsize", fsize, fsize),
+            ("nofile", nofile, nofile), ("nproc", limits.processes, limits.processes),
+            ("core", 0, 0)]
+
+
+def container_exit(result: Execution, limits: Limits) -> None:
+    """A container run's outcome as its program's: the container's init exits 128+N when
+    the program died of signal N, and a SIGKILL the sandbox did not send, with the peak
+    memory at the limit, is the memory cgroup's OOM kill (engines do not always say so:
+    podman's OOMKilled stays false on cgroup v1)."""
+    if result.signal is None and result.exit_code is not None and \
+            128 < result.exit_code < 128 + 65:
+        result.exit_code, result.signal = None, result.exit_code - 128
+    ours = result.wall_timeout or result.stdout_overflow
+    if result.signal == signal.SIGKILL and not ours and \
+            result.memory_kb << 10 >= limits.memory_mb << 20:
+        result.oom_killed = True
+
+
 def _launch_argv(launcher: Path, slot: Slot, limits: Limits | None, argv: list[str],
                  cgroup: cgroups.CgroupSet | None) -> list[str]:
     """``argv`` behind the C launcher (sandbox/launcher.c): same steps as :func:`_preexec`;

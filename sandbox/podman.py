@@ -35,7 +35,6 @@ import itertools
 import math
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -50,10 +49,12 @@ from sandbox.isolation import (
     Slot,
     _supervise,
     base_env,
+    container_exit,
+    container_ulimits,
     host_paths,
     make_root,
 )
-from sandbox.runners import Runner, register
+from sandbox.runners import Runner, register, runtime_setup_cpu_ns
 from sandbox.seccomp import oci_profile
 
 
@@ -90,11 +91,7 @@ class PodmanRunner(Runner):
     def argv(self, slot: Slot, parent: str, name: str, command: list[str], limits: Limits,
              writable_code: bool, cwd: str = "", env: dict[str, str] | None = None
              ) -> list[str]:
-        cpu = int(limits.cpu_s) + 1  # the kernel's backstop; the verdict uses measured time
         memory = limits.memory_mb << 20
-        # no RLIMIT_AS in --ulimit: RLIMIT_DATA (heap and private mappings since Linux
-        # 4.7), with the bwrap runner's headroom, and the memory cgroup limit bound it
-        data = (limits.memory_mb + limits.address_space_mb) << 20
         scratch = limits.scratch_mb << 20
         args = [self.podman, "--runtime", self.runtime, "--cgroup-manager", "cgroupfs",
                 "--log-level", "error", "run", "--rm", "--interactive", "--name", name,
@@ -109,12 +106,8 @@ class PodmanRunner(Runner):
                 "--security-opt", f"seccomp={self.profile}",
                 "--memory", str(memory), "--memory-swap", str(memory),
                 "--pids-limit", str(limits.processes),
-                "--ulimit", f"cpu={cpu}:{cpu + 1}",
-                "--ulimit", f"data={data}:{data}",
-                "--ulimit", f"fsize={scratch}:{scratch}",
-                "--ulimit", f"nofile={limits.open_files}:{limits.open_files}",
-                "--ulimit", f"nproc={limits.processes}:{limits.processes}",
-                "--ulimit", "core=0:0",
+                *(arg for name, soft, hard in container_ulimits(limits)
+                  for arg in ("--ulimit", f"{name}={soft}:{hard}")),
                 # a second wall clock, kept by conmon, should this worker die mid-run
                 "--timeout", str(math.ceil(limits.wall_s) + 5),
                 # owned by the program's uid (U): podman ignores a tmpfs mode here
@@ -131,12 +124,9 @@ class PodmanRunner(Runner):
                 writable_code: bool = False, cwd: str = "",
                 env: dict[str, str] | None = None) -> Execution:
         if self._setup_cpu_ns is None:
-            # runc's set-up runs in the container's cgroup (~0.1 s of CPU here): measure
-            # it on empty runs once, and leave it out of every program's CPU time
-            self._setup_cpu_ns = 0
-            empty = [self._run(slot, ["/usr/bin/true"], b"", limits, False, "")
-                     for _ in range(2)]
-            self._setup_cpu_ns = int(min(e.cpu_s for e in empty) * 1e9)
+            self._setup_cpu_ns = 0  # while the empty runs measure it
+            self._setup_cpu_ns = runtime_setup_cpu_ns(
+                lambda: self._run(slot, ["/usr/bin/true"], b"", limits, False, ""))
         return self._run(slot, argv, stdin, limits, writable_code, cwd, env)
 
     def _run(self, slot: Slot, argv: list[str], stdin: bytes, limits: Limits,
@@ -149,27 +139,18 @@ class PodmanRunner(Runner):
         name = f"k1rl-{slot.root.parent.name}-w{slot.index}-{next(self._serial)}"
         command = self.argv(slot, "/" + parent.path, name, argv, limits, writable_code, cwd,
                             env)
-        cpu_before = parent.cpu_ns()
-        parent.reset_peak()
+        parent.begin_run()
         # the podman client runs as root in the worker's cgroup; the program's limits
         # are the container's
         result = _supervise(command, slot, stdin, limits, as_program=False,
                             kill=parent.kill_containers)
-        result.cpu_s = max(parent.cpu_ns() - cpu_before - self._setup_cpu_ns, 0) / 1e9
-        result.memory_kb = parent.peak_bytes() >> 10
-        ours = result.wall_timeout or result.stdout_overflow
-        if result.signal is None and result.exit_code is not None and \
-                128 < result.exit_code < 128 + 65:
-            # podman exits 128+N when the program died of signal N
-            result.exit_code, result.signal = None, result.exit_code - 128
-        if result.signal == signal.SIGKILL and not ours and \
-                result.memory_kb << 10 >= limits.memory_mb << 20:
-            result.oom_killed = True
+        result.cpu_s, result.memory_kb = parent.run_usage(self._setup_cpu_ns)
+        container_exit(result, limits)  # podman exits as the container's init does
         if result.exit_code in (125, 126, 127) and result.stderr.startswith(b"Error: "):
             # podman's own failures (125) and exec failures of the command (126/127)
             result.start_error = "container set-up failed: " + result.stderr.decode(
                 "utf-8", "replace").strip()
-        if ours:
+        if result.wall_timeout or result.stdout_overflow:
             parent.kill_containers()
             subprocess.run([self.podman, "rm", "--force", "--ignore", name],
                            capture_output=True, timeout=60)

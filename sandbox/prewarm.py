@@ -28,6 +28,7 @@ from pathlib import Path
 
 from sandbox.cgroups import CgroupSet
 from sandbox.isolation import Limits, Slot, _launch_argv, _rlimits
+from sandbox.seccomp import filter_pipe
 
 # the launcher as a sandbox sees it: a copy in the root skeleton
 INNER_LAUNCHER = "/.k1rl-launch"
@@ -55,12 +56,10 @@ class WarmSandbox:
 
     @classmethod
     def start(cls, bwrap_argv, launcher: Path, slot: Slot, shape: Shape,
-              seccomp_filter: bytes, cgroup: CgroupSet | None) -> WarmSandbox:
+              cgroup: CgroupSet | None) -> WarmSandbox:
         """Start bwrap (``bwrap_argv(shape, seccomp_fd, status_fd)``: its argv up to the
         command) in ``cgroup``, running the launcher that waits on a pipe. Raises OSError."""
-        filter_r, filter_w = os.pipe()
-        os.write(filter_w, seccomp_filter)  # < pipe buffer: the filter is ~1 KB
-        os.close(filter_w)
+        filter_r = filter_pipe()
         status_r, status_w = os.pipe()
         control_r, control_w = os.pipe()
         try:

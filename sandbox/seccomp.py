@@ -38,6 +38,17 @@ DENIED = (
 )
 
 
+def filter_pipe() -> int:
+    """The read end of a pipe holding the filter, for bwrap's ``--seccomp FD`` (which reads
+    it once; the caller closes its copy after handing it over)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, filter_bytes())  # < pipe buffer: the filter is ~1 KB
+    finally:
+        os.close(write_fd)
+    return read_fd
+
+
 @functools.cache
 def filter_bytes() -> bytes:
     """The BPF program, as bwrap --seccomp reads it from a file descriptor."""
