@@ -8,6 +8,7 @@ import atexit
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,11 +30,14 @@ def docker_url() -> str:
     if not _service:
         sock = Path(f"/tmp/k1rl-podman-api-{os.getpid()}.sock")
         sock.unlink(missing_ok=True)
+        # in a dir of its own: conmon leaves an "oom" file in its working dir when a
+        # container is OOM-killed
+        work = tempfile.mkdtemp(prefix="k1rl-podman-api-")
         proc = subprocess.Popen(
             ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs", "system",
              "service", "--time=0", f"unix://{sock}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        atexit.register(_stop, proc, sock)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
+        atexit.register(_stop, proc, sock, work)
         deadline = time.monotonic() + 30
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -43,13 +47,14 @@ def docker_url() -> str:
     return _service[0]
 
 
-def _stop(proc: subprocess.Popen, sock: Path) -> None:
+def _stop(proc: subprocess.Popen, sock: Path, work: str) -> None:
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
     sock.unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def serve(runner: str, uid_base: int, name: str, http_port: int | None = None):
